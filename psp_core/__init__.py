@@ -1,0 +1,29 @@
+"""psp_core: a faithful pure-PyTorch pSp (pixel2style2pixel) with FFHQ alignment and image metrics.
+
+No Ray here. Names are resolved lazily so that `import psp_core` stays cheap (dlib, scipy and the
+model code load only when used).
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "PSP": "psp_core.psp",
+    "load_psp": "psp_core.psp",
+    "load_stylegan2": "psp_core.psp",
+    "Generator": "psp_core.stylegan2",
+    "tensor2im": "psp_core.tasks",
+    "get_task": "psp_core.tasks",
+    "FaceAligner": "psp_core.align",
+    "AlignResult": "psp_core.align",
+    "FaceDescriptor": "psp_core.metrics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'psp_core' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

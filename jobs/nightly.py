@@ -1,0 +1,565 @@
+"""`psp nightly INPUT OUTPUT --checkpoint CKPT`: process only new or changed inputs, exactly once.
+
+One run:
+
+1. list INPUT (key, ETag, size, mtime) and read the committed manifest under OUTPUT;
+2. plan: new (not in the manifest), changed (ETag -- or size/mtime where there is no ETag --
+   differs), deleted (gone from the listing: tombstoned), and, on request, rows made by another
+   checkpoint (``--reprocess-on-model-change``) or with a transient failure (``--retry-failed``);
+3. adopt rows an earlier crashed run already wrote for exactly these inputs (its ``_plan.parquet``
+   says which ETag/size/checkpoint each row was made from), so a rerun does not redo finished work;
+4. run the pipeline on the rest, writing only under ``OUTPUT/runs/<run_id>/``;
+5. commit: a new manifest object, then the pointer (``schemas.manifest.commit_manifest``).
+
+Nothing is visible to readers before step 5, so a crash anywhere leaves the previous state intact,
+and the rerun neither loses nor duplicates a row.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas import manifest as mf
+
+log = logging.getLogger(__name__)
+
+OUTPUT_SCHEMA_VERSION = 1
+# Statuses worth retrying (the input or the infrastructure may behave next time). A decode error,
+# no face, a too-small or too-large image is a property of the input: retried only when it changes.
+TRANSIENT_STATUSES = frozenset({"read_error", "invert_error", "write_error", "timeout", "error"})
+PLAN_FILE = "_plan.parquet"
+
+
+class NightlyError(RuntimeError):
+    """A nightly run could not complete; nothing was committed, rerun after fixing the cause."""
+
+
+@dataclass
+class ListedInput:
+    """One listed input: what the diff compares. `mtime` is seconds since the epoch or None."""
+
+    uri: str
+    size: Optional[int] = None
+    etag: Optional[str] = None
+    mtime: Optional[float] = None
+
+
+@dataclass
+class NightlyPlan:
+    """What a run will do. Lists hold source URIs; `to_process` is what the pipeline gets."""
+
+    new: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    model_changed: list[str] = field(default_factory=list)
+    retry: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    unchanged: int = 0
+
+    @property
+    def to_process(self) -> list[str]:
+        return self.new + self.changed + self.model_changed + self.retry
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "new": len(self.new),
+            "changed": len(self.changed),
+            "model_changed": len(self.model_changed),
+            "retry": len(self.retry),
+            "deleted": len(self.deleted),
+            "unchanged": self.unchanged,
+            "to_process": len(self.to_process),
+        }
+
+
+@dataclass
+class NightlyResult:
+    """The outcome of `run_nightly`. `committed` is False for a dry run or when nothing changed."""
+
+    run_id: str
+    plan: NightlyPlan
+    processed: int = 0  # rows written by this run's pipeline
+    adopted: int = 0  # rows adopted from an earlier crashed run
+    lost: int = 0  # planned inputs with no output row (left for the next run)
+    duplicates: int = 0  # extra copies of a row found in the run's files (ignored by readers)
+    status_counts: dict[str, int] = field(default_factory=dict)
+    committed: bool = False
+    manifest: Optional[str] = None
+    live: int = 0  # live images after this run
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "plan": self.plan.counts(),
+            "processed": self.processed,
+            "adopted": self.adopted,
+            "lost": self.lost,
+            "duplicates": self.duplicates,
+            "status_counts": self.status_counts,
+            "committed": self.committed,
+            "manifest": self.manifest,
+            "live": self.live,
+        }
+
+
+# -- pure planning ----------------------------------------------------------------------------
+
+def mtime_seconds(value: Any) -> Optional[float]:
+    """A listing's mtime (datetime, epoch number, ISO string or None) as epoch seconds."""
+    if value is None:
+        return None
+    if isinstance(value, _dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=_dt.timezone.utc)
+        return value.timestamp()
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return mtime_seconds(_dt.datetime.fromisoformat(value.replace("Z", "+00:00")))
+    raise TypeError(f"unsupported mtime {value!r}")
+
+
+def as_listed(item: Any) -> ListedInput:
+    """A `pipelines.sources.SourceItem` (or anything with uri/size/etag/mtime) as a ListedInput."""
+    size = getattr(item, "size", None)
+    etag = getattr(item, "etag", None)
+    return ListedInput(
+        uri=item.uri,
+        size=None if size is None else int(size),
+        etag=None if etag is None else str(etag).strip('"'),
+        mtime=mtime_seconds(getattr(item, "mtime", None)),
+    )
+
+
+def input_changed(listed: ListedInput, etag: Optional[str], size: Optional[int],
+                  mtime: Optional[float]) -> bool:
+    """True if the listed input differs from what the manifest recorded.
+
+    Where both sides have an ETag it decides (with the size): a re-upload of identical bytes is not
+    a change. Without ETags (local files) size and mtime decide.
+    """
+    if listed.size is not None and size is not None and listed.size != size:
+        return True
+    if listed.etag is not None and etag is not None:
+        return listed.etag != etag
+    if listed.mtime is not None and mtime is not None:
+        return abs(listed.mtime - mtime) > 1e-6
+    # Nothing comparable recorded: treat as changed (safe: reprocess rather than miss an update).
+    return listed.etag != etag or listed.mtime != mtime
+
+
+def plan_nightly(
+    listing: Sequence[ListedInput],
+    manifest: pa.Table,
+    checkpoint_sha256: str,
+    reprocess_on_model_change: bool = False,
+    retry_failed: bool = False,
+    schema_version: int = OUTPUT_SCHEMA_VERSION,
+) -> NightlyPlan:
+    """Diff a listing against the committed manifest. Pure: no I/O.
+
+    Each input lands in exactly one bucket: new, changed, model_changed, retry, or unchanged.
+    ``model_changed`` (only with `reprocess_on_model_change`) holds rows made by another checkpoint
+    or with another output schema version; ``retry`` (only with `retry_failed`) rows whose status
+    is transient (`TRANSIENT_STATUSES`). Inputs in the manifest but not in the listing are
+    ``deleted`` (already-tombstoned ones are not repeated).
+    """
+    plan = NightlyPlan()
+    rows = {
+        r["source_uri"]: r
+        for r in manifest.select(
+            ["source_uri", "etag", "size", "mtime", "checkpoint_sha256", "schema_version", "status"]
+        ).to_pylist()
+    }
+    seen: set[str] = set()
+    for item in listing:
+        if item.uri in seen:
+            continue
+        seen.add(item.uri)
+        row = rows.get(item.uri)
+        if row is None or row["status"] == mf.DELETED:
+            plan.new.append(item.uri)
+        elif input_changed(item, row["etag"], row["size"], row["mtime"]):
+            plan.changed.append(item.uri)
+        elif reprocess_on_model_change and (
+            row["checkpoint_sha256"] != checkpoint_sha256 or row["schema_version"] != schema_version
+        ):
+            plan.model_changed.append(item.uri)
+        elif retry_failed and row["status"] in TRANSIENT_STATUSES:
+            plan.retry.append(item.uri)
+        else:
+            plan.unchanged += 1
+    plan.deleted = sorted(
+        uri for uri, row in rows.items() if uri not in seen and row["status"] != mf.DELETED
+    )
+    return plan
+
+
+def next_manifest(
+    previous: pa.Table,
+    plan: NightlyPlan,
+    listing: dict[str, ListedInput],
+    results: dict[str, dict[str, Any]],
+    run_id: str,
+    checkpoint_sha256: str,
+    schema_version: int = OUTPUT_SCHEMA_VERSION,
+    now: Optional[_dt.datetime] = None,
+) -> pa.Table:
+    """The manifest after a run. Pure.
+
+    `results` maps source URI -> {image_id, status, run_id, output_file, checkpoint_sha256?} for
+    every input that got a row this run (processed or adopted). Planned inputs without a result
+    keep their previous entry (so the next run plans them again); deleted inputs become tombstones.
+    """
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    deleted = set(plan.deleted)
+    out: list[dict[str, Any]] = []
+    for row in previous.to_pylist():
+        uri = row["source_uri"]
+        if uri in results:
+            continue
+        if uri in deleted:
+            row.update(status=mf.DELETED, output_file=None, run_id=run_id, updated_at=now)
+        out.append(row)
+    for uri, res in results.items():
+        item = listing[uri]
+        out.append(
+            {
+                "image_id": res.get("image_id") or mf.image_id_for(uri),
+                "source_uri": uri,
+                "etag": item.etag,
+                "size": item.size,
+                "mtime": item.mtime,
+                "checkpoint_sha256": res.get("checkpoint_sha256") or checkpoint_sha256,
+                "schema_version": schema_version,
+                "run_id": res.get("run_id") or run_id,
+                "status": res["status"],
+                "output_file": res["output_file"],
+                "updated_at": now,
+            }
+        )
+    return mf.make_entries(out)
+
+
+# -- I/O around the plan ----------------------------------------------------------------------
+
+def checkpoint_sha256(uri: str, storage_options: Optional[dict] = None) -> str:
+    """sha256 hex of the checkpoint file's bytes (the same value as `PSP.checkpoint_sha256`)."""
+    import fsspec
+
+    h = hashlib.sha256()
+    try:
+        with fsspec.open(uri, "rb", **(storage_options or {})) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except FileNotFoundError as exc:
+        raise NightlyError(
+            f"checkpoint {uri!r} not found: pass --checkpoint with a path or URI every node can read"
+        ) from exc
+    return h.hexdigest()
+
+
+def _write_plan(prefix: str, items: list[ListedInput], sha: str, storage_options) -> None:
+    """Record what this run was asked to make, so a rerun can adopt its rows after a crash."""
+    fs, root = mf._fs_and_root(prefix, storage_options)
+    table = pa.table(
+        {
+            "source_uri": [i.uri for i in items],
+            "etag": pa.array([i.etag for i in items], pa.string()),
+            "size": pa.array([i.size for i in items], pa.int64()),
+            "mtime": pa.array([i.mtime for i in items], pa.float64()),
+            "checkpoint_sha256": [sha] * len(items),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    mf._put_bytes_atomic(fs, mf._join(root, PLAN_FILE), sink.getvalue().to_pybytes())
+
+
+def _parquet_files(fs, root: str) -> list[str]:
+    try:
+        paths = fs.find(root)
+    except FileNotFoundError:
+        return []
+    return sorted(
+        p for p in paths
+        if p.endswith(".parquet") and not p.rsplit("/", 1)[-1].startswith(("_", "."))
+    )
+
+
+def collect_rows(
+    output: str, run_id: str, storage_options: Optional[dict] = None
+) -> tuple[dict[str, dict[str, Any]], int]:
+    """Rows a run wrote under ``OUTPUT/runs/<run_id>/``: source URI -> row facts, and the count of
+    duplicate copies seen (the first copy, in file-name order, is the one the manifest points at).
+
+    Files that cannot be read (a local file cut short by a crash) are skipped.
+    """
+    fs, root = mf._fs_and_root(output, storage_options)
+    run_root = mf._join(root, mf.RUNS_DIR, run_id)
+    rows: dict[str, dict[str, Any]] = {}
+    duplicates = 0
+    for path in _parquet_files(fs, run_root):
+        try:
+            with fs.open(path, "rb") as f:
+                pf = pq.ParquetFile(f)
+                names = set(pf.schema_arrow.names)
+                cols = [c for c in ("image_id", "source_uri", "status", "run_id",
+                                    "checkpoint_sha256") if c in names]
+                table = pf.read(columns=cols)
+        except Exception as exc:  # noqa: BLE001 - a torn file is expected after a crash
+            log.warning("skipping unreadable output file %s: %s", path, exc)
+            continue
+        rel = path[len(root) + 1:]
+        for r in table.to_pylist():
+            uri = r["source_uri"]
+            if uri in rows:
+                duplicates += 1
+                continue
+            r["output_file"] = rel
+            r.setdefault("run_id", run_id)
+            rows[uri] = r
+    return rows, duplicates
+
+
+def adoptable_rows(
+    output: str,
+    manifest: pa.Table,
+    wanted: dict[str, ListedInput],
+    sha: str,
+    retry_failed: bool,
+    storage_options: Optional[dict] = None,
+) -> dict[str, dict[str, Any]]:
+    """Rows that uncommitted (crashed) runs already wrote for inputs in `wanted`, made from the same
+    bytes (ETag/size/mtime per their ``_plan.parquet``) and the same checkpoint."""
+    fs, root = mf._fs_and_root(output, storage_options)
+    committed = set(manifest["run_id"].drop_null().to_pylist())
+    try:
+        committed |= {
+            p.rsplit("/", 1)[-1][len("manifest-") + 9:-len(".parquet")]
+            for p in fs.ls(mf._join(root, mf.MANIFEST_DIR), detail=False)
+            if p.rsplit("/", 1)[-1].startswith("manifest-")
+        }
+        run_dirs = sorted(fs.ls(mf._join(root, mf.RUNS_DIR), detail=False))
+    except FileNotFoundError:
+        return {}
+    adopted: dict[str, dict[str, Any]] = {}
+    for run_dir in run_dirs:
+        run_id = run_dir.rstrip("/").rsplit("/", 1)[-1]
+        if run_id in committed:
+            continue
+        try:
+            with fs.open(mf._join(run_dir, PLAN_FILE), "rb") as f:
+                planned = {r["source_uri"]: r for r in pq.read_table(f).to_pylist()}
+        except Exception:  # noqa: BLE001 - no plan: cannot prove what the rows were made from
+            continue
+        rows, _ = collect_rows(output, run_id, storage_options)
+        for uri, row in rows.items():
+            item, made_from = wanted.get(uri), planned.get(uri)
+            if item is None or made_from is None or uri in adopted:
+                continue
+            if made_from["checkpoint_sha256"] != sha:
+                continue
+            if input_changed(item, made_from["etag"], made_from["size"], made_from["mtime"]):
+                continue
+            if retry_failed and row.get("status") in TRANSIENT_STATUSES:
+                continue
+            row["checkpoint_sha256"] = sha
+            adopted[uri] = row
+    return adopted
+
+
+def _list(input_uri: Any, storage_options: Optional[dict]) -> list[Any]:
+    from pipelines.sources import list_inputs
+
+    try:
+        return list_inputs(input_uri, storage_options=storage_options)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - surface the storage error with what to do
+        raise NightlyError(
+            f"listing {input_uri!r} failed: {type(exc).__name__}: {exc}. Nothing was committed; "
+            "check the URI and credentials, then rerun"
+        ) from exc
+
+
+def run_nightly(
+    config: Any,
+    reprocess_on_model_change: bool = False,
+    retry_failed: bool = False,
+    dry_run: bool = False,
+    resume: bool = True,
+) -> NightlyResult:
+    """One nightly run. `config` is a `pipelines.config.InvertConfig` whose `output` is the nightly
+    OUTPUT root (the run writes under ``OUTPUT/runs/<run_id>/``); its `run_id` is used if set.
+
+    Raises `NightlyError` (nothing committed) when listing, the pipeline, or the commit fails.
+    """
+    from dataclasses import replace
+
+    so = config.storage_options
+    output = str(config.output).rstrip("/")
+    run_id = getattr(config, "run_id", None) or mf.new_run_id()
+    sha = checkpoint_sha256(config.checkpoint, so)
+    source_items = _list(config.input, so)
+    by_uri = {}
+    for it in source_items:
+        by_uri.setdefault(it.uri, it)
+    listing = {uri: as_listed(it) for uri, it in by_uri.items()}
+    previous, pointer = mf.read_manifest(output, so)
+    plan = plan_nightly(
+        list(listing.values()), previous, sha, reprocess_on_model_change, retry_failed
+    )
+    result = NightlyResult(run_id=run_id, plan=plan)
+    log.info("nightly %s plan: %s", run_id, plan.counts())
+    if dry_run:
+        result.live = len(mf.live_entries(previous))
+        return result
+    if not plan.to_process and not plan.deleted:
+        result.live = len(mf.live_entries(previous))
+        return result
+
+    wanted = {uri: listing[uri] for uri in plan.to_process}
+    results: dict[str, dict[str, Any]] = {}
+    if resume and wanted:
+        results.update(adoptable_rows(output, previous, wanted, sha, retry_failed, so))
+        result.adopted = len(results)
+    todo = [uri for uri in plan.to_process if uri not in results]
+    if todo:
+        prefix = mf.run_prefix(output, run_id)
+        _write_plan(prefix, [listing[u] for u in todo], sha, so)
+        from pipelines.graph import run_invert
+
+        run_config = replace(config, output=prefix, run_id=run_id, input=config.input)
+        try:
+            run_invert(run_config, items=[by_uri[u] for u in todo])
+        except Exception as exc:  # noqa: BLE001 - report with what to do; nothing is committed
+            raise NightlyError(
+                f"nightly run {run_id} failed while processing {len(todo)} inputs into {prefix}: "
+                f"{type(exc).__name__}: {exc}. Nothing was committed; rerun the same command "
+                "(finished rows are adopted, not redone)"
+            ) from exc
+        rows, result.duplicates = collect_rows(output, run_id, so)
+        todo_set = set(todo)
+        for uri, row in rows.items():
+            if uri in todo_set:
+                row["checkpoint_sha256"] = sha
+                results[uri] = row
+        result.processed = len(rows.keys() & todo_set)
+        result.lost = len(todo_set - rows.keys())
+    new = next_manifest(previous, plan, listing, results, run_id, sha)
+    try:
+        committed = mf.commit_manifest(output, new, run_id, pointer, so)
+    except mf.ManifestError as exc:
+        raise NightlyError(str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001
+        raise NightlyError(
+            f"committing run {run_id} to {output} failed: {type(exc).__name__}: {exc}. The previous "
+            "state is intact; rerun the same command"
+        ) from exc
+    result.committed = True
+    result.manifest = committed.manifest
+    counts: dict[str, int] = {}
+    for r in results.values():
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    result.status_counts = counts
+    result.live = len(mf.live_entries(new))
+    return result
+
+
+# -- CLI --------------------------------------------------------------------------------------
+
+def _storage_options(arg: Optional[str]) -> Optional[dict]:
+    if not arg:
+        return None
+    try:
+        return json.loads(arg)
+    except ValueError as exc:
+        raise SystemExit(f"--storage-options {arg!r} is not JSON: pass e.g. '{{\"anon\": true}}'") \
+            from exc
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``psp nightly`` to the `psp` CLI's subparsers."""
+    p = subparsers.add_parser(
+        "nightly",
+        help="process only new or changed inputs into OUTPUT, committed atomically",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("input", help="input URI (dir, prefix, tar or parquet; s3://, gs://, file://)")
+    p.add_argument("output", help="nightly output root: runs/ and _manifests/ live under it")
+    p.add_argument("--checkpoint", required=True, help="pSp checkpoint path or URI")
+    p.add_argument("--reprocess-on-model-change", action="store_true",
+                   help="reprocess rows made by another checkpoint or output schema version")
+    p.add_argument("--retry-failed", action="store_true",
+                   help=f"reprocess rows with a transient status ({', '.join(sorted(TRANSIENT_STATUSES))})")
+    p.add_argument("--dry-run", action="store_true", help="print the plan, process nothing")
+    p.add_argument("--no-resume", action="store_true",
+                   help="do not adopt rows written by an earlier crashed run")
+    p.add_argument("--run-id", default=None, help="run id (default: UTC time + random suffix)")
+    p.add_argument("--task", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--gpus", type=float, default=None, help="GPUs for the model actor pool")
+    p.add_argument("--align-actors", type=int, default=None, help="CPU align actor pool size")
+    p.add_argument("--align", default="dlib")
+    p.add_argument("--images", default="png")
+    p.add_argument("--image-size", default="256")
+    p.add_argument("--metrics", action="store_true")
+    p.add_argument("--storage-options", default=None, help="fsspec storage options as JSON")
+    p.set_defaults(func=main)
+    return p
+
+
+def _config_from_args(args: argparse.Namespace):
+    from dataclasses import fields
+
+    from pipelines.config import InvertConfig
+
+    known = {f.name for f in fields(InvertConfig)}
+    values = {
+        "input": args.input,
+        "output": args.output,
+        "checkpoint": args.checkpoint,
+        "task": args.task,
+        "device": args.device,
+        "batch_size": args.batch_size,
+        "gpus": args.gpus,
+        "align_actors": args.align_actors,
+        "align": args.align,
+        "images": args.images,
+        "image_size": args.image_size,
+        "metrics": args.metrics,
+        "storage_options": _storage_options(args.storage_options),
+        "run_id": args.run_id,
+    }
+    return InvertConfig(**{k: v for k, v in values.items() if k in known and v is not None})
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``psp nightly`` from parsed arguments; prints the result as JSON; returns the exit code."""
+    config = _config_from_args(args)
+    try:
+        result = run_nightly(
+            config,
+            reprocess_on_model_change=args.reprocess_on_model_change,
+            retry_failed=args.retry_failed,
+            dry_run=args.dry_run,
+            resume=not args.no_resume,
+        )
+    except NightlyError as exc:
+        print(f"psp nightly: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(result.to_dict(), indent=2))
+    return 3 if result.lost else 0

@@ -135,7 +135,7 @@ def as_listed(item: Any) -> ListedInput:
     size = getattr(item, "size", None)
     etag = getattr(item, "etag", None)
     return ListedInput(
-        uri=item.uri,
+        uri=getattr(item, "source_uri", None) or item.uri,  # the key output rows carry
         size=None if size is None else int(size),
         etag=None if etag is None else str(etag).strip('"'),
         mtime=mtime_seconds(getattr(item, "mtime", None)),
@@ -415,7 +415,7 @@ def run_nightly(
     source_items = _list(config.input, so)
     by_uri = {}
     for it in source_items:
-        by_uri.setdefault(it.uri, it)
+        by_uri.setdefault(as_listed(it).uri, it)
     listing = {uri: as_listed(it) for uri, it in by_uri.items()}
     previous, pointer = mf.read_manifest(output, so)
     plan = plan_nightly(

@@ -26,7 +26,7 @@ import os
 import posixpath
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -190,36 +190,44 @@ def committed_output_files(uri: str, storage_options: Optional[dict] = None) -> 
     return [f"{base}/{f}" for f in files]
 
 
-def read_committed(
+def committed_tables(
     uri: str,
-    columns: Optional[list[str]] = None,
     storage_options: Optional[dict] = None,
-    filter_status_ok: bool = False,
-) -> Optional[pa.Table]:
-    """The current output row of every live input under a nightly output `uri`, one row per image.
+    columns: Optional[Sequence[str]] = None,
+    read_file: Optional[Callable[[Any, str, Optional[list[str]]], pa.Table]] = None,
+    status_ok_only: bool = False,
+) -> Optional[list[pa.Table]]:
+    """One table per committed output file under a nightly output `uri`, holding exactly the rows
+    the latest manifest points at (the current row of each live input, once). None if `uri` has
+    no manifest: the caller then reads it as a plain output folder.
 
-    Reads exactly the files the latest committed manifest lists and, from each, only the rows whose
-    ``(image_id, run_id)`` the manifest names; uncommitted run folders are never opened.
-    Returns None if `uri` has no manifest (the caller reads it as a plain output folder).
+    Only the files the manifest lists are opened; uncommitted run folders never are. From each file
+    only rows whose ``(image_id, run_id)`` the manifest names are kept (first copy of a duplicate).
+    `read_file(fs, path, columns)` reads one Parquet file (default: `pyarrow.parquet`), e.g. the
+    output reader's own, which casts to the output schema; it gets `columns` plus ``image_id`` and
+    ``run_id``.
     """
     manifest, pointer = read_manifest(uri, storage_options)
     if pointer is None:
         return None
     live = live_entries(manifest)
-    if filter_status_ok:
+    if status_ok_only:
         live = live.filter(pc.equal(live["status"], "ok"))
     fs, root = _fs_and_root(uri, storage_options)
     want = None if columns is None else list(dict.fromkeys(["image_id", "run_id", *columns]))
-    pieces: list[pa.Table] = []
-    by_file: dict[str, dict[str, str]] = {}
+    if read_file is None:
+        def read_file(fs, path, cols):
+            with fs.open(path, "rb") as f:
+                return pq.read_table(f, columns=cols)
+    by_file: dict[str, dict[str, Optional[str]]] = {}
     for image_id, run_id, output_file in zip(
         live["image_id"].to_pylist(), live["run_id"].to_pylist(), live["output_file"].to_pylist()
     ):
         by_file.setdefault(output_file, {})[image_id] = run_id
+    tables: list[pa.Table] = []
     for output_file in sorted(by_file):
         expected = by_file[output_file]
-        with fs.open(_join(root, output_file), "rb") as f:
-            table = pq.read_table(f, columns=want)
+        table = read_file(fs, _join(root, output_file), want)
         ids = table["image_id"].to_pylist()
         runs = table["run_id"].to_pylist() if "run_id" in table.column_names else [None] * len(ids)
         take, seen = [], set()
@@ -230,13 +238,27 @@ def read_committed(
                 continue
             seen.add(image_id)
             take.append(i)
-        pieces.append(table.take(pa.array(take, pa.int64())))
-    if not pieces:  # committed, but nothing live (every input deleted)
+        table = table.take(pa.array(take, pa.int64()))
+        if columns is not None:
+            table = table.select(list(columns))
+        tables.append(table)
+    return tables
+
+
+def read_committed(
+    uri: str,
+    columns: Optional[Sequence[str]] = None,
+    storage_options: Optional[dict] = None,
+    status_ok_only: bool = False,
+) -> Optional[pa.Table]:
+    """The current output row of every live input under a nightly output `uri` (one per image),
+    as one table; None if `uri` has no manifest. See `committed_tables`."""
+    tables = committed_tables(uri, storage_options, columns, status_ok_only=status_ok_only)
+    if tables is None:
+        return None
+    if not tables:  # committed, but nothing live (every input deleted)
         return pa.table({c: pa.array([], pa.string()) for c in (columns or ["image_id"])})
-    table = pa.concat_tables(pieces, promote_options="permissive")
-    if columns is not None:
-        table = table.select(columns)
-    return table
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 # -- writing / committing ---------------------------------------------------------------------

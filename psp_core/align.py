@@ -1,0 +1,628 @@
+"""FFHQ face alignment (dlib 68 landmarks -> oriented square crop), robust image decoding.
+
+pSp only works on faces aligned the way FFHQ was aligned. This module re-states the alignment of
+the original `scripts/align_all_parallel.py` (from NVlabs ffhq-dataset, spec section 4) with its
+failure modes fixed:
+
+- the face is chosen by a policy (`select`): "best" (highest HOG score, default), "largest",
+  "last" (the original's choice: the last, lowest-score detection) or "all";
+- no face, undecodable files, decompression bombs and tiny images are statuses, not exceptions;
+- grayscale, palette, alpha, CMYK, 16-bit images and EXIF orientation are normalised to upright RGB
+  before detection;
+- Pillow >= 10 (`ANTIALIAS` is `LANCZOS`).
+
+Given the same landmarks the crop equals the original's (the same float64 geometry, Pillow resize,
+crop, reflect-pad + blur + median blend and QUAD transform; the shrink step resizes only the region
+it keeps, which can move a pixel by at most one gray level).
+
+The 68-point predictor and the HOG detector are loaded once per `FaceAligner`. The model files come
+from the `face-recognition-models` wheel, located without importing it (its `__init__` imports
+`pkg_resources`, which recent setuptools no longer ships).
+"""
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "AlignResult",
+    "FaceAligner",
+    "ImageDecodeError",
+    "DEFAULT_MAX_PIXELS",
+    "MIN_SIDE",
+    "AlignmentPlan",
+    "alignment_quad",
+    "plan_alignment",
+    "extract_aligned",
+    "load_image",
+    "normalize_image",
+    "dlib_model_path",
+]
+
+#: Largest image accepted by default: 8192 x 8192 (about 192 MiB decoded as RGB).
+DEFAULT_MAX_PIXELS = 8192 * 8192
+#: Smallest accepted side in pixels. The HOG detector's window is 80 px, 40 px with one upsampling,
+#: so a smaller image cannot hold a detectable face.
+MIN_SIDE = 40
+
+Select = Literal["best", "largest", "last", "all"]
+ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image, np.ndarray]
+
+_EXIF_ORIENTATION = 0x0112
+_WHITE = (255, 255, 255)
+
+
+# ---------------------------------------------------------------------------------------------
+# model files
+
+
+def dlib_model_path(filename: str) -> str:
+    """Path of a model file shipped by the `face-recognition-models` wheel, found without importing it.
+
+    `filename` is e.g. "shape_predictor_68_face_landmarks.dat",
+    "shape_predictor_5_face_landmarks.dat" or "dlib_face_recognition_resnet_model_v1.dat".
+    """
+    spec = importlib.util.find_spec("face_recognition_models")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"dlib model {filename!r}: the 'face-recognition-models' package is not installed; "
+            "install it with `pip install face-recognition-models==0.3.0`"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], "models", filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"dlib model {filename!r} not found at {path}: reinstall face-recognition-models==0.3.0"
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+
+class ImageDecodeError(Exception):
+    """An input that cannot become an RGB image.
+
+    `status` is "decode_error" (not an image, truncated, unsupported), "too_large" (over
+    `max_pixels`, the decompression-bomb guard) or "too_small" (a side under `min_side`);
+    `message` names the input and says what went wrong.
+    """
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _label(data: object, name: str | None) -> str:
+    if name:
+        return name
+    if isinstance(data, (str, os.PathLike)):
+        return os.fspath(data)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return f"<{len(data)} bytes>"
+    return f"<{type(data).__name__}>"
+
+
+def load_image(
+    data: bytes | bytearray | memoryview | str | os.PathLike | Image.Image,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = MIN_SIDE,
+    *,
+    name: str | None = None,
+) -> Image.Image:
+    """Decode encoded bytes, a file path or a PIL image into an upright 8-bit RGB PIL image.
+
+    The size is checked against `max_pixels` from the header, before any pixel is decoded; Pillow's
+    own decompression-bomb error also maps to "too_large" (its warning is ignored when `max_pixels`
+    is above Pillow's limit, since the caller vouched for the size). Truncated files are errors
+    (Pillow's LOAD_TRUNCATED_IMAGES is left False). Multi-frame files give their first frame. Then
+    `normalize_image` applies EXIF orientation and converts the mode to RGB.
+
+    A missing path raises FileNotFoundError (a read error, not a decode error).
+    Raises ImageDecodeError(status, message) with status "decode_error", "too_large" or "too_small".
+    `name` labels the input in messages (e.g. its URI).
+    """
+    label = _label(data, name)
+    if isinstance(data, Image.Image):
+        _check_size(data.size, max_pixels, min_side, label)
+        return normalize_image(data, name=label)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        source: object = io.BytesIO(bytes(data))
+    elif isinstance(data, (str, os.PathLike)):
+        source = os.fspath(data)
+    else:
+        raise TypeError(f"load_image: expected bytes, a path or a PIL image, got {type(data).__name__}")
+
+    with warnings.catch_warnings():
+        # Above Pillow's limit the caller vouched for the size with max_pixels; below it, an image
+        # over Pillow's limit is also over ours and is rejected by _check_size.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(source)
+        except FileNotFoundError:
+            raise
+        except Image.DecompressionBombError as e:
+            raise ImageDecodeError("too_large", f"{label}: too large: {e}") from None
+        except UnidentifiedImageError as e:
+            raise ImageDecodeError("decode_error", f"{label}: not an image: {_short(e)}") from None
+        except Exception as e:  # noqa: BLE001 - any parser failure on untrusted bytes is a decode error
+            raise ImageDecodeError("decode_error", f"{label}: cannot read image header: {_short(e)}") from None
+        _check_size(img.size, max_pixels, min_side, label)
+        fmt = img.format or "image"
+        try:
+            img.load()
+        except Image.DecompressionBombError as e:
+            raise ImageDecodeError("too_large", f"{label}: too large: {e}") from None
+        except Exception as e:  # noqa: BLE001
+            if "truncated" in str(e).lower() or isinstance(e, EOFError):
+                raise ImageDecodeError(
+                    "decode_error", f"{label}: truncated {fmt}: {_short(e)}; re-fetch or re-encode the file"
+                ) from None
+            raise ImageDecodeError("decode_error", f"{label}: corrupt {fmt} data: {_short(e)}") from None
+    return normalize_image(img, name=label)
+
+
+def _short(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    if isinstance(e, UnidentifiedImageError):
+        # Pillow's message includes the BytesIO repr; keep it short and stable.
+        text = "cannot identify image file"
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+def _check_size(size: tuple[int, int], max_pixels: int, min_side: int, label: str) -> None:
+    w, h = size
+    if max_pixels and w * h > max_pixels:
+        raise ImageDecodeError(
+            "too_large",
+            f"{label}: {w}x{h} = {w * h} pixels is more than max_pixels={max_pixels} "
+            "(decompression-bomb guard); raise max_pixels if the image is genuine",
+        )
+    if min(w, h) < min_side:
+        raise ImageDecodeError(
+            "too_small", f"{label}: {w}x{h} is smaller than {min_side} px on a side; no face can be found"
+        )
+
+
+def normalize_image(img: Image.Image, *, name: str | None = None) -> Image.Image:
+    """Upright 8-bit RGB version of a decoded PIL image (may return `img` itself when already so).
+
+    - EXIF orientation (tag 0x0112) is applied with `ImageOps.exif_transpose`.
+    - Transparency (RGBA, LA, PA, P with a transparent index) is composited on white: transparent
+      pixels become white, as an image viewer shows them, so a cut-out face sits on a plain
+      background rather than on whatever colour the hidden pixels happen to hold.
+    - 16-bit ('I;16*') is scaled by 255/65535 with rounding (not clipped at 255). 32-bit 'I' is taken
+      as 8-bit if it fits in 0..255, as 16-bit if it fits in 0..65535, else min-max scaled; 'F' as
+      0..1 if it fits there, 0..255 if it fits there, else min-max scaled.
+    - CMYK, YCbCr, L, 1, P go through Pillow's RGB conversion.
+    """
+    label = name or f"<{type(img).__name__}>"
+    try:
+        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not reject an otherwise fine image
+        orientation = 1
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    try:
+        if mode == "RGB":
+            return img
+        if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", img.size, _WHITE + (255,)), rgba).convert("RGB")
+        if mode.startswith("I;16"):
+            a = np.asarray(img).astype(np.float32)
+            return _gray_to_rgb(np.rint(a * (255.0 / 65535.0)))
+        if mode in ("I", "F"):
+            return _gray_to_rgb(_scale_wide(np.asarray(img), mode))
+        return img.convert("RGB")
+    except ImageDecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ImageDecodeError("decode_error", f"{label}: cannot convert mode {mode!r} to RGB: {_short(e)}") from None
+
+
+def _scale_wide(a: np.ndarray, mode: str) -> np.ndarray:
+    a = a.astype(np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if mode == "F" and lo >= 0.0 and hi <= 1.0:
+        return np.rint(a * 255.0)
+    if lo >= 0.0 and hi <= 255.0:
+        return np.rint(a)
+    if mode == "I" and lo >= 0.0 and hi <= 65535.0:
+        return np.rint(a * (255.0 / 65535.0))
+    if hi == lo:
+        return np.zeros_like(a)
+    return np.rint((a - lo) * (255.0 / (hi - lo)))
+
+
+def _gray_to_rgb(a: np.ndarray) -> Image.Image:
+    g = np.clip(a, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(np.repeat(g[:, :, None], 3, axis=2)), "RGB")
+
+
+def _array_to_rgb(a: np.ndarray) -> np.ndarray:
+    """HxW, HxWx1, HxWx3 or HxWx4 uint8/uint16 array -> C-contiguous HxWx3 uint8 (no copy if already so)."""
+    if a.dtype == np.uint16:
+        a = np.rint(a.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
+    elif a.dtype == np.bool_:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8:
+        raise ImageDecodeError(
+            "decode_error", f"array of dtype {a.dtype}: expected uint8 (or uint16) pixels; convert with np.uint8"
+        )
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.ndim == 2:
+        return np.ascontiguousarray(np.repeat(a[:, :, None], 3, axis=2))
+    if a.ndim == 3 and a.shape[2] == 4:
+        alpha = a[:, :, 3:4].astype(np.float32) / 255.0
+        return np.rint(a[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    if a.ndim == 3 and a.shape[2] == 3:
+        return np.ascontiguousarray(a)
+    raise ImageDecodeError("decode_error", f"array of shape {a.shape}: expected HxW, HxWx1, HxWx3 or HxWx4")
+
+
+# ---------------------------------------------------------------------------------------------
+# geometry and image steps (spec section 4)
+
+
+def alignment_quad(landmarks: np.ndarray) -> tuple[np.ndarray, float]:
+    """FFHQ crop rectangle from 68 iBUG landmarks.
+
+    landmarks: [68,2] (x, y) in source pixels; the original passes dlib's integer points.
+    Returns (quad float64 [4,2]: corners top-left, bottom-left, bottom-right, top-right in source
+    pixels; qsize: the side length in pixels).
+    """
+    lm = np.asarray(landmarks, dtype=np.float64)
+    if lm.shape != (68, 2):
+        raise ValueError(f"alignment_quad: expected landmarks of shape (68, 2), got {lm.shape}")
+    eye_left = lm[36:42].mean(axis=0)
+    eye_right = lm[42:48].mean(axis=0)
+    eye_avg = (eye_left + eye_right) * 0.5
+    eye_to_eye = eye_right - eye_left
+    mouth_avg = (lm[48] + lm[54]) * 0.5
+    eye_to_mouth = mouth_avg - eye_avg
+
+    # x: the crop's horizontal half-axis, perpendicular blend of the eye line and the eye-mouth axis.
+    x = eye_to_eye - np.flipud(eye_to_mouth) * [-1, 1]
+    x /= np.hypot(*x)
+    x *= max(np.hypot(*eye_to_eye) * 2.0, np.hypot(*eye_to_mouth) * 1.8)
+    y = np.flipud(x) * [-1, 1]
+    c = eye_avg + eye_to_mouth * 0.1
+    quad = np.stack([c - x - y, c - x + y, c + x + y, c + x - y])
+    qsize = float(np.hypot(*x) * 2)
+    return quad, qsize
+
+
+def _bounds(quad: np.ndarray) -> tuple[int, int, int, int]:
+    return (
+        int(np.floor(min(quad[:, 0]))),
+        int(np.floor(min(quad[:, 1]))),
+        int(np.ceil(max(quad[:, 0]))),
+        int(np.ceil(max(quad[:, 1]))),
+    )
+
+
+@dataclass
+class AlignmentPlan:
+    """Which image steps `extract_aligned` takes for a quad (for tests and diagnostics).
+
+    shrink: integer downscale factor (1 = none); shrunk_size: (w, h) after it; crop: (left, top,
+    right, bottom) kept, in shrunk pixels; pad: (left, top, right, bottom) reflect padding or None;
+    quad: float64 [4,2] in the cropped image; qsize: side in shrunk pixels.
+    """
+
+    shrink: int
+    shrunk_size: tuple[int, int]
+    crop: tuple[int, int, int, int]
+    pad: tuple[int, int, int, int] | None
+    quad: np.ndarray
+    qsize: float
+
+
+def plan_alignment(
+    size: tuple[int, int], quad: np.ndarray, qsize: float, output_size: int = 256, enable_padding: bool = True
+) -> AlignmentPlan:
+    """The original's shrink / crop / pad decisions for an image of `size` (w, h) and a quad."""
+    width, height = size
+    quad = np.array(quad, dtype=np.float64)  # a copy: modified below
+    shrink = int(np.floor(qsize / output_size * 0.5))
+    if shrink > 1:
+        rw, rh = int(np.rint(float(width) / shrink)), int(np.rint(float(height) / shrink))
+        quad /= shrink
+        qsize /= shrink
+    else:
+        shrink, rw, rh = 1, width, height
+
+    border = max(int(np.rint(qsize * 0.1)), 3)
+    b = _bounds(quad)
+    crop = (max(b[0] - border, 0), max(b[1] - border, 0), min(b[2] + border, rw), min(b[3] + border, rh))
+    if crop[2] - crop[0] < rw or crop[3] - crop[1] < rh:
+        quad -= crop[0:2]
+    else:
+        crop = (0, 0, rw, rh)
+
+    cw, ch = crop[2] - crop[0], crop[3] - crop[1]
+    b = _bounds(quad)
+    pad = (max(-b[0] + border, 0), max(-b[1] + border, 0), max(b[2] - cw + border, 0), max(b[3] - ch + border, 0))
+    if enable_padding and max(pad) > border - 4:
+        p = int(np.rint(qsize * 0.3))
+        padded: tuple[int, int, int, int] | None = tuple(max(int(v), p) for v in pad)  # type: ignore[assignment]
+    else:
+        padded = None
+    return AlignmentPlan(shrink, (rw, rh), crop, padded, quad, float(qsize))
+
+
+def extract_aligned(
+    image: Image.Image | np.ndarray,
+    quad: np.ndarray,
+    qsize: float,
+    output_size: int = 256,
+    transform_size: int | None = None,
+    enable_padding: bool = True,
+) -> Image.Image:
+    """Cut the FFHQ-aligned square out of an RGB image: shrink, crop, pad, QUAD transform, resize.
+
+    image: PIL RGB or HxWx3 uint8 array (source pixels). quad: float64 [4,2] and qsize from
+    `alignment_quad`. Returns a PIL RGB image of output_size x output_size. The steps are the
+    original's (spec section 4): a LANCZOS shrink by floor(qsize/output_size/2) when that is > 1,
+    a crop to the quad +- border, a reflect pad with blur and median blend where the quad leaves
+    the image, a bilinear QUAD transform to transform_size, then a LANCZOS resize to output_size.
+    The shrink only resamples the region kept by the crop (same filter and sample positions as
+    resizing the whole image first).
+    """
+    transform_size = transform_size or output_size
+    if isinstance(image, np.ndarray):
+        arr: np.ndarray | None = image
+        width, height = image.shape[1], image.shape[0]
+    else:
+        arr = None
+        width, height = image.size
+    plan = plan_alignment((width, height), quad, qsize, output_size, enable_padding)
+    shrink, crop, quad, qsize = plan.shrink, plan.crop, plan.quad.copy(), plan.qsize
+    rw, rh = plan.shrunk_size
+
+    if shrink > 1:
+        pil = image if arr is None else Image.fromarray(arr, "RGB")
+        sx, sy = width / rw, height / rh
+        box = (crop[0] * sx, crop[1] * sy, crop[2] * sx, crop[3] * sy)
+        img = pil.resize((crop[2] - crop[0], crop[3] - crop[1]), Image.Resampling.LANCZOS, box=box)
+    elif arr is not None:
+        img = Image.fromarray(np.ascontiguousarray(arr[crop[1] : crop[3], crop[0] : crop[2]]), "RGB")
+    elif crop != (0, 0, rw, rh):
+        img = image.crop(crop)
+    else:
+        img = image
+
+    # Pad where the quad (+ border) leaves the image: reflect, blur towards the edge, fade to median.
+    if plan.pad is not None:
+        import scipy.ndimage  # only this branch needs scipy
+
+        # int64 like the original's np.maximum(pad, ...): the mask then divides in float64.
+        pad = np.asarray(plan.pad, dtype=np.int64)
+
+        a = np.pad(np.float32(img), ((pad[1], pad[3]), (pad[0], pad[2]), (0, 0)), "reflect")
+        h, w, _ = a.shape
+        yy, xx, _ = np.ogrid[:h, :w, :1]
+        mask = np.maximum(
+            1.0 - np.minimum(np.float32(xx) / pad[0], np.float32(w - 1 - xx) / pad[2]),
+            1.0 - np.minimum(np.float32(yy) / pad[1], np.float32(h - 1 - yy) / pad[3]),
+        )
+        blur = qsize * 0.02
+        a += (scipy.ndimage.gaussian_filter(a, [blur, blur, 0]) - a) * np.clip(mask * 3.0 + 1.0, 0.0, 1.0)
+        a += (np.median(a, axis=(0, 1)) - a) * np.clip(mask, 0.0, 1.0)
+        img = Image.fromarray(np.uint8(np.clip(np.rint(a), 0, 255)), "RGB")
+        quad += pad[:2]
+
+    img = img.transform(
+        (transform_size, transform_size),
+        Image.Transform.QUAD,
+        tuple((quad + 0.5).flatten()),
+        Image.Resampling.BILINEAR,
+    )
+    if output_size < transform_size:
+        img = img.resize((output_size, output_size), Image.Resampling.LANCZOS)
+    return img
+
+
+# ---------------------------------------------------------------------------------------------
+# the aligner
+
+
+@dataclass
+class AlignResult:
+    """One aligned face (or why there is none).
+
+    status: "ok" | "no_face" | "decode_error" | "too_large" | "too_small"; error: message or None.
+    image: PIL RGB output_size x output_size (None unless ok). landmarks: float32 [68,2] (x, y) in
+    source pixels of the upright RGB image. quad: float32 [4,2] crop corners in source pixels
+    (top-left, bottom-left, bottom-right, top-right). score: HOG detector score of the chosen face.
+    n_faces: number of detections in the image. box: int32 [4] detection box (left, top, right,
+    bottom) in source pixels. source_size: (width, height) of the upright image, None if undecodable.
+    """
+
+    status: str
+    error: str | None = None
+    image: Image.Image | None = None
+    landmarks: np.ndarray | None = None
+    quad: np.ndarray | None = None
+    score: float | None = None
+    n_faces: int = 0
+    box: np.ndarray | None = None
+    source_size: tuple[int, int] | None = field(default=None)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+class FaceAligner:
+    """dlib HOG detection + 68 landmarks + FFHQ crop, with the models loaded once.
+
+    aligner = FaceAligner(); result = aligner(image)  # bytes, path, PIL image or HxWxC uint8 array
+
+    output_size: side of the returned crop. transform_size: side of the QUAD transform before the
+    final LANCZOS resize (default output_size; output_size=1024, transform_size=4096 gives FFHQ-style
+    dataset crops). detector_upsample: dlib pyramid upsamplings (the original uses 1: faces down to
+    about 40 px). select: which detection to align: "best" (highest score), "largest" (largest box),
+    "last" (the original's choice: dlib lists detections by descending score and the original keeps
+    the last one), "all" (a list of results, best first; a one-element list on failure).
+    max_pixels / min_side: decode guards (statuses "too_large" / "too_small").
+
+    detect_size (opt-in fast mode, default None = exact): when the image's longest side exceeds it,
+    the detector scans a bilinear copy downscaled to that longest side (with `detector_upsample`) and
+    the box is mapped back; landmarks are still predicted on the full-resolution image. It finds the
+    faces the original would find on a photo of that size (with upsample 1 and detect_size=640:
+    faces taller than about 40/640 = 6% of the longest side) at a cost that no longer grows with
+    the resolution. Images no larger than detect_size are processed exactly as in the default mode.
+    The mapped box differs slightly from a full-resolution detection, so landmarks move: measured by
+    bench/align.py on 1024-2048 px photos, about 0.5-1.5 % of the inter-ocular distance on average
+    (see the bench output for the run's numbers).
+    """
+
+    def __init__(
+        self,
+        output_size: int = 256,
+        transform_size: int | None = None,
+        detector_upsample: int = 1,
+        select: Select = "best",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        *,
+        min_side: int = MIN_SIDE,
+        detect_size: int | None = None,
+        enable_padding: bool = True,
+    ):
+        import dlib
+
+        if select not in ("best", "largest", "last", "all"):
+            raise ValueError(f"FaceAligner: select={select!r}; use 'best', 'largest', 'last' or 'all'")
+        transform_size = transform_size or output_size
+        if transform_size < output_size:
+            raise ValueError(
+                f"FaceAligner: transform_size={transform_size} < output_size={output_size}; "
+                "transform_size must be at least the output size"
+            )
+        if detect_size is not None and detect_size < 80:
+            raise ValueError(f"FaceAligner: detect_size={detect_size} is below the 80 px HOG window")
+        self.output_size = int(output_size)
+        self.transform_size = int(transform_size)
+        self.detector_upsample = int(detector_upsample)
+        self.select = select
+        self.max_pixels = max_pixels
+        self.min_side = min_side
+        self.detect_size = detect_size
+        self.enable_padding = enable_padding
+        self._dlib = dlib
+        self.detector = dlib.get_frontal_face_detector()
+        self.predictor = dlib.shape_predictor(dlib_model_path("shape_predictor_68_face_landmarks.dat"))
+
+    # -- public ------------------------------------------------------------------------------
+
+    def __call__(self, image: ImageInput, *, name: str | None = None) -> AlignResult | list[AlignResult]:
+        """Align the face(s) in `image` (encoded bytes, path, PIL image, or HxW[xC] uint8 array).
+
+        Returns an AlignResult, or a list of them with select="all". Never raises for bad input:
+        decode failures, size guards and missing faces come back as statuses.
+        """
+        try:
+            pil, arr = self._prepare(image, name)
+        except ImageDecodeError as e:
+            return self._wrap([AlignResult(status=e.status, error=e.message)])
+        size = (arr.shape[1], arr.shape[0])
+        dets = self.detect(arr, pil)
+        if not dets:
+            msg = f"{_label(image, name)}: no face found by the HOG detector (upsample {self.detector_upsample})"
+            return self._wrap([AlignResult(status="no_face", error=msg, n_faces=0, source_size=size)])
+        chosen = self._choose(dets)
+        results = []
+        for rect, score in chosen:
+            lm = self.landmarks(arr, rect)
+            results.append(self._align_landmarks(pil if pil is not None else arr, lm, score, rect, len(dets), size))
+        return self._wrap(results)
+
+    def detect(self, arr: np.ndarray, pil: Image.Image | None = None) -> list[tuple[tuple[int, int, int, int], float]]:
+        """HOG detections on an HxWx3 uint8 RGB array: [((left, top, right, bottom), score)], in dlib's
+        order (descending score, the order `detector(img, upsample)` returns)."""
+        h, w = arr.shape[:2]
+        if self.detect_size is not None and max(h, w) > self.detect_size:
+            s = self.detect_size / max(h, w)
+            small_size = (max(1, int(round(w * s))), max(1, int(round(h * s))))
+            src = pil if pil is not None else Image.fromarray(arr, "RGB")
+            small = np.asarray(src.resize(small_size, Image.Resampling.BILINEAR, reducing_gap=2.0))
+            rects, scores, _ = self.detector.run(small, self.detector_upsample, 0.0)
+            fx, fy = w / small_size[0], h / small_size[1]
+            # dlib boxes are inclusive pixel ranges: map the edges, not the pixel indices.
+            boxes = [
+                (
+                    int(round(r.left() * fx)),
+                    int(round(r.top() * fy)),
+                    int(round((r.right() + 1) * fx)) - 1,
+                    int(round((r.bottom() + 1) * fy)) - 1,
+                )
+                for r in rects
+            ]
+        else:
+            rects, scores, _ = self.detector.run(arr, self.detector_upsample, 0.0)
+            boxes = [(r.left(), r.top(), r.right(), r.bottom()) for r in rects]
+        return list(zip(boxes, [float(s) for s in scores]))
+
+    def landmarks(self, arr: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+        """68 landmarks (int-valued float32 [68,2], x, y) predicted on the full-resolution array in `box`."""
+        shape = self.predictor(arr, self._dlib.rectangle(*box))
+        return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float32)
+
+    def align_landmarks(self, image: Image.Image | np.ndarray, landmarks: np.ndarray) -> AlignResult:
+        """Align an RGB image given its 68 landmarks (skips detection)."""
+        if isinstance(image, np.ndarray):
+            arr = _array_to_rgb(image)
+            size = (arr.shape[1], arr.shape[0])
+        else:
+            arr = normalize_image(image)
+            size = arr.size
+        return self._align_landmarks(arr, np.asarray(landmarks, np.float32), None, None, 1, size)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _prepare(self, image: ImageInput, name: str | None) -> tuple[Image.Image | None, np.ndarray]:
+        if isinstance(image, np.ndarray):
+            arr = _array_to_rgb(image)
+            _check_size((arr.shape[1], arr.shape[0]), self.max_pixels, self.min_side, _label(image, name))
+            return None, arr
+        pil = load_image(image, self.max_pixels, self.min_side, name=name)
+        return pil, np.asarray(pil)
+
+    def _choose(self, dets):
+        if self.select == "last":
+            return [dets[-1]]
+        if self.select == "best":
+            return [max(dets, key=lambda d: d[1])]
+        if self.select == "largest":
+            area = lambda d: (d[0][2] - d[0][0] + 1) * (d[0][3] - d[0][1] + 1)  # noqa: E731
+            return [max(dets, key=lambda d: (area(d), d[1]))]
+        return sorted(dets, key=lambda d: -d[1])
+
+    def _align_landmarks(self, image, lm, score, box, n_faces, size) -> AlignResult:
+        quad, qsize = alignment_quad(lm)
+        crop = extract_aligned(image, quad, qsize, self.output_size, self.transform_size, self.enable_padding)
+        return AlignResult(
+            status="ok",
+            image=crop,
+            landmarks=lm.astype(np.float32),
+            quad=quad.astype(np.float32),
+            score=score,
+            n_faces=n_faces,
+            box=None if box is None else np.asarray(box, dtype=np.int32),
+            source_size=size,
+        )
+
+    def _wrap(self, results: list[AlignResult]):
+        return results if self.select == "all" else results[0]

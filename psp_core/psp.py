@@ -1,0 +1,521 @@
+"""pSp (pixel2style2pixel): an IR-SE50 encoder into StyleGAN2's W+, plus checkpoint loading.
+
+``load_psp`` reads the released ``psp_*.pt`` files unchanged (``{'state_dict', 'opts',
+'latent_avg'}``) from a local path or any fsspec URI, applies the reference scripts' legacy opts
+defaults, ignores the stored ``opts['device']`` and loads both halves strictly.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from psp_core.encoders import ENCODER_TYPES, build_encoder
+from psp_core.stylegan2 import Generator
+
+__all__ = [
+    "CheckpointError",
+    "PSP",
+    "load_psp",
+    "load_stylegan2",
+    "n_styles_for",
+    "read_checkpoint",
+]
+
+logger = logging.getLogger(__name__)
+
+STYLE_DIM = 512
+ENCODER_INPUT_SIZE = 256
+W_ENCODERS = ("BackboneEncoderUsingLastLayerIntoW",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used as asked; the message says what to do instead."""
+
+
+def n_styles_for(output_size: int) -> int:
+    """Number of W+ style vectors for a generator of ``output_size``: ``2*log2(size) - 2``."""
+    return int(math.log(output_size, 2)) * 2 - 2
+
+
+class PSP(nn.Module):
+    """The pSp network: ``encoder`` (IR-SE50 variant), ``decoder`` (StyleGAN2 ``Generator``) and
+    ``face_pool`` (``AdaptiveAvgPool2d((256, 256))``).
+
+    Args:
+        opts: the checkpoint's opts (plain dict). Used keys: ``encoder_type``, ``input_nc``,
+            ``output_size``, ``start_from_latent_avg``, ``learn_in_w`` (legacy defaults applied).
+        latent_avg: ``[512]``, ``[1, 512]`` or ``[n_styles, 512]``, or None.
+    """
+
+    def __init__(self, opts: Mapping[str, Any], latent_avg: torch.Tensor | None = None):
+        super().__init__()
+        self.opts = _normalise_opts(dict(opts))
+        self.output_size = int(self.opts["output_size"])
+        self.n_styles = n_styles_for(self.output_size)
+        self.input_nc = int(self.opts["input_nc"])
+        self.encoder_type = self.opts["encoder_type"]
+        self.encoder = build_encoder(self.encoder_type, input_nc=self.input_nc, n_styles=self.n_styles)
+        self.decoder = Generator(self.output_size, STYLE_DIM, 8)
+        self.face_pool = nn.AdaptiveAvgPool2d((256, 256))
+        self.latent_avg = latent_avg
+        self.checkpoint_sha256: str | None = None
+        self.checkpoint_path: str | None = None
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.input.input.device
+
+    @property
+    def start_from_latent_avg(self) -> bool:
+        return bool(self.opts["start_from_latent_avg"])
+
+    def _apply(self, fn, recurse=True):  # keep latent_avg (a plain attribute) on the module's device
+        super()._apply(fn, recurse)
+        if self.latent_avg is not None:
+            self.latent_avg = fn(self.latent_avg)
+        return self
+
+    # -- the original forward -----------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        resize: bool = True,
+        latent_mask: Sequence[int] | None = None,
+        input_code: bool = False,
+        randomize_noise: bool = True,
+        inject_latent: torch.Tensor | None = None,
+        return_latents: bool = False,
+        alpha: float | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The reference ``pSp.forward`` (spec §2.5).
+
+        Args:
+            x: images ``[B, input_nc, 256, 256]``, or with ``input_code=True`` Z codes ``[B, 512]``
+                (mapped by the decoder's mapping network).
+            resize: average-pool the output to 256x256 (``face_pool``).
+            latent_mask: style indices to replace by ``inject_latent`` (mixed by ``alpha`` when
+                given) or, without ``inject_latent``, to zero.
+            inject_latent: ``[B or 1, n_styles, 512]``.
+            return_latents: also return the decoder's W+ ``[B, n_styles, 512]``.
+
+        Returns:
+            images ``[B, 3, H, W]`` (H = 256 if ``resize`` else ``output_size``), or
+            ``(images, latents)``.
+
+        Deviation from the original, outputs unchanged: the mask is applied to a copy (the
+        original writes into ``codes`` in place, which with ``input_code=True`` is the caller's
+        tensor), and a W code ``[B, 512]`` is expanded to W+ before masking so that indices
+        name styles.
+        """
+        if input_code:
+            codes = x
+        else:
+            codes = self._encode_raw(x)
+        if latent_mask is not None:
+            mask = self._check_latent_mask(latent_mask)
+            if codes.ndim == 2:
+                codes = codes.unsqueeze(1).repeat(1, self.n_styles, 1)
+            codes = codes.clone()
+            for i in mask:
+                if inject_latent is not None:
+                    if alpha is not None:
+                        codes[:, i] = alpha * inject_latent[:, i] + (1 - alpha) * codes[:, i]
+                    else:
+                        codes[:, i] = inject_latent[:, i]
+                else:
+                    codes[:, i] = 0
+        images, latents = self.decoder(
+            [codes],
+            input_is_latent=not input_code,
+            randomize_noise=randomize_noise,
+            return_latents=return_latents,
+        )
+        if resize:
+            images = self.face_pool(images)
+        if return_latents:
+            return images, latents
+        return images
+
+    # -- convenience API ------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, input_nc, 256, 256]`` -> W+ ``[B, n_styles, 512]`` (``latent_avg`` added
+        when ``start_from_latent_avg``; a W encoder's code is repeated over the styles).
+        """
+        codes = self._encode_raw(x)
+        if codes.ndim == 2:
+            codes = codes.unsqueeze(1).repeat(1, self.n_styles, 1)
+        return codes
+
+    def decode(
+        self, w_plus: torch.Tensor, resize: bool = True, randomize_noise: bool = False
+    ) -> torch.Tensor:
+        """W+ ``[B, n_styles, 512]`` -> images ``[B, 3, H, W]`` (about [-1, 1], not clamped);
+        H = 256 with ``resize`` (box mean / pixel replication), else ``output_size``.
+        """
+        if w_plus.ndim != 3 or tuple(w_plus.shape[1:]) != (self.n_styles, STYLE_DIM):
+            raise ValueError(
+                f"w_plus has shape {tuple(w_plus.shape)}: expected [B, {self.n_styles}, {STYLE_DIM}] "
+                f"for this {self.output_size}px model"
+            )
+        images, _ = self.decoder([w_plus], input_is_latent=True, randomize_noise=randomize_noise)
+        if resize:
+            images = self.face_pool(images)
+        return images
+
+    def mix(
+        self,
+        x: torch.Tensor,
+        n_outputs: int,
+        latent_mask: Sequence[int],
+        mix_alpha: float | None = None,
+        seed: int | Sequence[int] = 0,
+        resize: bool = True,
+        randomize_noise: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Style mixing (multi-modal synthesis) as in the reference ``style_mixing.py``, seeded.
+
+        For sample b, ``n_outputs`` z vectors ``[n_outputs, 512]`` are drawn from
+        ``torch.Generator().manual_seed(seed_b)`` (on CPU, so results do not depend on the device
+        or on the other rows of the batch); their W replaces (or, with ``mix_alpha``, is blended
+        into) the styles in ``latent_mask`` of the sample's own W+.
+
+        Args:
+            x: ``[B, input_nc, 256, 256]``.
+            seed: one int used for every sample, or a list of B ints (one per sample).
+
+        Returns:
+            ``(images [B, n_outputs, 3, H, W], w_plus [B, n_outputs, n_styles, 512])``.
+        """
+        mask = self._check_latent_mask(latent_mask)
+        if n_outputs < 1:
+            raise ValueError(f"n_outputs={n_outputs}: expected >= 1")
+        batch = x.shape[0]
+        seeds = [int(seed)] * batch if isinstance(seed, int) else [int(s) for s in seed]
+        if len(seeds) != batch:
+            raise ValueError(f"seed has {len(seeds)} values for a batch of {batch}: give one int or B ints")
+        codes = self.encode(x)  # [B, n, 512]
+        z = torch.stack(
+            [torch.randn(n_outputs, STYLE_DIM, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        ).to(device=codes.device, dtype=codes.dtype)  # [B, n_outputs, 512]
+        # == forward(z, input_code=True, return_latents=True)'s W, without running the synthesis.
+        inject = self.decoder.get_latent(z.reshape(-1, STYLE_DIM)).reshape(batch, n_outputs, STYLE_DIM)
+        mixed = codes.unsqueeze(1).repeat(1, n_outputs, 1, 1)  # [B, n_outputs, n, 512]
+        for i in mask:
+            if mix_alpha is not None:
+                mixed[:, :, i] = mix_alpha * inject + (1 - mix_alpha) * mixed[:, :, i]
+            else:
+                mixed[:, :, i] = inject
+        images = self.decode(
+            mixed.reshape(batch * n_outputs, self.n_styles, STYLE_DIM),
+            resize=resize,
+            randomize_noise=randomize_noise,
+        )
+        return images.reshape(batch, n_outputs, *images.shape[1:]), mixed
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _encode_raw(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        codes = self.encoder(x)
+        if self.start_from_latent_avg:
+            if self.latent_avg is None:
+                raise CheckpointError(
+                    "start_from_latent_avg is set but the model has no latent_avg: load a checkpoint "
+                    "that has 'latent_avg' or set opts['start_from_latent_avg'] = False"
+                )
+            avg = self.latent_avg.to(codes.dtype)
+            # Broadcast equivalent of the original's latent_avg.repeat(B, 1[, 1]).
+            codes = codes + (avg.reshape(1, STYLE_DIM) if codes.ndim == 2 else avg.reshape(1, -1, STYLE_DIM))
+        return codes
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"input has shape {tuple(x.shape)}: expected [B, {self.input_nc}, 256, 256]")
+        if x.shape[1] != self.input_nc:
+            raise ValueError(
+                f"input has {x.shape[1]} channels but this checkpoint ({self.opts.get('dataset_type')}) "
+                f"expects input_nc={self.input_nc}: use the task's transform for this checkpoint"
+            )
+        if tuple(x.shape[2:]) != (ENCODER_INPUT_SIZE, ENCODER_INPUT_SIZE):
+            raise ValueError(
+                f"input is {x.shape[2]}x{x.shape[3]}: the pSp encoder needs 256x256 inputs "
+                "(align/resize the image to 256x256 first)"
+            )
+
+    def _check_latent_mask(self, latent_mask: Sequence[int]) -> list[int]:
+        mask = [int(i) for i in latent_mask]
+        bad = [i for i in mask if not 0 <= i < self.n_styles]
+        if bad:
+            raise ValueError(
+                f"latent_mask {mask} has indices {bad} outside 0..{self.n_styles - 1} "
+                f"(this model has {self.n_styles} styles)"
+            )
+        return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _normalise_opts(opts: dict[str, Any]) -> dict[str, Any]:
+    # The reference scripts' legacy defaults (the released files lack these keys).
+    opts.setdefault("output_size", 1024)
+    opts.setdefault("learn_in_w", False)
+    opts.setdefault("encoder_type", "GradualStyleEncoder")
+    opts.setdefault("input_nc", 3)
+    opts.setdefault("start_from_latent_avg", False)
+    opts.pop("device", None)  # stored as 'cuda:0'; the device is chosen at load time
+    if opts["encoder_type"] not in ENCODER_TYPES:
+        raise CheckpointError(
+            f"opts['encoder_type']={opts['encoder_type']!r} is not a pSp encoder: "
+            f"expected one of {sorted(ENCODER_TYPES)}"
+        )
+    size = int(opts["output_size"])
+    if size < 8 or 2 ** int(math.log2(size)) != size:
+        raise CheckpointError(f"opts['output_size']={size}: expected a power of two such as 256 or 1024")
+    if "n_styles" in opts and opts["n_styles"] is not None and int(opts["n_styles"]) != n_styles_for(size):
+        raise CheckpointError(
+            f"opts['n_styles']={opts['n_styles']} does not match output_size {size} "
+            f"({n_styles_for(size)} styles)"
+        )
+    return opts
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_checkpoint(
+    path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None
+) -> tuple[Any, str]:
+    """``torch.load`` a checkpoint with ``weights_only=True`` onto the CPU.
+
+    Local paths are memory-mapped; any other fsspec URI (``s3://``, ``gs://``, ``memory://`` ...)
+    is streamed to a temporary file (hashing as it goes) and loaded from there.
+
+    Returns:
+        ``(object, sha256 hex of the file bytes)``.
+    """
+    uri = os.fspath(path)
+    if _is_local(uri):
+        local = uri[len("file://") :] if uri.startswith("file://") else uri
+        if not os.path.exists(local):
+            raise FileNotFoundError(f"checkpoint {uri!r} does not exist")
+        return _torch_load(local, uri), _sha256_file(local)
+
+    import fsspec  # checkpoint loading is the one place psp_core touches fsspec
+
+    with tempfile.TemporaryDirectory(prefix="psp_ckpt_") as tmp:
+        local = os.path.join(tmp, "checkpoint.pt")
+        h = hashlib.sha256()
+        try:
+            with fsspec.open(uri, "rb", **dict(storage_options or {})) as src, open(local, "wb") as dst:
+                for chunk in iter(lambda: src.read(1 << 22), b""):
+                    h.update(chunk)
+                    dst.write(chunk)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"checkpoint {uri!r} does not exist") from None
+        # Tensors stay valid after the temporary file is removed (mmap keeps the inode alive).
+        return _torch_load(local, uri), h.hexdigest()
+
+
+def _torch_load(local: str, name: str) -> Any:
+    try:
+        try:
+            return torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # only the legacy (non-zip) format cannot be mapped
+                raise
+            return torch.load(local, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint {name!r} holds pickled objects other than tensors and plain containers "
+            f"(e.g. opts saved as an argparse.Namespace), so it cannot be loaded safely with "
+            f"weights_only=True. If you trust the file, re-save it with plain opts: "
+            f"ckpt = torch.load(path, weights_only=False); ckpt['opts'] = vars(ckpt['opts']); "
+            f"torch.save(ckpt, path). ({str(e).splitlines()[0]})"
+        ) from None
+    except (EOFError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint {name!r} is not a readable torch file ({e})") from None
+
+
+def _split_prefix(state: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    prefix = name + "."
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, uri: str, hint: str = "") -> None:
+    """Load ``state`` into ``module`` (built on the meta device) by assignment, after checking that
+    keys and shapes match exactly; the error lists every difference.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+
+        def show(items: list[str]) -> str:
+            head = ", ".join(items[:12])
+            return head + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        if mismatched:
+            parts.append(f"shape mismatches: {show(mismatched)}")
+        raise CheckpointError(f"checkpoint {uri!r}: {what} does not match the architecture; " + "; ".join(parts) + hint)
+    converted = {}
+    for k, v in state.items():
+        ref = expected[k]
+        converted[k] = v.to(ref.dtype) if v.dtype != ref.dtype else v
+    module.load_state_dict(converted, strict=True, assign=True)
+
+
+def load_psp(
+    path_or_uri: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    storage_options: Mapping[str, Any] | None = None,
+) -> PSP:
+    """Load a pSp checkpoint in the official format, in eval mode on ``device``.
+
+    Args:
+        path_or_uri: local path or fsspec URI (``s3://``, ``gs://``, ``file://``, ``memory://``).
+        device: where the model runs (the checkpoint's stored ``opts['device']`` is ignored).
+        storage_options: passed to fsspec for remote URIs (e.g. ``{"endpoint_url": ...}``).
+
+    Raises:
+        CheckpointError: not a pSp checkpoint (with what to do), or keys/shapes that do not
+            match the architecture named by its opts.
+    """
+    uri = os.fspath(path_or_uri)
+    ckpt, sha = read_checkpoint(uri, storage_options)
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(
+            f"checkpoint {uri!r} holds a {type(ckpt).__name__}, not a dict: expected a pSp checkpoint "
+            "{'state_dict', 'opts', 'latent_avg'}"
+        )
+    if "state_dict" not in ckpt:
+        if "g_ema" in ckpt:
+            raise CheckpointError(
+                f"checkpoint {uri!r} is a StyleGAN2 generator checkpoint ('g_ema'), not a pSp model: "
+                "use load_stylegan2 / --decoder-only"
+            )
+        raise CheckpointError(
+            f"checkpoint {uri!r} has no 'state_dict': is it a StyleGAN checkpoint? "
+            "use load_stylegan2 / --decoder-only"
+        )
+    opts = ckpt.get("opts")
+    if not isinstance(opts, Mapping):
+        raise CheckpointError(
+            f"checkpoint {uri!r} has no 'opts' dict (found {type(opts).__name__}): pSp checkpoints store "
+            "the training options, which name the encoder type, input channels and output size"
+        )
+    latent_avg = ckpt.get("latent_avg")
+    try:
+        opts = _normalise_opts(dict(opts))
+    except CheckpointError as e:
+        raise CheckpointError(f"checkpoint {uri!r}: {e}") from None
+    n_styles = n_styles_for(int(opts["output_size"]))
+    if latent_avg is not None:
+        latent_avg = _check_latent_avg(latent_avg, opts, n_styles, uri)
+    elif opts["start_from_latent_avg"]:
+        raise CheckpointError(
+            f"checkpoint {uri!r} was trained with start_from_latent_avg but has no 'latent_avg': "
+            "re-save it with the generator's average latent, ckpt['latent_avg'] = "
+            "decoder.mean_latent(100000)[0] (the original crashes on such files, pSp issue #271)"
+        )
+
+    with torch.device("meta"):
+        net = PSP(opts)
+    state = ckpt["state_dict"]
+    hint = (
+        f" (opts: encoder_type={opts['encoder_type']}, input_nc={opts['input_nc']}, "
+        f"output_size={opts['output_size']}{' [legacy default]' if 'output_size' not in ckpt['opts'] else ''})"
+    )
+    _load_strict(net.encoder, _split_prefix(state, "encoder"), "the encoder", uri, hint)
+    _load_strict(net.decoder, _split_prefix(state, "decoder"), "the decoder", uri, hint)
+    net.latent_avg = latent_avg
+    net.checkpoint_sha256 = sha
+    net.checkpoint_path = uri
+    return net.to(device).eval()
+
+
+def _check_latent_avg(latent_avg: Any, opts: Mapping[str, Any], n_styles: int, uri: str) -> torch.Tensor:
+    if not isinstance(latent_avg, torch.Tensor):
+        raise CheckpointError(f"checkpoint {uri!r}: 'latent_avg' is a {type(latent_avg).__name__}, expected a tensor")
+    shape = tuple(latent_avg.shape)
+    w_code = opts["encoder_type"] in W_ENCODERS
+    ok = {(STYLE_DIM,), (1, STYLE_DIM)} if w_code else {(STYLE_DIM,), (1, STYLE_DIM), (n_styles, STYLE_DIM)}
+    if shape not in ok:
+        raise CheckpointError(
+            f"checkpoint {uri!r}: 'latent_avg' has shape {list(shape)}; expected one of "
+            f"{sorted(list(s) for s in ok)} for {opts['encoder_type']} at output_size {opts['output_size']}"
+        )
+    return latent_avg.detach().float().clone()
+
+
+def load_stylegan2(
+    path_or_uri: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    storage_options: Mapping[str, Any] | None = None,
+) -> Generator:
+    """Load a rosinality StyleGAN2 checkpoint (``{'g_ema': ..., 'latent_avg': [512]}``, as written
+    by its ``convert_weight.py``; ``train.py`` files too if they hold no pickled objects).
+
+    The size, style dim, mapping depth and channel multiplier are read from the weights.
+    The returned ``Generator`` (eval mode) carries ``latent_avg`` (``[512]`` tensor or None) and
+    ``checkpoint_sha256``.
+    """
+    uri = os.fspath(path_or_uri)
+    ckpt, sha = read_checkpoint(uri, storage_options)
+    if not isinstance(ckpt, Mapping) or "g_ema" not in ckpt:
+        what = "a pSp checkpoint ('state_dict'): use load_psp" if isinstance(ckpt, Mapping) and "state_dict" in ckpt else (
+            f"keys {sorted(ckpt)[:8]}" if isinstance(ckpt, Mapping) else f"a {type(ckpt).__name__}"
+        )
+        raise CheckpointError(f"checkpoint {uri!r} has no 'g_ema' generator weights ({what})")
+    state = ckpt["g_ema"]
+    try:
+        n_rgb = len({k.split(".")[1] for k in state if k.startswith("to_rgbs.")})
+        size = 2 ** (n_rgb + 2)
+        style_dim = state["style.1.weight"].shape[1]
+        n_mlp = len({k.split(".")[1] for k in state if k.startswith("style.")})
+        channel_multiplier = 2
+        if size >= 64:
+            # to_rgbs.j sits at resolution 2**(j+3); channels[64] = 256 * channel_multiplier.
+            channel_multiplier = state["to_rgbs.3.conv.weight"].shape[2] // 256
+    except (KeyError, IndexError) as e:
+        raise CheckpointError(f"checkpoint {uri!r}: 'g_ema' is not a rosinality StyleGAN2 generator ({e!r} missing)") from None
+    with torch.device("meta"):
+        gen = Generator(size, style_dim, n_mlp, channel_multiplier=channel_multiplier)
+    _load_strict(gen, state, "'g_ema'", uri)
+    latent_avg = ckpt.get("latent_avg")
+    gen.latent_avg = latent_avg.detach().float().clone() if isinstance(latent_avg, torch.Tensor) else None
+    gen.checkpoint_sha256 = sha
+    gen = gen.to(device).eval()
+    if gen.latent_avg is not None:
+        gen.latent_avg = gen.latent_avg.to(device)
+    return gen

@@ -332,12 +332,34 @@ def _filesystem(uri: str, storage_options: Mapping[str, Any] | None):
     return fs, path
 
 
+def _committed(uri: str, storage_options: Mapping[str, Any] | None):
+    """For a nightly output (one with a committed manifest): (files, {image_id: run_id}) of the
+    current rows; None for a plain output folder. Uncommitted (crashed) runs are never listed."""
+    try:
+        from schemas import manifest as mf
+    except ImportError:  # pragma: no cover - manifest support is optional
+        return None
+    manifest, pointer = mf.read_manifest(uri, dict(storage_options or {}))
+    if pointer is None:
+        return None
+    live = mf.live_entries(manifest)
+    _, root = _filesystem(uri, storage_options)
+    root = root.rstrip("/")
+    files = sorted({f"{root}/{f}" for f in live["output_file"].to_pylist()})
+    current = dict(zip(live["image_id"].to_pylist(), live["run_id"].to_pylist()))
+    return files, current
+
+
 def list_output_files(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Parquet files under `uri` (a folder or one file), sorted; skips `_*`/`.*` names (markers).
 
-    Returns paths on the fsspec filesystem of `uri` (without the scheme for object stores).
+    For a nightly output (`_manifests/_CURRENT.json` present) only the files the committed manifest
+    lists. Returns paths on the fsspec filesystem of `uri` (without the scheme for object stores).
     Raises FileNotFoundError when `uri` does not exist.
     """
+    committed = _committed(uri, storage_options)
+    if committed is not None:
+        return committed[0]
     fs, path = _filesystem(uri, storage_options)
     if not fs.exists(path):
         raise FileNotFoundError(f"output {uri!r} does not exist: check the path and storage_options")
@@ -382,11 +404,29 @@ def iter_output_tables(
     """Yield (path, table) per output Parquet file under `uri`, in file-name order, no dedup.
 
     Each table is cast to the exact v1 schema (restricted to `columns`); a Parquet file that is not
-    a v1 psp output raises ValueError naming it.
+    a v1 psp output raises ValueError naming it. For a nightly output only the rows its committed
+    manifest names as current are yielded.
     """
     fs, _ = _filesystem(uri, storage_options)
-    for path in list_output_files(uri, storage_options):
-        yield path, _read_file(fs, path, uri, columns)
+    committed = _committed(uri, storage_options)
+    if committed is None:
+        for path in list_output_files(uri, storage_options):
+            yield path, _read_file(fs, path, uri, columns)
+        return
+    # Nightly output: from each listed file only the rows the manifest names as current.
+    files, current = committed
+    want = None if columns is None else list(dict.fromkeys([*columns, "image_id", "run_id"]))
+    for path in files:
+        table = _read_file(fs, path, uri, want)
+        keep = [
+            i
+            for i, (image_id, run_id) in enumerate(
+                zip(table["image_id"].to_pylist(), table["run_id"].to_pylist())
+            )
+            if image_id in current and current[image_id] in (None, run_id)
+        ]
+        table = table.take(pa.array(keep, pa.int64()))
+        yield path, table if columns is None else table.select(list(columns))
 
 
 def _latest_per_image(table: pa.Table) -> pa.Table:
@@ -423,6 +463,8 @@ def read_outputs(
 ) -> pa.Table:
     """Read every psp output Parquet file under `uri` (local path or fsspec URI) into one table.
 
+    A nightly output (with a committed `_manifests/` manifest) is read through the manifest: only
+    committed current rows. Otherwise every Parquet file under `uri` is read.
     Non-Parquet files and `_*`/`.*` names (`_SUCCESS.json`, `_runs/`) are ignored; a Parquet file
     without `psp.schema_version` "1" raises ValueError naming it. With `dedup` (default) only the
     latest row per `image_id` (by `processed_at`) is kept, so a rerun never shows duplicates.

@@ -248,3 +248,28 @@ def test_json_export_in_sync_with_code():
     fields = {f["name"]: f for f in json.loads(render(exports["output_v1.json"]))["schema"]["fields"]}
     assert fields["w_plus"]["type"] == "fixed_size_list<element: float>[9216]"
     assert fields["image_id"]["nullable"] is False
+
+
+def test_nightly_output_is_read_through_its_manifest(tmp_path):
+    """A nightly folder: only rows the committed manifest names are visible; a crashed run's files
+    (under runs/<id>/, never committed) are not."""
+    from schemas import manifest as mf
+
+    out = tmp_path / "nightly"
+    done = make_rows(n_ok=2, n_err=1, run_id="run-a", prefix="n")
+    write(so.rows_to_table(done, N_STYLES), out / "runs" / "run-a", "part-0.parquet")
+    crashed = [dict(done[0], run_id="run-b", processed_at=T0 + dt.timedelta(days=1))]
+    write(so.rows_to_table(crashed, N_STYLES), out / "runs" / "run-b", "part-0.parquet")
+    entries = mf.make_entries(
+        dict(image_id=so.image_id_for(r["source_uri"]), source_uri=r["source_uri"], run_id="run-a",
+             status=r["status"], output_file="runs/run-a/part-0.parquet", schema_version=1)
+        for r in done
+    )
+    mf.commit_manifest(str(out), entries, "run-a", expected=None)
+
+    assert so.list_output_files(str(out)) == [str(out / "runs" / "run-a" / "part-0.parquet")]
+    t = so.read_outputs(str(out))
+    assert sorted(t["run_id"].to_pylist()) == ["run-a"] * 3
+    ids, w = so.read_latents(str(out))
+    assert ids == [so.image_id_for(r["source_uri"]) for r in done[:2]]
+    np.testing.assert_array_equal(w[0], done[0]["w_plus"])

@@ -1,0 +1,111 @@
+"""Align stage: decoded pixels -> the 256x256 crop the pSp encoder expects.
+
+`AlignFaces` is a plain callable class on a batch dict; the pipeline runs it in a CPU actor pool so
+the dlib models load once per actor. It runs `DecodeImages` first (in the same actor, so only
+compressed bytes travel between Ray operators) and then, per row:
+- mode 'dlib': `psp_core.align.FaceAligner` (FFHQ alignment; 'no_face' etc. become row statuses);
+- mode 'none': resize to 256x256 exactly as the task transform would (sketches, segmentation maps,
+  pre-aligned faces), no detection.
+
+Output columns are fixed-shape so Ray stores them as tensor columns: `aligned` uint8 [B,256,256,3]
+(zeros when the row failed), `landmarks` float32 [B,68,2] and `quad` [B,4,2] (NaN when absent),
+`face_score` float32 [B] (NaN when absent).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipelines.decode import DecodeImages, _objects
+
+CROP_SIZE = 256
+
+
+def resize_unaligned(rgb: np.ndarray, gray: bool) -> np.ndarray:
+    """`--align none`: HxWx3 uint8 -> 256x256x3 uint8, bilinear as the task transform's Resize.
+
+    For sketch/seg tasks (`gray`) the image is converted to L before resizing, as the transform does,
+    and stored as three equal channels (RGB->L of equal channels gives the L values back exactly).
+    """
+    img = Image.fromarray(rgb, "RGB")
+    if gray:
+        small = np.asarray(img.convert("L").resize((CROP_SIZE, CROP_SIZE), Image.Resampling.BILINEAR))
+        return np.repeat(small[:, :, None], 3, axis=2)
+    return np.asarray(img.resize((CROP_SIZE, CROP_SIZE), Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+class AlignFaces:
+    """Batch dict stage: decode + align.
+
+    In: columns source_uri, data, source_sha256, status, error (from the read stage).
+    Out: source_uri, source_sha256, source_width, source_height, status, error, face_score,
+    landmarks, quad, aligned (see module docstring). Rows that failed upstream pass through.
+
+    mode: 'dlib' or 'none'. gray: sketch/seg task (only used with mode 'none').
+    aligner_kwargs: passed to `FaceAligner` (e.g. detect_size).
+    """
+
+    def __init__(
+        self,
+        mode: str = "dlib",
+        gray: bool = False,
+        aligner_kwargs: Mapping[str, Any] | None = None,
+        stage_clock: Any = None,
+    ):
+        if mode not in ("dlib", "none"):
+            raise ValueError(f"align mode {mode!r}: expected 'dlib' or 'none'")
+        self.mode = mode
+        self.gray = gray
+        self.stage_clock = stage_clock
+        self.decode = DecodeImages(stage_clock=stage_clock)
+        self.aligner = None
+        if mode == "dlib":
+            from psp_core.align import FaceAligner
+
+            self.aligner = FaceAligner(output_size=CROP_SIZE, **dict(aligner_kwargs or {}))
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        decoded = self.decode(batch)
+        start = time.perf_counter()
+        n = len(decoded["source_uri"])
+        status = list(decoded["status"])
+        error = list(decoded["error"])
+        aligned = np.zeros((n, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
+        landmarks = np.full((n, 68, 2), np.nan, dtype=np.float32)
+        quad = np.full((n, 4, 2), np.nan, dtype=np.float32)
+        score = np.full(n, np.nan, dtype=np.float32)
+        for i, rgb in enumerate(decoded["image"]):
+            if status[i] != "ok":
+                continue
+            uri = decoded["source_uri"][i]
+            try:
+                if self.aligner is None:
+                    aligned[i] = resize_unaligned(rgb, self.gray)
+                    continue
+                result = self.aligner(rgb, name=str(uri))
+                if result.status != "ok":
+                    status[i], error[i] = result.status, result.error or f"{uri}: {result.status}"
+                    continue
+                aligned[i] = np.asarray(result.image.convert("RGB"), dtype=np.uint8)
+                landmarks[i] = result.landmarks
+                quad[i] = result.quad
+                score[i] = np.nan if result.score is None else result.score
+            except Exception as e:  # an aligner bug must not lose the row
+                status[i] = "align_error"
+                error[i] = f"{uri}: alignment failed ({type(e).__name__}: {e})"
+        out = {k: v for k, v in decoded.items() if k != "image"}
+        out.update(
+            status=_objects(status),
+            error=_objects(error),
+            aligned=aligned,
+            landmarks=landmarks,
+            quad=quad,
+            face_score=score,
+        )
+        if self.stage_clock is not None:
+            self.stage_clock.record("align", n, time.perf_counter() - start)
+        return out

@@ -1,0 +1,355 @@
+"""The Ray wiring: list -> read -> decode+align (CPU actors) -> invert (GPU or CPU actors) -> Parquet.
+
+`run_invert(config)` is the whole run: validate on the driver (fail fast), list the inputs, skip what
+the output already holds, build the dataset with `build_dataset` (the one short function that
+wires the stages), write Parquet and `_SUCCESS.json`, and return a `RunSummary` (counts per status,
+rows and rows/s per stage). Stages report their time to a small `StageClock` actor.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pipelines.config import InvertConfig, ResolvedConfig, code_version, resolve_config
+from pipelines.sources import SourceItem, list_inputs
+
+STAGES = ("read", "decode", "align", "invert")
+# Statuses that are properties of the input itself: a rerun skips them. read_error, align_error and
+# invert_error may be transient (network, OOM) and are retried.
+FINAL_STATUSES = ("ok", "decode_error", "too_large", "too_small", "no_face")
+ALIGN_BATCH = 4
+READ_BATCH = 16
+
+
+@dataclass
+class StageTiming:
+    """One stage: rows through it, summed time inside the stage callables (`busy_s`, over all
+    actors) and the wall-clock span from its first batch start to its last batch end."""
+
+    rows: int = 0
+    busy_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rows / self.wall_s if self.wall_s > 0 else 0.0
+
+
+@dataclass
+class RunSummary:
+    """What a run did. `counts`: rows written per status; `skipped`: inputs already in the output
+    (final status) and not reprocessed; `stages`: per-stage timings; `operators`: Ray Data
+    operator names as executed (align and invert are separate operators)."""
+
+    run_id: str
+    input: Any
+    output: str
+    checkpoint: str
+    checkpoint_sha256: str | None
+    task: str
+    align: str
+    device: str
+    listed: int
+    skipped: int
+    processed: int
+    counts: dict[str, int]
+    stages: dict[str, dict[str, float]]
+    operators: list[str] = field(default_factory=list)
+    started_at: str = ""
+    finished_at: str = ""
+    wall_s: float = 0.0
+    code_version: str = ""
+
+    def format(self) -> str:
+        """The end-of-run report printed by the CLI."""
+        lines = [
+            f"run {self.run_id}: {self.processed} processed, {self.skipped} skipped (already in "
+            f"{self.output}), {self.listed} listed, {self.wall_s:.1f}s",
+            "  status counts: " + (", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"),
+            f"  {'stage':<8} {'rows':>7} {'rows/s':>9} {'busy s':>9}",
+        ]
+        for name in STAGES:
+            s = self.stages.get(name)
+            if s:
+                lines.append(f"  {name:<8} {s['rows']:>7} {s['rows_per_s']:>9.2f} {s['busy_s']:>9.2f}")
+        if self.operators:
+            lines.append("  ray operators: " + " | ".join(self.operators))
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage timing
+
+
+def _clock_actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class StageClockActor:
+        def __init__(self):
+            self.stages: dict[str, list[float]] = {}
+            self.statuses: Counter = Counter()
+            self.meta: dict = {}
+
+        def record(self, stage: str, rows: int, seconds: float, end: float, statuses: dict, meta: dict) -> None:
+            s = self.stages.setdefault(stage, [0, 0.0, math.inf, -math.inf])
+            s[0] += rows
+            s[1] += seconds
+            s[2] = min(s[2], end - seconds)
+            s[3] = max(s[3], end)
+            self.statuses.update(statuses)
+            self.meta.update(meta)
+
+        def snapshot(self) -> tuple[dict, dict, dict]:
+            return {k: list(v) for k, v in self.stages.items()}, dict(self.statuses), dict(self.meta)
+
+    return StageClockActor
+
+
+class StageClock:
+    """Picklable handle the stages call: `record(stage, rows, seconds, statuses=None, meta=None)`
+    (statuses: counts of final row statuses; meta: facts such as the checkpoint sha256)."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def record(
+        self,
+        stage: str,
+        rows: int,
+        seconds: float,
+        statuses: Mapping[str, int] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.actor.record.remote(stage, int(rows), float(seconds), time.time(), dict(statuses or {}), dict(meta or {}))
+
+    def collect(self, expected_rows: int, timeout_s: float = 10.0) -> tuple[dict[str, StageTiming], dict[str, int], dict]:
+        """Stage timings, status counts and meta, waiting until the invert stage reported
+        `expected_rows` (records are fire-and-forget and may still be in flight after the write)."""
+        import ray
+
+        deadline = time.time() + timeout_s
+        while True:
+            stages, statuses, meta = ray.get(self.actor.snapshot.remote())
+            done = stages.get("invert", [0])[0]
+            if done >= expected_rows or time.time() > deadline:
+                break
+            time.sleep(0.1)
+        timings = {
+            name: StageTiming(rows=int(v[0]), busy_s=float(v[1]), wall_s=max(0.0, float(v[3] - v[2])))
+            for name, v in stages.items()
+        }
+        return timings, statuses, meta
+
+
+# ------------------------------------------------------------------------------------------------
+# The graph
+
+
+def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resources: Mapping[str, Any], clock=None):
+    """The Ray Data graph for `items` (not executed): read -> decode+align -> invert.
+
+    Align and invert are separate actor pools (different `compute`/resources, so Ray cannot fuse
+    them); the read stage is a task that Ray fuses into the align operator.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipelines.align import AlignFaces
+    from pipelines.invert import InvertFaces
+    from pipelines.sources import read_batch
+    from psp_core.tasks import get_task
+
+    config = resolved.config
+    on_gpu = resources["device"] == "cuda"
+    batch_size = config.batch_size or (32 if on_gpu else 8)
+    rows = [item.to_row() for item in items]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 8 or 1, 2000)))
+    ds = ds.map_batches(
+        read_batch,
+        fn_kwargs={"storage_options": config.storage_options, "stage_clock": clock},
+        batch_size=READ_BATCH,
+        batch_format="numpy",
+        num_cpus=0.25,
+    )
+    ds = ds.map_batches(
+        AlignFaces,
+        fn_constructor_kwargs={
+            "mode": resolved.align,
+            "gray": get_task(resolved.task).label_nc > 0,
+            "stage_clock": clock,
+        },
+        compute=ActorPoolStrategy(min_size=1, max_size=config.align_actors),
+        batch_size=ALIGN_BATCH,
+        batch_format="numpy",
+        num_cpus=0.5,
+    )
+    return ds.map_batches(
+        InvertFaces,
+        fn_constructor_kwargs={
+            "checkpoint": config.checkpoint,
+            "task": resolved.task,
+            "run_id": resolved.run_id,
+            "device": resources["device"],
+            "storage_options": config.storage_options,
+            "images": config.images,
+            "image_size": config.image_size,
+            "metrics": config.metrics,
+            "mix": config.mix,
+            "latent_mask": resolved.latent_mask,
+            "mix_alpha": config.mix_alpha,
+            "seed": config.seed,
+            "resize_factor": config.resize_factor,
+            "save_aligned": config.save_aligned,
+            "cpu_threads": config.cpu_threads,
+            "code_version": code_version(),
+            "stage_clock": clock,
+        },
+        compute=ActorPoolStrategy(min_size=1, max_size=resources["actors"]),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_gpus=resources["num_gpus"],
+        num_cpus=resources["num_cpus"],
+    )
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster in RAY_ADDRESS (e.g. `auto`, `ray://head:10001`; set for Ray Jobs), or
+    start a private local one -- never silently join another local cluster. The local cluster
+    runs with token auth disabled unless RAY_AUTH_MODE says otherwise (Ray 2.59+ requires a
+    token by default)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address=address, log_to_driver=False, include_dashboard=False if address == "local" else None)
+
+
+def select_items(
+    items: Sequence[SourceItem], done_ids: set[str], limit: int | None
+) -> tuple[list[SourceItem], int]:
+    """Drop inputs already done and repeated inputs (same source_uri), then apply `limit`.
+    Returns (items to process, number skipped because already done)."""
+    from schemas import image_id_for
+
+    seen: set[str] = set()
+    todo: list[SourceItem] = []
+    skipped = 0
+    for item in items:
+        key = image_id_for(item.source_uri)
+        if key in done_ids:
+            skipped += 1
+        elif key not in seen:
+            seen.add(key)
+            todo.append(item)
+    return (todo[:limit] if limit is not None else todo), skipped
+
+
+def _coerce_items(items: Sequence[Any]) -> list[SourceItem]:
+    out = []
+    for it in items:
+        if isinstance(it, SourceItem):
+            out.append(it)
+        elif isinstance(it, Mapping):
+            fields = SourceItem.__dataclass_fields__
+            out.append(SourceItem(**{k: v for k, v in it.items() if k in fields}))
+        else:
+            raise TypeError(f"items must be SourceItem or dicts of its fields, got {type(it).__name__}")
+    return out
+
+
+def _operator_names(ds) -> list[str]:
+    try:
+        summary = ds.get_stats_summary()
+        names = []
+        while summary is not None:
+            names = [op.operator_name for op in summary.operators_stats] + names
+            summary = summary.parents[0] if summary.parents else None
+        return names
+    except Exception:  # stats are informative only
+        return []
+
+
+def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) -> RunSummary:
+    """Run `psp invert`: every input gets exactly one output row (status + error), written as
+    Parquet under `config.output` with `_SUCCESS.json`; inputs already done there are skipped.
+
+    items: process exactly these (e.g. the nightly job's new files) instead of listing
+    `config.input`. Misconfiguration raises `pipelines.config.ConfigError` before any Ray work.
+    """
+    import ray
+
+    from pipelines.invert import invert_resources
+    from pipelines.sink import existing_image_ids, write_outputs, write_success
+
+    started = _dt.datetime.now(_dt.timezone.utc)
+    t0 = time.perf_counter()
+    resolved = resolve_config(config)
+    config = resolved.config
+    listed = list_inputs(config.input, config.storage_options, config.image_column) if items is None else _coerce_items(items)
+    done = existing_image_ids(config.output, config.storage_options, statuses=FINAL_STATUSES)
+    todo, skipped = select_items(listed, done, config.limit)
+
+    ensure_ray()
+    resources = invert_resources(ray.cluster_resources(), config.device, config.gpus)
+    ctx = ray.data.DataContext.get_current()
+    ctx.max_errored_blocks = 0  # a failed write must fail the run, not lose rows
+    ctx.enable_progress_bars = sys.stderr.isatty() if config.progress is None else bool(config.progress)
+
+    timings: dict[str, StageTiming] = {}
+    counts: dict[str, int] = {}
+    operators: list[str] = []
+    sha = None
+    if todo:
+        clock_actor = _clock_actor_class().remote()
+        clock = StageClock(clock_actor)
+        try:
+            ds = build_dataset(todo, resolved, resources, clock)
+            write_outputs(
+                ds, config.output, resolved.run_id,
+                n_styles=resolved.checkpoint.n_styles, storage_options=config.storage_options,
+            )
+            timings, counts, meta = clock.collect(len(todo))
+            sha = meta.get("checkpoint_sha256")
+            operators = _operator_names(ds)
+        finally:
+            ray.kill(clock_actor)
+    finished = _dt.datetime.now(_dt.timezone.utc)
+    summary = RunSummary(
+        run_id=resolved.run_id,
+        input=config.input,
+        output=config.output,
+        checkpoint=config.checkpoint,
+        checkpoint_sha256=sha,
+        task=resolved.task,
+        align=resolved.align,
+        device=resources["device"],
+        listed=len(listed),
+        skipped=skipped,
+        processed=len(todo),
+        counts=dict(sorted(counts.items())),
+        stages={
+            k: {"rows": v.rows, "busy_s": round(v.busy_s, 3), "wall_s": round(v.wall_s, 3),
+                "rows_per_s": round(v.rows_per_s, 3)}
+            for k, v in timings.items()
+        },
+        operators=operators,
+        started_at=started.isoformat(),
+        finished_at=finished.isoformat(),
+        wall_s=round(time.perf_counter() - t0, 3),
+        code_version=code_version(),
+    )
+    doc = asdict(summary)
+    doc["counts_per_status"] = doc["counts"]
+    write_success(config.output, doc, config.storage_options)
+    return summary

@@ -41,6 +41,8 @@ META_N_STYLES = b"psp.n_styles"
 META_SHAPES = b"psp.tensor_shapes"
 
 # Columns that must be set on every row (non-nullable in the schema).
+READ_THREADS = 16  # files read concurrently by read_outputs (I/O bound: object stores)
+
 REQUIRED_COLUMNS = ("image_id", "source_uri", "status", "run_id", "processed_at")
 
 
@@ -398,25 +400,20 @@ def _read_file(fs, path: str, uri: str, columns: Sequence[str] | None) -> pa.Tab
     return table.select(target.names).cast(target)
 
 
-def iter_output_tables(
-    uri: str, storage_options: Mapping[str, Any] | None = None, columns: Sequence[str] | None = None
-) -> Iterator[tuple[str, pa.Table]]:
-    """Yield (path, table) per output Parquet file under `uri`, in file-name order, no dedup.
-
-    Each table is cast to the exact v1 schema (restricted to `columns`); a Parquet file that is not
-    a v1 psp output raises ValueError naming it. For a nightly output only the rows its committed
-    manifest names as current are yielded.
-    """
+def _output_readers(uri: str, storage_options: Mapping[str, Any] | None, columns: Sequence[str] | None):
+    """[(path, read() -> table)] for the output files of `uri` (manifest-aware), in file order."""
     fs, _ = _filesystem(uri, storage_options)
     committed = _committed(uri, storage_options)
     if committed is None:
-        for path in list_output_files(uri, storage_options):
-            yield path, _read_file(fs, path, uri, columns)
-        return
+        return [
+            (path, lambda path=path: _read_file(fs, path, uri, columns))
+            for path in list_output_files(uri, storage_options)
+        ]
     # Nightly output: from each listed file only the rows the manifest names as current.
     files, current = committed
     want = None if columns is None else list(dict.fromkeys([*columns, "image_id", "run_id"]))
-    for path in files:
+
+    def read(path: str) -> pa.Table:
         table = _read_file(fs, path, uri, want)
         keep = [
             i
@@ -426,7 +423,22 @@ def iter_output_tables(
             if image_id in current and current[image_id] in (None, run_id)
         ]
         table = table.take(pa.array(keep, pa.int64()))
-        yield path, table if columns is None else table.select(list(columns))
+        return table if columns is None else table.select(list(columns))
+
+    return [(path, lambda path=path: read(path)) for path in files]
+
+
+def iter_output_tables(
+    uri: str, storage_options: Mapping[str, Any] | None = None, columns: Sequence[str] | None = None
+) -> Iterator[tuple[str, pa.Table]]:
+    """Yield (path, table) per output Parquet file under `uri`, in file-name order, no dedup.
+
+    Lazy: a file is read when its turn comes. Each table is cast to the exact v1 schema
+    (restricted to `columns`); a Parquet file that is not a v1 psp output raises ValueError naming
+    it. For a nightly output only the rows its committed manifest names as current are yielded.
+    """
+    for path, read in _output_readers(uri, storage_options, columns):
+        yield path, read()
 
 
 def _latest_per_image(table: pa.Table) -> pa.Table:
@@ -479,7 +491,15 @@ def read_outputs(
     read_cols = None
     if columns is not None:
         read_cols = list(dict.fromkeys([*columns, *(("image_id", "processed_at") if dedup else ())]))
-    tables = [t for _, t in iter_output_tables(uri, storage_options, read_cols)]
+    readers = _output_readers(uri, storage_options, read_cols)
+    if len(readers) > 1:
+        # Object stores answer many small reads in parallel far faster than one after another.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(readers))) as pool:
+            tables = list(pool.map(lambda pr: pr[1](), readers))
+    else:
+        tables = [read() for _, read in readers]
     if not tables:
         raise FileNotFoundError(
             f"no Parquet files under {uri!r}: has a run written there (psp invert ... --output)?"

@@ -14,49 +14,14 @@ import pytest
 
 from schemas import outputs as so
 from schemas.__main__ import collect_exports, render
+from schemas.testing import EXAMPLE_TIME, example_rows
 
 N_STYLES = 8
-T0 = dt.datetime(2026, 11, 1, 12, 0, tzinfo=dt.timezone.utc)
+T0 = EXAMPLE_TIME
 
 
 def make_rows(n_ok: int = 4, n_err: int = 2, seed: int = 0, run_id: str = "run-a", t=T0, prefix="img"):
-    """Rows like the pipeline's: ok rows with every tensor, error rows with nulls."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n_ok):
-        rows.append(
-            dict(
-                source_uri=f"s3://bucket/{prefix}/{i}.jpg",
-                source_sha256=hashlib.sha256(f"{prefix}{i}".encode()).hexdigest(),
-                source_width=512 + i,
-                source_height=384,
-                status="ok",
-                face_score=float(rng.random()),
-                landmarks=rng.random((68, 2)).astype(np.float32) * 256,
-                quad=rng.random((4, 2)).astype(np.float32) * 256,
-                task="ffhq_encode",
-                w_plus=rng.standard_normal((N_STYLES, 512)).astype(np.float32),
-                output_image=b"\x89PNG fake " + bytes([i]),
-                image_format="png",
-                checkpoint_sha256="ab" * 32,
-                code_version="0.1.0",
-                run_id=run_id,
-                processed_at=t,
-            )
-        )
-    for j in range(n_err):
-        rows.append(
-            dict(
-                source_uri=f"s3://bucket/{prefix}/bad{j}.jpg",
-                status="decode_error",
-                error=f"cannot identify image file bad{j}.jpg",
-                task="ffhq_encode",
-                image_format="none",
-                run_id=run_id,
-                processed_at=t,
-            )
-        )
-    return rows
+    return example_rows(n_ok, n_err, N_STYLES, seed=seed, run_id=run_id, processed_at=t, prefix=prefix)
 
 
 def write(table: pa.Table, folder: Path, name: str) -> Path:

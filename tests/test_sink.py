@@ -4,9 +4,7 @@ back WITHOUT Ray by pyarrow, pandas, DuckDB and the schemas readers; `_SUCCESS.j
 from __future__ import annotations
 
 import datetime as dt
-import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -14,7 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas import outputs as so
-from tests.test_schemas import N_STYLES, T0, make_rows
+from schemas.testing import EXAMPLE_TIME as T0
+from schemas.testing import example_rows
+
+N_STYLES = 8
+
+
+def make_rows(n_ok: int = 4, n_err: int = 2, seed: int = 0, run_id: str = "run-a", t=T0, prefix="img"):
+    return example_rows(n_ok, n_err, N_STYLES, seed=seed, run_id=run_id, processed_at=t, prefix=prefix)
 
 pytestmark = pytest.mark.slow
 

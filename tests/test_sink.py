@@ -193,3 +193,12 @@ def test_inspect_local_reports_reruns_and_missing_success(tmp_path):
     norm = float(np.linalg.norm(rows[1]["w_plus"]))
     assert f"|w_plus|={norm:.3f}" in report
     assert "cannot identify image file bad0.jpg" in report
+
+
+def test_relative_local_output_lands_under_the_callers_cwd(ray_cluster, tmp_path, monkeypatch):
+    """`psp invert --output out/`: Ray workers run elsewhere, the files must still land here."""
+    from pipelines.sink import write_outputs
+
+    monkeypatch.chdir(tmp_path)
+    write_outputs(ray_dataset(make_rows(2, 1), n_blocks=1), "rel/out", "run-rel", n_styles=N_STYLES)
+    assert so.read_outputs(str(tmp_path / "rel" / "out")).num_rows == 3

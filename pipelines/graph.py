@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from pipelines.config import InvertConfig, ResolvedConfig, code_version, resolve_config
+from pipelines.config import ConfigError, InvertConfig, ResolvedConfig, code_version, resolve_config
 from pipelines.sources import SourceItem, list_inputs
 
 STAGES = ("read", "decode", "align", "invert")
@@ -300,17 +300,21 @@ def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) 
     done = existing_image_ids(config.output, config.storage_options, statuses=FINAL_STATUSES)
     todo, skipped = select_items(listed, done, config.limit)
 
-    ensure_ray()
-    resources = invert_resources(ray.cluster_resources(), config.device, config.gpus)
-    ctx = ray.data.DataContext.get_current()
-    ctx.max_errored_blocks = 0  # a failed write must fail the run, not lose rows
-    ctx.enable_progress_bars = sys.stderr.isatty() if config.progress is None else bool(config.progress)
-
     timings: dict[str, StageTiming] = {}
     counts: dict[str, int] = {}
     operators: list[str] = []
     sha = None
-    if todo:
+    device = config.device
+    if todo:  # nothing new: no Ray at all
+        ensure_ray()
+        try:
+            resources = invert_resources(ray.cluster_resources(), config.device, config.gpus)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        device = resources["device"]
+        ctx = ray.data.DataContext.get_current()
+        ctx.max_errored_blocks = 0  # a failed write must fail the run, not lose rows
+        ctx.enable_progress_bars = sys.stderr.isatty() if config.progress is None else bool(config.progress)
         clock_actor = _clock_actor_class().remote()
         clock = StageClock(clock_actor)
         try:
@@ -333,7 +337,7 @@ def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) 
         checkpoint_sha256=sha,
         task=resolved.task,
         align=resolved.align,
-        device=resources["device"],
+        device=device,
         listed=len(listed),
         skipped=skipped,
         processed=len(todo),

@@ -362,6 +362,34 @@ def plan_alignment(
     return AlignmentPlan(shrink, (rw, rh), crop, padded, quad, float(qsize))
 
 
+#: Above this many pixels the pad branch blurs with an FFT convolution instead of scipy's direct one.
+_FFT_BLUR_PIXELS = 600 * 600
+
+
+def _gaussian_blur(a: np.ndarray, sigma: float) -> np.ndarray:
+    """`scipy.ndimage.gaussian_filter(a, [sigma, sigma, 0])` (mode "reflect", truncate 4) on HxWx3 float32.
+
+    Large images use the same kernel through a float32 FFT convolution of the symmetric-padded image:
+    2-3x faster at the sizes 1024 px outputs of close-up faces reach, and within 2e-4 gray levels of
+    scipy's result (so at most one gray level after rounding, and almost never that).
+    """
+    import scipy.ndimage
+
+    h, w = a.shape[:2]
+    if h * w <= _FFT_BLUR_PIXELS:
+        return scipy.ndimage.gaussian_filter(a, [sigma, sigma, 0])
+    import scipy.signal
+
+    r = int(4.0 * sigma + 0.5)  # scipy's kernel radius for truncate=4.0
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (x / sigma) ** 2)
+    k /= k.sum()
+    # scipy's "reflect" repeats the edge pixel (d c b a | a b c d): numpy's "symmetric".
+    p = np.pad(a, ((r, r), (r, r), (0, 0)), "symmetric")
+    out = scipy.signal.fftconvolve(p, np.outer(k, k).astype(np.float32)[:, :, None], mode="valid", axes=(0, 1))
+    return out.astype(np.float32, copy=False)
+
+
 def extract_aligned(
     image: Image.Image | np.ndarray,
     quad: np.ndarray,
@@ -405,8 +433,6 @@ def extract_aligned(
 
     # Pad where the quad (+ border) leaves the image: reflect, blur towards the edge, fade to median.
     if plan.pad is not None:
-        import scipy.ndimage  # only this branch needs scipy
-
         # int64 like the original's np.maximum(pad, ...): the mask then divides in float64.
         pad = np.asarray(plan.pad, dtype=np.int64)
 
@@ -418,7 +444,7 @@ def extract_aligned(
             1.0 - np.minimum(np.float32(yy) / pad[1], np.float32(h - 1 - yy) / pad[3]),
         )
         blur = qsize * 0.02
-        a += (scipy.ndimage.gaussian_filter(a, [blur, blur, 0]) - a) * np.clip(mask * 3.0 + 1.0, 0.0, 1.0)
+        a += (_gaussian_blur(a, blur) - a) * np.clip(mask * 3.0 + 1.0, 0.0, 1.0)
         a += (np.median(a, axis=(0, 1)) - a) * np.clip(mask, 0.0, 1.0)
         img = Image.fromarray(np.uint8(np.clip(np.rint(a), 0, 255)), "RGB")
         quad += pad[:2]

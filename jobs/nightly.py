@@ -33,9 +33,15 @@ from schemas import manifest as mf
 log = logging.getLogger(__name__)
 
 OUTPUT_SCHEMA_VERSION = 1
-# Statuses worth retrying (the input or the infrastructure may behave next time). A decode error,
-# no face, a too-small or too-large image is a property of the input: retried only when it changes.
-TRANSIENT_STATUSES = frozenset({"read_error", "invert_error", "write_error", "timeout", "error"})
+# A decode error, no face, a too-small or too-large image is a property of the input: retried only
+# when the input changes. Every other failure (read_error, align_error, invert_error, ...) may be
+# the infrastructure's and is retried by --retry-failed.
+PERMANENT_STATUSES = frozenset({"ok", "decode_error", "too_large", "too_small", "no_face"})
+
+
+def is_transient(status: Optional[str]) -> bool:
+    """True for a failed row worth retrying (not ok, not a property of the input)."""
+    return status not in PERMANENT_STATUSES and status != mf.DELETED
 PLAN_FILE = "_plan.parquet"
 
 
@@ -172,7 +178,7 @@ def plan_nightly(
     Each input lands in exactly one bucket: new, changed, model_changed, retry, or unchanged.
     ``model_changed`` (only with `reprocess_on_model_change`) holds rows made by another checkpoint
     or with another output schema version; ``retry`` (only with `retry_failed`) rows whose status
-    is transient (`TRANSIENT_STATUSES`). Inputs in the manifest but not in the listing are
+    is transient (`is_transient`). Inputs in the manifest but not in the listing are
     ``deleted`` (already-tombstoned ones are not repeated).
     """
     plan = NightlyPlan()
@@ -196,7 +202,7 @@ def plan_nightly(
             row["checkpoint_sha256"] != checkpoint_sha256 or row["schema_version"] != schema_version
         ):
             plan.model_changed.append(item.uri)
-        elif retry_failed and row["status"] in TRANSIENT_STATUSES:
+        elif retry_failed and is_transient(row["status"]):
             plan.retry.append(item.uri)
         else:
             plan.unchanged += 1
@@ -373,7 +379,7 @@ def adoptable_rows(
                 continue
             if input_changed(item, made_from["etag"], made_from["size"], made_from["mtime"]):
                 continue
-            if retry_failed and row.get("status") in TRANSIENT_STATUSES:
+            if retry_failed and is_transient(row.get("status")):
                 continue
             row["checkpoint_sha256"] = sha
             adopted[uri] = row
@@ -503,21 +509,24 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--reprocess-on-model-change", action="store_true",
                    help="reprocess rows made by another checkpoint or output schema version")
     p.add_argument("--retry-failed", action="store_true",
-                   help=f"reprocess rows with a transient status ({', '.join(sorted(TRANSIENT_STATUSES))})")
+                   help="reprocess failed rows whose cause may be transient (read_error, "
+                        "align_error, invert_error); never decode_error/no_face/too_small/too_large")
     p.add_argument("--dry-run", action="store_true", help="print the plan, process nothing")
     p.add_argument("--no-resume", action="store_true",
                    help="do not adopt rows written by an earlier crashed run")
     p.add_argument("--run-id", default=None, help="run id (default: UTC time + random suffix)")
-    p.add_argument("--task", default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--gpus", type=float, default=None, help="GPUs for the model actor pool")
-    p.add_argument("--align-actors", type=int, default=None, help="CPU align actor pool size")
-    p.add_argument("--align", default="dlib")
-    p.add_argument("--images", default="png")
-    p.add_argument("--image-size", default="256")
-    p.add_argument("--metrics", action="store_true")
-    p.add_argument("--storage-options", default=None, help="fsspec storage options as JSON")
+    p.add_argument("--task", default=None, help="dataset_type (default: the checkpoint's)")
+    p.add_argument("--align", choices=("dlib", "none"), default=None,
+                   help="dlib FFHQ alignment or none (default: by task)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per invert batch")
+    p.add_argument("--gpus", type=int, default=None, help="at most this many GPU invert actors")
+    p.add_argument("--align-actors", type=int, default=None, help="at most this many align actors")
+    p.add_argument("--images", choices=("png", "jpeg", "none"), default="png")
+    p.add_argument("--image-size", choices=("256", "full"), default="256")
+    p.add_argument("--metrics", action="store_true", help="mse/psnr/ssim of reconstruction vs input")
+    p.add_argument("--storage-options", default=None,
+                   help="JSON passed to fsspec for input, output and checkpoint")
     p.set_defaults(func=main)
     return p
 

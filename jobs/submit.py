@@ -101,12 +101,19 @@ def check_entrypoint(args: Sequence[str]) -> argparse.Namespace:
         raise SubmitError(f"not a valid psp command: {shlex.join(args)}") from exc
 
 
+def command_locations(ns: argparse.Namespace) -> dict[str, list[str]]:
+    """{"input": [...], "output": [...], "checkpoint": [...]} of a parsed invert/nightly command
+    (`psp invert` takes several INPUTs then OUTPUT as one positional list)."""
+    if getattr(ns, "command", None) in ("invert", "frontalize"):
+        *inputs, output = ns.input
+        return {"input": inputs, "output": [output], "checkpoint": [ns.checkpoint]}
+    return {"input": [ns.input], "output": [ns.output], "checkpoint": [ns.checkpoint]}
+
+
 def local_path_warnings(ns: argparse.Namespace) -> list[str]:
     """Warnings for paths a cluster cannot reach: local checkpoints/inputs/outputs."""
     out = []
-    for name in ("checkpoint", "input", "output"):
-        value = getattr(ns, name, None)
-        values = value if isinstance(value, list) else [value]
+    for name, values in command_locations(ns).items():
         for v in values:
             if isinstance(v, str) and "://" not in v:
                 out.append(
@@ -123,7 +130,8 @@ def default_submission_id(args: Sequence[str], now: Optional[_dt.datetime] = Non
         return None
     ns = check_entrypoint(args)
     now = now or _dt.datetime.now(_dt.timezone.utc)
-    digest = hashlib.sha256(str(ns.output).rstrip("/").encode()).hexdigest()[:8]
+    output = command_locations(ns)["output"][0]
+    digest = hashlib.sha256(str(output).rstrip("/").encode()).hexdigest()[:8]
     return f"psp-nightly-{now:%Y%m%d}-{digest}"
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.submit import EXCLUDES, build_runtime_env, check_entrypoint, load_runtime_env
+from jobs.submit import EXCLUDES, build_runtime_env, check_entrypoint, command_locations, load_runtime_env
 
 ROOT = Path(__file__).resolve().parent.parent
 INFRA = ROOT / "infra"
@@ -107,8 +107,9 @@ def _entrypoint_args(entrypoint: str) -> list[str]:
 def test_rayjob_entrypoint_is_a_real_psp_invert_command():
     spec = _kuberay("RayJob")["spec"]
     ns = check_entrypoint(_entrypoint_args(spec["entrypoint"]))
-    assert ns.command == "invert" if hasattr(ns, "command") else True
-    assert ns.checkpoint.startswith("s3://") and ns.input.startswith("s3://")
+    assert ns.command == "invert"
+    locations = command_locations(ns)
+    assert all(v.startswith("s3://") for vs in locations.values() for v in vs)
     assert spec["shutdownAfterJobFinishes"] is True
 
 
@@ -120,7 +121,8 @@ def test_raycronjob_runs_psp_nightly_every_night_with_token_auth():
     argv = _entrypoint_args(job["entrypoint"])
     assert argv[0] == "nightly"
     ns = check_entrypoint(argv)
-    assert ns.checkpoint.startswith("s3://") and ns.output.startswith("s3://")
+    assert ns.command == "nightly"
+    assert all(v.startswith("s3://") for vs in command_locations(ns).values() for v in vs)
     assert job["shutdownAfterJobFinishes"] is True
     assert job["rayClusterSpec"]["authOptions"]["mode"] == "token"
 

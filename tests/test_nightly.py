@@ -196,3 +196,108 @@ def _parquet_bytes(rows):
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(rows), sink)
     return sink.getvalue().to_pybytes()
+
+
+# -- end to end (real Ray, real pipeline) -----------------------------------------------------
+
+def png_bytes(seed: int, size: int = 40) -> bytes:
+    """A small, seeded, distinct RGB PNG (the model does not care what it inverts)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_images(folder, seeds) -> list[str]:
+    """Write `img_<seed>.png` for each seed under a local folder; returns the paths."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for s in seeds:
+        path = os.path.join(str(folder), f"img_{s:04d}.png")
+        with open(path, "wb") as f:
+            f.write(png_bytes(s))
+        paths.append(path)
+    return paths
+
+
+def file_uri(path) -> str:
+    """How the pipeline names a local input (`SourceItem.source_uri`)."""
+    return "file://" + os.path.abspath(str(path))
+
+
+def nightly_config(input_uri, output_uri, checkpoint, **overrides):
+    """A small, fast pipeline config: no alignment (random test images have no face), no image
+    encoding, batches of 2 so a run has several tasks to lose and retry."""
+    from pipelines.config import InvertConfig
+
+    base = dict(
+        input=str(input_uri), output=str(output_uri), checkpoint=checkpoint, align="none",
+        device="cpu", batch_size=2, align_actors=1, images="none", cpu_threads=1,
+    )
+    base.update(overrides)
+    return InvertConfig(**base)
+
+
+def committed_rows(output_uri, storage_options=None):
+    """{source_uri: (image_id, run_id, status)} of what readers see; asserts one row per image."""
+    table = mf.read_committed(output_uri, ["image_id", "source_uri", "run_id", "status"], storage_options)
+    ids = table["image_id"].to_pylist()
+    assert len(ids) == len(set(ids)), "a reader sees an image twice"
+    return {r["source_uri"]: (r["image_id"], r["run_id"], r["status"]) for r in table.to_pylist()}
+
+
+def test_nightly_processes_only_new_and_changed_inputs_and_reprocesses_on_model_change(
+    ray_cluster, tiny_checkpoint, tmp_path
+):
+    import time
+
+    import schemas
+    from jobs.nightly import run_nightly
+    from psp_core.testing import random_checkpoint
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    paths = write_images(inp, range(30))
+    config = nightly_config(inp, out, tiny_checkpoint)
+
+    r1 = run_nightly(config)
+    assert r1.committed and r1.plan.counts()["new"] == 30
+    assert r1.processed == 30 and r1.lost == 0 and r1.live == 30
+    ids1, w1 = schemas.read_latents(str(out))
+    assert len(ids1) == len(set(ids1)) == 30 and w1.shape == (30, 8, 512)
+
+    # add 10, change 2, delete 1
+    write_images(inp, range(100, 110))
+    time.sleep(0.01)
+    for p, seed in ((paths[3], 1003), (paths[4], 1004)):
+        with open(p, "wb") as f:
+            f.write(png_bytes(seed, size=41))
+    os.remove(paths[5])
+    r2 = run_nightly(config)
+    assert r2.plan.counts() == {"new": 10, "changed": 2, "model_changed": 0, "retry": 0,
+                                "deleted": 1, "unchanged": 27, "to_process": 12}
+    assert r2.processed == 12 and r2.lost == 0 and r2.live == 39
+    seen = committed_rows(str(out))
+    assert len(seen) == 39 and file_uri(paths[5]) not in seen
+    assert seen[file_uri(paths[3])][1] == r2.run_id and seen[file_uri(paths[0])][1] == r1.run_id
+    ids2, _ = schemas.read_latents(str(out))
+    assert sorted(ids2) == sorted(v[0] for v in seen.values())
+
+    # nothing changed: nothing to do, nothing committed
+    r3 = run_nightly(config)
+    assert r3.plan.to_process == [] and not r3.committed
+
+    # a new checkpoint: kept rows unless asked, everything reprocessed with the flag
+    ckpt2 = random_checkpoint(str(tmp_path / "psp_v2.pt"), output_size=32, seed=1)
+    r4 = run_nightly(nightly_config(inp, out, str(ckpt2)))
+    assert r4.plan.to_process == []
+    r5 = run_nightly(nightly_config(inp, out, str(ckpt2)), reprocess_on_model_change=True)
+    assert r5.plan.counts()["model_changed"] == 39 and r5.processed == 39 and r5.lost == 0
+    seen = committed_rows(str(out))
+    assert len(seen) == 39 and {v[1] for v in seen.values()} == {r5.run_id}
+    ids5, w5 = schemas.read_latents(str(out))
+    assert len(ids5) == len(set(ids5)) == 39

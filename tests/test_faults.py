@@ -1,0 +1,326 @@
+"""Exactly-once under faults: a nightly run that loses an actor, a node, its driver, or meets S3
+throttling still ends with every input's row exactly once, as readers see it.
+
+Each test breaks a real part -- a Ray actor process, a Ray node of the session cluster, the driver
+process, the HTTP path to the S3 server -- at a point where some rows are already written.
+"""
+from __future__ import annotations
+
+import glob
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from schemas import manifest as mf
+from test_nightly import committed_rows, file_uri, nightly_config, png_bytes, write_images
+
+ROOT = Path(__file__).resolve().parent.parent
+N = 14
+
+
+def _wait_for(predicate, timeout=120.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _run_files(out, run_id):
+    return glob.glob(os.path.join(str(out), "runs", run_id, "*.parquet"))
+
+
+def _check_exactly_once(out, paths, storage_options=None):
+    seen = committed_rows(str(out), storage_options)  # asserts no image twice
+    want = [p if "://" in p else file_uri(p) for p in paths]
+    assert sorted(seen) == sorted(want), "rows lost or extra"
+    import schemas
+
+    ids, w = schemas.read_latents(str(out), storage_options)
+    assert len(ids) == len(set(ids)) == len(paths) and w.shape[0] == len(paths)
+
+
+def _invert_actors():
+    from ray.util.state import list_actors
+
+    return [
+        a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        if "invertfaces" in f"{a.class_name} {a.repr_name}".lower()
+    ]
+
+
+# -- (a) an invert actor dies mid-run -----------------------------------------------------------
+
+def test_a_killed_invert_actor_loses_and_duplicates_nothing(ray_cluster, tiny_checkpoint, tmp_path):
+    from jobs.nightly import run_nightly
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    paths = write_images(inp, range(N))
+    run_id = "fault-a"
+    killed = []
+
+    def killer():
+        # Once rows are on disk and an invert actor is working, kill its process (SIGKILL: no
+        # clean shutdown, as when a machine or the OOM killer takes it).
+        _wait_for(lambda: _run_files(out, run_id), what="first output file")
+        actor = _wait_for(_invert_actors, what="an alive invert actor")[0]
+        os.kill(actor.pid, signal.SIGKILL)
+        killed.append(actor.actor_id)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    result = run_nightly(nightly_config(inp, out, tiny_checkpoint, run_id=run_id))
+    t.join(timeout=5)
+    assert killed, "the run finished before an invert actor could be killed"
+    assert result.committed and result.lost == 0 and result.processed == N
+    _check_exactly_once(out, paths)
+
+
+# -- (b) a worker node disappears mid-run ----------------------------------------------------------
+
+def test_b_removed_worker_node_loses_and_duplicates_nothing(ray_cluster, tiny_checkpoint, tmp_path):
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from jobs.nightly import run_nightly
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    paths = write_images(inp, range(N))
+    run_id = "fault-b"
+
+    # Fill the head so the pipeline's actors and tasks go to the new node, as on a real cluster
+    # whose head runs no work; free it once the node is gone, as a replacement node would.
+    head_id = ray.get_runtime_context().get_node_id()
+
+    @ray.remote(num_cpus=3)
+    class Placeholder:
+        def ping(self):
+            return True
+
+    blocker = Placeholder.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(head_id, soft=False)
+    ).remote()
+    ray.get(blocker.ping.remote())
+    node = ray_cluster.add_node(num_cpus=3)
+    removed = []
+
+    def remover():
+        try:
+            _wait_for(lambda: _run_files(out, run_id), what="first output file")
+            on_node = _wait_for(
+                lambda: [a for a in _invert_actors() if a.node_id == node.node_id],
+                what="an invert actor on the worker node",
+            )
+            ray_cluster.remove_node(node)
+            removed.append(on_node[0].actor_id)
+        finally:
+            ray.kill(blocker)
+
+    t = threading.Thread(target=remover, daemon=True)
+    t.start()
+    try:
+        result = run_nightly(nightly_config(inp, out, tiny_checkpoint, run_id=run_id))
+    finally:
+        t.join(timeout=30)
+        if not removed and node in ray_cluster.worker_nodes:
+            ray_cluster.remove_node(node)
+    assert removed, "the run finished before the worker node could be removed"
+    assert result.committed and result.lost == 0 and result.processed == N
+    _check_exactly_once(out, paths)
+
+
+# -- (c) the driver is killed mid-run -----------------------------------------------------------
+
+def test_c_killed_driver_commits_nothing_and_the_rerun_completes_exactly_once(
+    ray_cluster, tiny_checkpoint, tmp_path
+):
+    from jobs.nightly import run_nightly
+
+    inp, out = tmp_path / "in", tmp_path / "out"
+    paths = write_images(inp, range(N))
+    run_id = "fault-c"
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.address, "PYTHONPATH": str(ROOT)}
+    argv = [
+        sys.executable, "-m", "jobs.cli", "nightly", str(inp), str(out), "--checkpoint",
+        tiny_checkpoint, "--run-id", run_id, "--align", "none", "--device", "cpu",
+        "--batch-size", "2", "--align-actors", "1", "--images", "none",
+    ]
+    driver = subprocess.Popen(argv, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: _run_files(out, run_id) or driver.poll() is not None, timeout=180,
+                  what="the driver's first output file")
+        assert driver.poll() is None, "driver exited early:\n" + driver.stdout.read().decode()[-3000:]
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.kill()
+        driver.wait()
+
+    # The crashed run is invisible: nothing committed, readers see no rows from it.
+    assert mf.read_pointer(str(out)) is None
+    assert mf.read_committed(str(out)) is None
+
+    rerun = run_nightly(nightly_config(inp, out, tiny_checkpoint))
+    assert rerun.committed and rerun.lost == 0
+    assert rerun.plan.counts()["new"] == N
+    assert rerun.adopted + rerun.processed == N and rerun.adopted > 0  # finished rows not redone
+    _check_exactly_once(out, paths)
+
+
+# -- (d) S3 throttling and 5xx between the pipeline and the server ------------------------------
+
+class FaultyS3Proxy:
+    """An HTTP proxy in front of the S3 server that answers some requests with 503 SlowDown.
+
+    `should_fail(method, path, n)` decides per request (`n` counts requests from 1).
+    """
+
+    BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+            b"<Message>Please reduce your request rate.</Message></Error>")
+
+    def __init__(self, upstream: str, should_fail):
+        host, port = upstream.split("://", 1)[1].split(":")
+        proxy = self
+        self.count = 0
+        self.failed = 0
+        self._lock = threading.Lock()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0], 16)
+                        if size == 0:
+                            self.rfile.readline()
+                            return b"".join(chunks)
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self):
+                body = self._body()
+                with proxy._lock:
+                    proxy.count += 1
+                    fail = should_fail(self.command, self.path, proxy.count)
+                    proxy.failed += bool(fail)
+                if fail:
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(proxy.BODY)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(proxy.BODY)
+                    return
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("transfer-encoding", "connection")}
+                headers["Content-Length"] = str(len(body))
+                conn = http.client.HTTPConnection(host, int(port), timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                finally:
+                    conn.close()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.endpoint_url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _storage_options(endpoint_url, **extra):
+    return {
+        "key": "testing", "secret": "testing", "skip_instance_cache": True,
+        "client_kwargs": {"endpoint_url": endpoint_url, "region_name": "us-east-1"}, **extra,
+    }
+
+
+def _s3_inputs(s3_server, n):
+    bucket = s3_server.make_bucket("faults")
+    client = s3_server.client()
+    uris = []
+    for i in range(n):
+        client.put_object(Bucket=bucket, Key=f"in/img_{i:04d}.png", Body=png_bytes(i))
+        uris.append(f"s3://{bucket}/in/img_{i:04d}.png")
+    return bucket, uris
+
+
+def test_d_s3_throttling_is_retried_and_nothing_is_lost(ray_cluster, s3_server, tiny_checkpoint):
+    from jobs.nightly import run_nightly
+
+    bucket, uris = _s3_inputs(s3_server, N)
+    out = f"s3://{bucket}/out"
+    every = 4  # every 4th request to S3 answers 503 SlowDown
+    with FaultyS3Proxy(s3_server.endpoint_url, lambda m, p, n: n % every == 0) as proxy:
+        so = _storage_options(proxy.endpoint_url)
+        result = run_nightly(nightly_config(f"s3://{bucket}/in", out, tiny_checkpoint,
+                                            storage_options=so))
+        assert proxy.failed > 10  # the faults really were on the path
+    assert result.committed and result.lost == 0 and result.processed == N
+    _check_exactly_once(out, uris, s3_server.storage_options)
+
+
+def test_d_s3_errors_past_the_retries_fail_clearly_and_commit_nothing(
+    ray_cluster, s3_server, tiny_checkpoint
+):
+    from jobs.nightly import NightlyError, run_nightly
+
+    bucket, uris = _s3_inputs(s3_server, 6)
+    out = f"s3://{bucket}/out"
+
+    def data_writes(method, path, n):  # S3 keeps refusing the pipeline's Parquet writes
+        return method in ("PUT", "POST") and "/runs/" in path and "_plan" not in path \
+            and "probe" not in path
+
+    # Few botocore retries so the test spends seconds, not minutes, exhausting them.
+    with FaultyS3Proxy(s3_server.endpoint_url, data_writes) as proxy:
+        so = _storage_options(proxy.endpoint_url,
+                              config_kwargs={"retries": {"max_attempts": 2, "mode": "standard"}})
+        with pytest.raises(NightlyError) as err:
+            run_nightly(nightly_config(f"s3://{bucket}/in", out, tiny_checkpoint,
+                                       storage_options=so, run_id="fault-d"))
+        assert proxy.failed >= 2
+    message = str(err.value)
+    assert "fault-d" in message and "Nothing was committed" in message and "rerun" in message
+    assert "reduce your request rate" in message or "SlowDown" in message or "503" in message
+    assert mf.read_pointer(out, s3_server.storage_options) is None
+
+    # Once S3 behaves, the same command completes: every row once.
+    result = run_nightly(nightly_config(f"s3://{bucket}/in", out, tiny_checkpoint,
+                                        storage_options=s3_server.storage_options))
+    assert result.committed and result.lost == 0
+    _check_exactly_once(out, uris, s3_server.storage_options)

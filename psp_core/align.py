@@ -526,9 +526,8 @@ class FaceAligner:
         min_side: int = MIN_SIDE,
         detect_size: int | None = None,
         enable_padding: bool = True,
+        _models: tuple | None = None,
     ):
-        import dlib
-
         if select not in ("best", "largest", "last", "all"):
             raise ValueError(f"FaceAligner: select={select!r}; use 'best', 'largest', 'last' or 'all'")
         transform_size = transform_size or output_size
@@ -547,11 +546,39 @@ class FaceAligner:
         self.min_side = min_side
         self.detect_size = detect_size
         self.enable_padding = enable_padding
-        self._dlib = dlib
-        self.detector = dlib.get_frontal_face_detector()
-        self.predictor = dlib.shape_predictor(dlib_model_path("shape_predictor_68_face_landmarks.dat"))
+        if _models is None:
+            import dlib
+
+            _models = (
+                dlib,
+                dlib.get_frontal_face_detector(),
+                dlib.shape_predictor(dlib_model_path("shape_predictor_68_face_landmarks.dat")),
+            )
+        self._dlib, self.detector, self.predictor = _models
 
     # -- public ------------------------------------------------------------------------------
+
+    def replace(self, **changes) -> "FaceAligner":
+        """A FaceAligner with some options changed that shares this one's loaded models (no reload).
+
+        e.g. `aligner.replace(select="last", output_size=1024)`.
+        """
+        opts = dict(
+            output_size=self.output_size,
+            transform_size=None if self.transform_size == self.output_size else self.transform_size,
+            detector_upsample=self.detector_upsample,
+            select=self.select,
+            max_pixels=self.max_pixels,
+            min_side=self.min_side,
+            detect_size=self.detect_size,
+            enable_padding=self.enable_padding,
+        )
+        unknown = set(changes) - set(opts)
+        if unknown:
+            raise TypeError(f"FaceAligner.replace: unknown option(s) {sorted(unknown)}")
+        opts.update(changes)
+        return FaceAligner(**opts, _models=(self._dlib, self.detector, self.predictor))
+
 
     def __call__(self, image: ImageInput, *, name: str | None = None) -> AlignResult | list[AlignResult]:
         """Align the face(s) in `image` (encoded bytes, path, PIL image, or HxW[xC] uint8 array).

@@ -115,7 +115,10 @@ def identity_distance(
     descriptor: the FaceDescriptor to use (default: one shared instance, loaded on first use).
     aligned: both images are FFHQ-aligned crops (no detection; see FaceDescriptor).
     Returns NaN when no face is found in either image, so a metrics column stays numeric.
+    The descriptor may also come first: identity_distance(descriptor, a, b).
     """
+    if isinstance(a, FaceDescriptor):  # the (descriptor, a, b) calling form
+        a, b, descriptor = b, descriptor, a
     va, vb = _descriptor_of(a, descriptor, aligned), _descriptor_of(b, descriptor, aligned)
     if va is None or vb is None:
         return math.nan

@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default=None, help="output folder (default: a temporary folder)")
     demo.add_argument("--inputs", default=None, help="where to write the sample inputs (default: temporary)")
     demo.add_argument("--checkpoint", default=None, help="use this checkpoint instead of the random demo one")
+    demo.add_argument("--faces", type=int, default=20, help="how many astronaut-derived faces to generate (1-24)")
     ins = sub.add_parser("inspect", help="counts per status, schema, a few rows of an output folder")
     ins.add_argument("output", metavar="OUTPUT")
     ins.add_argument("--rows", type=int, default=3)
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from jobs.demo import run_demo
 
-            return run_demo(output=args.output, inputs=args.inputs, checkpoint=args.checkpoint)
+            return run_demo(output=args.output, inputs=args.inputs, n_good=args.faces, checkpoint=args.checkpoint)
         if args.command == "inspect":
             from jobs.inspect import inspect_output
 

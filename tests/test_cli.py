@@ -1,0 +1,71 @@
+"""The `psp` command line: misconfiguration fails fast with what to do; demo and inspect work."""
+from __future__ import annotations
+
+import pytest
+
+from jobs.cli import main
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    from jobs.demo import make_sample_inputs
+
+    folder = tmp_path_factory.mktemp("inputs")
+    make_sample_inputs(folder, n_good=1)
+    return str(folder)
+
+
+def _fails(capsys, argv: list[str], *needles: str) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_missing_checkpoint_says_what_to_pass(capsys, inputs, tmp_path):
+    _fails(capsys, ["invert", inputs, str(tmp_path / "out"), "--checkpoint", str(tmp_path / "nope.pt")],
+           "nope.pt", "does not exist", "--checkpoint")
+
+
+def test_task_checkpoint_mismatch(capsys, inputs, tmp_path, tiny_checkpoint):
+    _fails(capsys, ["invert", inputs, str(tmp_path / "out"), "--checkpoint", tiny_checkpoint,
+                    "--task", "celebs_seg_to_face"], "celebs_seg_to_face", "input_nc=3", "drop --task")
+
+
+def test_super_resolution_needs_a_factor(capsys, inputs, tmp_path, tiny_checkpoint):
+    _fails(capsys, ["invert", inputs, str(tmp_path / "out"), "--checkpoint", tiny_checkpoint,
+                    "--task", "celebs_super_resolution"], "--resize-factor")
+
+
+def test_latent_mask_outside_the_model(capsys, inputs, tmp_path, tiny_checkpoint):
+    # The tiny checkpoint (32 px) has 8 styles: the README's 8-17 does not exist there.
+    _fails(capsys, ["invert", inputs, str(tmp_path / "out"), "--checkpoint", tiny_checkpoint,
+                    "--mix", "2", "--latent-mask", "8-17"], "outside 0-7")
+
+
+def test_unwritable_output_and_missing_input(capsys, inputs, tmp_path, tiny_checkpoint):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _fails(capsys, ["invert", inputs, str(blocker), "--checkpoint", tiny_checkpoint], "is a file")
+    _fails(capsys, ["invert", str(tmp_path / "missing"), str(tmp_path / "out"), "--checkpoint", tiny_checkpoint],
+           "missing", "does not exist")
+
+
+def test_bad_storage_options_json_is_a_usage_error(inputs, tmp_path, tiny_checkpoint):
+    with pytest.raises(SystemExit) as e:
+        main(["invert", inputs, str(tmp_path / "o"), "--checkpoint", tiny_checkpoint, "--storage-options", "{nope"])
+    assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_demo_then_inspect(ray_cluster, capsys, tmp_path):
+    """`psp demo` end to end (few faces to keep it quick), then `psp inspect` on its output."""
+    out = tmp_path / "demo-out"
+    assert main(["demo", "--output", str(out), "--inputs", str(tmp_path / "in"), "--faces", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "RANDOM weights" in text and "--checkpoint /path/to/psp_ffhq_encode.pt" in text
+    assert "ok=2" in text and "decode_error=3" in text and "no_face=1" in text
+    assert main(["inspect", str(out)]) == 0
+    report = capsys.readouterr().out
+    assert "status counts" in report and "no_face" in report

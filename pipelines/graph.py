@@ -156,22 +156,24 @@ class StageClock:
 def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resources: Mapping[str, Any], clock=None):
     """The Ray Data graph for `items` (not executed): read -> decode+align -> invert.
 
-    Align and invert are separate actor pools (different `compute`/resources, so Ray cannot fuse
-    them); the read stage is a task that Ray fuses into the align operator.
+    Read is a task operator (fractional CPU, I/O bound); align and invert are separate actor
+    pools (different compute and resources, so Ray does not fuse them): dlib never competes
+    with the model inside one process, and each pool scales on its own.
     """
     import ray
     from ray.data import ActorPoolStrategy
 
     from pipelines.align import AlignFaces
-    from pipelines.invert import InvertFaces
+    from pipelines.invert import DEFAULT_CPU_BATCH, DEFAULT_GPU_BATCH, InvertFaces
     from pipelines.sources import read_batch
     from psp_core.tasks import get_task
 
     config = resolved.config
     on_gpu = resources["device"] == "cuda"
-    batch_size = config.batch_size or (32 if on_gpu else 8)
+    batch_size = config.batch_size or (DEFAULT_GPU_BATCH if on_gpu else DEFAULT_CPU_BATCH)
     rows = [item.to_row() for item in items]
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // 8 or 1, 2000)))
+    # Small blocks so alignment and inversion overlap from the start; capped for huge listings.
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / ALIGN_BATCH), 1000)))
     ds = ds.map_batches(
         read_batch,
         fn_kwargs={"storage_options": config.storage_options, "stage_clock": clock},

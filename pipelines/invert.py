@@ -179,7 +179,7 @@ class InvertFaces:
                 from psp_core.identity import FaceDescriptor
 
                 self._identity = FaceDescriptor()
-            value = identity_distance(self._identity, a, b)
+            value = identity_distance(a, b, self._identity, aligned=True)  # both are aligned crops
         except Exception as e:  # identity is optional: record why once, keep going
             self._identity_error = f"{type(e).__name__}: {e}"
             return None

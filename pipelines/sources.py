@@ -39,6 +39,8 @@ class SourceItem:
     has none); mtime in seconds since the epoch. kind: 'file', 'tar_member' or 'parquet_row'.
     url: the original URL for img2dataset Parquet rows (then it is the row's `source_uri`).
     column: Parquet rows: the column holding the image bytes.
+    offset: tar members: byte offset of the member's data in the shard, so the read stage fetches
+    it with one range request instead of scanning the shard (None: scan).
     """
 
     uri: str
@@ -48,6 +50,7 @@ class SourceItem:
     kind: str = KIND_FILE
     url: str | None = None
     column: str | None = None
+    offset: int | None = None
 
     @property
     def source_uri(self) -> str:
@@ -57,7 +60,14 @@ class SourceItem:
     def to_row(self) -> dict[str, str]:
         """The read stage's input row, for `ray.data.from_items` (strings only: columns that are
         all None in one block would get another Arrow type than in the next)."""
-        return {"uri": self.uri, "kind": self.kind, "column": self.column or "", "source_uri": self.source_uri}
+        return {
+            "uri": self.uri,
+            "kind": self.kind,
+            "column": self.column or "",
+            "source_uri": self.source_uri,
+            "offset": -1 if self.offset is None else int(self.offset),
+            "size": -1 if self.size is None else int(self.size),
+        }
 
 
 class InputError(ValueError):
@@ -117,6 +127,7 @@ def _tar_items(fs, path: str, uri: str, info: Mapping[str, Any]) -> list[SourceI
                         etag=_etag(info),
                         mtime=float(member.mtime) if member.mtime else _mtime(info),
                         kind=KIND_TAR,
+                        offset=member.offset_data,
                     )
                 )
     return items
@@ -282,7 +293,7 @@ def _read_container(container: str, kind: str, members: list[str], column: str |
         starts = np.cumsum([0] + [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)])
         groups = sorted({int(np.searchsorted(starts, r, side="right") - 1) for r in rows})
         for g in groups:
-            values = pf.read_row_group(g, columns=[column]).column(0).to_pylist()
+            values = _row_group(pf, container, g, column)
             for r in rows:
                 if starts[g] <= r < starts[g + 1]:
                     v = values[r - starts[g]]
@@ -292,6 +303,19 @@ def _read_container(container: str, kind: str, members: list[str], column: str |
     for m in members:
         out.setdefault(m, IndexError(f"row {m} is not in {container!r}"))
     return out
+
+
+_ROW_GROUP_CACHE: dict[tuple[str, int, str], list] = {}
+
+
+def _row_group(pf, container: str, group: int, column: str) -> list:
+    """One row group's image column, cached (one entry per worker process): consecutive read
+    batches usually come from the same row group, which would otherwise be read once per batch."""
+    key = (container, group, column)
+    if key not in _ROW_GROUP_CACHE:
+        _ROW_GROUP_CACHE.clear()
+        _ROW_GROUP_CACHE[key] = pf.read_row_group(group, columns=[column]).column(0).to_pylist()
+    return _ROW_GROUP_CACHE[key]
 
 
 def _describe(e: BaseException) -> str:
@@ -317,9 +341,20 @@ def read_batch(
     columns = [str(c) or None for c in batch["column"]] if "column" in batch else [None] * len(uris)
     results: list[Any] = [None] * len(uris)
 
+    offsets = [int(v) for v in batch["offset"]] if "offset" in batch else [-1] * len(uris)
+    sizes = [int(v) for v in batch["size"]] if "size" in batch else [-1] * len(uris)
     groups: dict[tuple[str, str, Any], list[int]] = {}
     for i, (uri, kind) in enumerate(zip(uris, kinds)):
-        if kind == KIND_FILE:
+        if kind == KIND_TAR and offsets[i] >= 0 and sizes[i] >= 0:
+            try:  # one range request, no scan of the shard
+                container, _ = _split(uri, kind)
+                fs, path = _filesystem(container, storage_options)
+                results[i] = fs.cat_file(path, start=offsets[i], end=offsets[i] + sizes[i])
+                if len(results[i]) != sizes[i]:
+                    raise EOFError(f"shard ended after {len(results[i])} of {sizes[i]} member bytes")
+            except Exception as e:
+                results[i] = e
+        elif kind == KIND_FILE:
             try:
                 fs, path = _filesystem(uri, storage_options)
                 with fs.open(path, "rb") as f:

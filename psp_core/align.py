@@ -12,8 +12,9 @@ failure modes fixed:
 - Pillow >= 10 (`ANTIALIAS` is `LANCZOS`).
 
 Given the same landmarks the crop equals the original's (the same float64 geometry, Pillow resize,
-crop, reflect-pad + blur + median blend and QUAD transform; the shrink step resizes only the region
-it keeps, which can move a pixel by at most one gray level).
+crop, reflect-pad + blur + median blend and QUAD transform). Two shortcuts keep it within one gray
+level per pixel (measured: identical on the test photos, or a handful of pixels off by one): the
+shrink resamples only the region the crop keeps, and large pad branches blur by FFT convolution.
 
 The 68-point predictor and the HOG detector are loaded once per `FaceAligner`. The model files come
 from the `face-recognition-models` wheel, located without importing it (its `__init__` imports
@@ -468,7 +469,8 @@ def extract_aligned(
 class AlignResult:
     """One aligned face (or why there is none).
 
-    status: "ok" | "no_face" | "decode_error" | "too_large" | "too_small"; error: message or None.
+    status: "ok" | "no_face" | "decode_error" | "too_large" | "too_small" (| "read_error" for a path
+    that cannot be read); error: message or None.
     image: PIL RGB output_size x output_size (None unless ok). landmarks: float32 [68,2] (x, y) in
     source pixels of the upright RGB image. quad: float32 [4,2] crop corners in source pixels
     (top-left, bottom-left, bottom-right, top-right). score: HOG detector score of the chosen face.
@@ -502,17 +504,22 @@ class FaceAligner:
     about 40 px). select: which detection to align: "best" (highest score), "largest" (largest box),
     "last" (the original's choice: dlib lists detections by descending score and the original keeps
     the last one), "all" (a list of results, best first; a one-element list on failure).
-    max_pixels / min_side: decode guards (statuses "too_large" / "too_small").
+    max_pixels / min_side: decode guards (statuses "too_large" / "too_small"). enable_padding:
+    the original's reflect-pad branch (True, as the original). `replace(**changes)` derives an
+    aligner with other options that shares the loaded models.
 
-    detect_size (opt-in fast mode, default None = exact): when the image's longest side exceeds it,
-    the detector scans a bilinear copy downscaled to that longest side (with `detector_upsample`) and
-    the box is mapped back; landmarks are still predicted on the full-resolution image. It finds the
-    faces the original would find on a photo of that size (with upsample 1 and detect_size=640:
-    faces taller than about 40/640 = 6% of the longest side) at a cost that no longer grows with
-    the resolution. Images no larger than detect_size are processed exactly as in the default mode.
-    The mapped box differs slightly from a full-resolution detection, so landmarks move: measured by
-    bench/align.py on 1024-2048 px photos, about 0.5-1.5 % of the inter-ocular distance on average
-    (see the bench output for the run's numbers).
+    detect_size (opt-in fast mode, default None = exact): a bound on the longest side the HOG scan
+    sees. The original scans the full image upsampled 2**detector_upsample times, so its cost grows
+    with the resolution (a 2048 px photo: a 4096 px scan). With detect_size set and that scan
+    larger, the detector runs (with the same upsampling) on a bilinear copy scaled so the scan's
+    longest side is detect_size; the box is mapped back and the 68 landmarks are predicted on the
+    full-resolution image. It finds faces taller than about 80/detect_size of the image's longest
+    side (detect_size=1024: 8 %; 640: 12.5 %), where the original finds faces down to about
+    40 px. Images whose scan already fits are processed exactly as in the default mode. The mapped
+    box differs a little from a full-resolution detection, so landmarks move: on the astronaut
+    photos of bench/align.py about 0.5-1.5 % of the inter-ocular distance on average (a few px on
+    a 1000 px face) and the 256 px crop by 1-3 gray levels on average; the bench prints the
+    numbers of its run.
     """
 
     def __init__(
@@ -584,12 +591,16 @@ class FaceAligner:
         """Align the face(s) in `image` (encoded bytes, path, PIL image, or HxW[xC] uint8 array).
 
         Returns an AlignResult, or a list of them with select="all". Never raises for bad input:
-        decode failures, size guards and missing faces come back as statuses.
+        decode failures, size guards and missing faces come back as statuses (and an unreadable
+        path as "read_error", the schema's status for it).
         """
         try:
             pil, arr = self._prepare(image, name)
         except ImageDecodeError as e:
             return self._wrap([AlignResult(status=e.status, error=e.message)])
+        except OSError as e:  # a path that cannot be read (the pipeline reads bytes itself)
+            msg = f"{_label(image, name)}: cannot read: {e.strerror or e}"
+            return self._wrap([AlignResult(status="read_error", error=msg)])
         size = (arr.shape[1], arr.shape[0])
         dets = self.detect(arr, pil)
         if not dets:
@@ -606,8 +617,9 @@ class FaceAligner:
         """HOG detections on an HxWx3 uint8 RGB array: [((left, top, right, bottom), score)], in dlib's
         order (descending score, the order `detector(img, upsample)` returns)."""
         h, w = arr.shape[:2]
-        if self.detect_size is not None and max(h, w) > self.detect_size:
-            s = self.detect_size / max(h, w)
+        scan = max(h, w) * 2**self.detector_upsample  # longest side the HOG scan would see
+        if self.detect_size is not None and scan > self.detect_size:
+            s = self.detect_size / scan
             small_size = (max(1, int(round(w * s))), max(1, int(round(h * s))))
             src = pil if pil is not None else Image.fromarray(arr, "RGB")
             small = np.asarray(src.resize(small_size, Image.Resampling.BILINEAR, reducing_gap=2.0))

@@ -198,6 +198,9 @@ def test_decode_errors_are_readable_statuses(aligner, astronaut):
         load_image(truncated)
     assert e.value.status == "decode_error"
 
+    r = aligner("/nonexistent/photo.jpg")
+    assert r.status == "read_error" and "/nonexistent/photo.jpg" in r.error
+
 
 def test_size_guards_run_before_decoding(aligner, astronaut):
     png = _png_bytes(astronaut)
@@ -293,16 +296,17 @@ def test_exif_orientation_is_applied_before_detection(aligner, astronaut, orient
 # -- fast mode ---------------------------------------------------------------------------------
 
 
-def test_fast_mode_finds_the_same_face_and_is_exact_on_small_images(aligner, astronaut, photos):
-    fast = aligner.replace(detect_size=512)
-    exact_small, fast_small = aligner(astronaut), fast(astronaut)
-    np.testing.assert_array_equal(fast_small.landmarks, exact_small.landmarks)  # 512 <= detect_size
+def test_fast_mode_finds_the_same_face_and_is_exact_when_the_scan_fits(aligner, astronaut):
+    # 512 px upsampled once is a 1024 px scan: it fits detect_size=1024, so nothing changes
+    fits = aligner.replace(detect_size=1024)(astronaut)
+    np.testing.assert_array_equal(fits.landmarks, aligner(astronaut).landmarks)
 
     big = astronaut.resize((1024, 1024), Image.Resampling.LANCZOS)
-    exact, quick = aligner(big), fast(big)
+    exact, quick = aligner(big), aligner.replace(detect_size=512)(big)
     assert exact.status == quick.status == "ok"
-    # the box comes from a 2x smaller copy: landmarks move a little (documented), the face is the same
+    # the box comes from a 4x smaller scan: landmarks move a little (documented), the face is the same
     assert np.abs(quick.landmarks - exact.landmarks).mean() < 0.05 * _iod(exact.landmarks)
+    assert quick.image.size == (256, 256)
 
 
 def test_invalid_options_are_rejected(aligner):

@@ -357,6 +357,9 @@ def adoptable_rows(
             for p in fs.ls(mf._join(root, mf.MANIFEST_DIR), detail=False)
             if p.rsplit("/", 1)[-1].startswith("manifest-")
         }
+    except FileNotFoundError:  # nothing committed yet
+        pass
+    try:
         run_dirs = sorted(fs.ls(mf._join(root, mf.RUNS_DIR), detail=False))
     except FileNotFoundError:
         return {}

@@ -51,6 +51,8 @@ def _check_exactly_once(out, paths, storage_options=None):
     assert sorted(seen) == sorted(want), "rows lost or extra"
     import schemas
 
+    statuses = {uri: status for uri, (_, _, status) in seen.items()}
+    assert set(statuses.values()) == {"ok"}, f"rows that failed: {statuses}"
     ids, w = schemas.read_latents(str(out), storage_options)
     assert len(ids) == len(set(ids)) == len(paths) and w.shape[0] == len(paths)
 
@@ -251,7 +253,9 @@ class FaultyS3Proxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in ("transfer-encoding", "connection", "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # HEAD: the object's size, as the server said; otherwise the body we relay.
+                length = resp.getheader("Content-Length") if self.command == "HEAD" else len(data)
+                self.send_header("Content-Length", str(length or 0))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

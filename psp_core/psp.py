@@ -115,8 +115,8 @@ class PSP(nn.Module):
 
         Deviation from the original, outputs unchanged: the mask is applied to a copy (the
         original writes into ``codes`` in place, which with ``input_code=True`` is the caller's
-        tensor), and a W code ``[B, 512]`` is expanded to W+ before masking so that indices
-        name styles.
+        tensor), and a W encoder's code ``[B, 512]`` is expanded to W+ before masking so that
+        indices name styles (the original would index its features).
         """
         if input_code:
             codes = x
@@ -124,7 +124,7 @@ class PSP(nn.Module):
             codes = self._encode_raw(x)
         if latent_mask is not None:
             mask = self._check_latent_mask(latent_mask)
-            if codes.ndim == 2:
+            if codes.ndim == 2 and not input_code:
                 codes = codes.unsqueeze(1).repeat(1, self.n_styles, 1)
             codes = codes.clone()
             for i in mask:
@@ -362,36 +362,34 @@ def _split_prefix(state: Mapping[str, torch.Tensor], name: str) -> dict[str, tor
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _load_strict(module: nn.Module, state: Mapping[str, torch.Tensor], what: str, uri: str, hint: str = "") -> None:
-    """Load ``state`` into ``module`` (built on the meta device) by assignment, after checking that
-    keys and shapes match exactly; the error lists every difference.
-    """
+def _state_problems(module: nn.Module, state: Mapping[str, torch.Tensor], prefix: str = "") -> list[str]:
+    """Differences between ``state`` and ``module.state_dict()``: missing/unexpected keys, shapes."""
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
+    missing = [prefix + k for k in expected if k not in state]
+    unexpected = [prefix + k for k in state if k not in expected]
     mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        f"{prefix}{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
         for k in expected
         if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
     ]
-    if missing or unexpected or mismatched:
 
-        def show(items: list[str]) -> str:
-            head = ", ".join(items[:12])
-            return head + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
+    def show(items: list[str]) -> str:
+        return ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
 
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {show(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {show(unexpected)}")
-        if mismatched:
-            parts.append(f"shape mismatches: {show(mismatched)}")
-        raise CheckpointError(f"checkpoint {uri!r}: {what} does not match the architecture; " + "; ".join(parts) + hint)
-    converted = {}
-    for k, v in state.items():
-        ref = expected[k]
-        converted[k] = v.to(ref.dtype) if v.dtype != ref.dtype else v
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {show(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {show(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatches: {show(mismatched)}")
+    return problems
+
+
+def _assign_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a checked ``state`` into ``module`` (built on the meta device) by assignment."""
+    expected = module.state_dict()
+    converted = {k: (v.to(expected[k].dtype) if v.dtype != expected[k].dtype else v) for k, v in state.items()}
     module.load_state_dict(converted, strict=True, assign=True)
 
 
@@ -456,8 +454,14 @@ def load_psp(
         f" (opts: encoder_type={opts['encoder_type']}, input_nc={opts['input_nc']}, "
         f"output_size={opts['output_size']}{' [legacy default]' if 'output_size' not in ckpt['opts'] else ''})"
     )
-    _load_strict(net.encoder, _split_prefix(state, "encoder"), "the encoder", uri, hint)
-    _load_strict(net.decoder, _split_prefix(state, "decoder"), "the decoder", uri, hint)
+    halves = {name: _split_prefix(state, name) for name in ("encoder", "decoder")}
+    problems = [p for name, part in halves.items() for p in _state_problems(getattr(net, name), part, name + ".")]
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {uri!r} does not match the architecture its opts describe{hint}: " + "; ".join(problems)
+        )
+    for name, part in halves.items():
+        _assign_state(getattr(net, name), part)
     net.latent_avg = latent_avg
     net.checkpoint_sha256 = sha
     net.checkpoint_path = uri
@@ -511,7 +515,10 @@ def load_stylegan2(
         raise CheckpointError(f"checkpoint {uri!r}: 'g_ema' is not a rosinality StyleGAN2 generator ({e!r} missing)") from None
     with torch.device("meta"):
         gen = Generator(size, style_dim, n_mlp, channel_multiplier=channel_multiplier)
-    _load_strict(gen, state, "'g_ema'", uri)
+    problems = _state_problems(gen, state)
+    if problems:
+        raise CheckpointError(f"checkpoint {uri!r}: 'g_ema' does not match a StyleGAN2 generator of size {size}: " + "; ".join(problems))
+    _assign_state(gen, state)
     latent_avg = ckpt.get("latent_avg")
     gen.latent_avg = latent_avg.detach().float().clone() if isinstance(latent_avg, torch.Tensor) else None
     gen.checkpoint_sha256 = sha

@@ -1,0 +1,355 @@
+"""pSp model and checkpoint loading: official format, forward semantics, mixing, clear errors.
+
+Architecture checks at 1024 use checkpoints written on the meta device (shapes only, instant);
+numerical checks use one seeded 32 px checkpoint (the IR-SE50 encoder is full size at any output
+size, so encoder calls are kept few).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+
+import fsspec
+import pytest
+import torch
+
+from psp_core.psp import PSP, CheckpointError, load_psp, load_stylegan2
+from psp_core.testing import psp_opts, random_checkpoint, random_stylegan2_checkpoint, randomize_
+
+ENCODERS = ["GradualStyleEncoder", "BackboneEncoderUsingLastLayerIntoW", "BackboneEncoderUsingLastLayerIntoWPlus"]
+# Hand count from the spec (§1.4): 792 entries for the 1024 GradualStyleEncoder, of which
+# 232 are the 18 map2style heads (3x10 + 4x12 + 11x14) and 4 the lateral 1x1 convs.
+EXPECTED_ENTRIES_1024 = {
+    "GradualStyleEncoder": 792,
+    "BackboneEncoderUsingLastLayerIntoW": 792 - 236 + 2,  # + linear
+    "BackboneEncoderUsingLastLayerIntoWPlus": 792 - 236 + 5 + 2 + 2,  # + BN, Linear, EqualLinear
+}
+
+
+def _meta_model(tmp_path, **kw) -> PSP:
+    path = random_checkpoint(tmp_path / "meta.pt", device="meta", **kw)
+    return load_psp(path, device="meta")
+
+
+# -- official format / architecture -----------------------------------------------------------
+
+
+def test_released_1024_layout_legacy_opts(tmp_path):
+    net = _meta_model(tmp_path, output_size=1024, legacy_opts=True)
+    assert net.output_size == 1024 and net.n_styles == 18 and net.opts["learn_in_w"] is False
+    assert "device" not in net.opts  # the stored 'cuda:0' is ignored
+    sd = net.state_dict()
+    assert len(sd) == 792
+    n_params = sum(p.numel() for p in net.parameters())
+    assert round(n_params / 1e6, 1) == 297.5
+    assert sum(k.endswith("num_batches_tracked") for k in sd) == 52
+    assert tuple(sd["decoder.noises.noise_16"].shape) == (1, 1, 1024, 1024)
+    assert tuple(sd["decoder.noises.noise_0"].shape) == (1, 1, 4, 4)
+    assert tuple(sd["encoder.body.21.shortcut_layer.0.weight"].shape) == (512, 256, 1, 1)
+    assert tuple(sd["encoder.styles.17.convs.10.weight"].shape) == (512, 512, 3, 3)
+    assert tuple(sd["decoder.convs.14.conv.blur.kernel"].shape) == (4, 4)
+    assert tuple(sd["decoder.to_rgbs.7.upsample.kernel"].shape) == (4, 4)
+    assert tuple(net.latent_avg.shape) == (18, 512)
+    assert all(k.split(".")[0] in ("encoder", "decoder") for k in sd)
+
+
+@pytest.mark.parametrize("encoder_type", ENCODERS)
+@pytest.mark.parametrize("input_nc", [1, 3, 19])
+def test_1024_checkpoints_load_for_every_encoder_and_input_nc(tmp_path, encoder_type, input_nc):
+    net = _meta_model(tmp_path, output_size=1024, encoder_type=encoder_type, input_nc=input_nc)
+    sd = net.state_dict()
+    assert len(sd) == EXPECTED_ENTRIES_1024[encoder_type]
+    assert tuple(sd["encoder.input_layer.0.weight"].shape) == (64, input_nc, 3, 3)
+    if encoder_type == "BackboneEncoderUsingLastLayerIntoWPlus":
+        assert tuple(sd["encoder.output_layer_2.3.weight"].shape) == (512, 25088)
+        assert tuple(sd["encoder.linear.weight"].shape) == (512 * 18, 512)
+    if encoder_type == "BackboneEncoderUsingLastLayerIntoW":
+        assert tuple(net.latent_avg.shape) == (1, 512) and net.opts["learn_in_w"] is True
+
+
+@pytest.mark.parametrize("output_size,n_styles", [(256, 14), (64, 10), (32, 8)])
+@pytest.mark.parametrize("encoder_type", ENCODERS)
+def test_smaller_output_sizes_load(tmp_path, output_size, n_styles, encoder_type):
+    net = _meta_model(tmp_path, output_size=output_size, encoder_type=encoder_type, input_nc=3)
+    sd = net.state_dict()
+    assert net.n_styles == n_styles and net.decoder.n_latent == n_styles
+    n_noise = int(math.log2(output_size)) * 2 - 3
+    assert f"decoder.noises.noise_{n_noise - 1}" in sd and f"decoder.noises.noise_{n_noise}" not in sd
+    if encoder_type == "GradualStyleEncoder":
+        assert f"encoder.styles.{n_styles - 1}.linear.weight" in sd
+        assert f"encoder.styles.{n_styles}.linear.weight" not in sd
+
+
+# -- a real (random-weight) 32 px model --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ckpt32(tmp_path_factory) -> str:
+    return random_checkpoint(tmp_path_factory.mktemp("psp") / "psp32.pt", output_size=32, seed=11)
+
+
+@pytest.fixture(scope="module")
+def net32(ckpt32) -> PSP:
+    return load_psp(ckpt32)
+
+
+@pytest.fixture(scope="module")
+def batch4(net32):
+    x = torch.randn(4, 3, 256, 256, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        w = net32.encode(x)
+    return x, w
+
+
+def test_loaded_model_metadata(net32, ckpt32):
+    with open(ckpt32, "rb") as f:
+        assert net32.checkpoint_sha256 == hashlib.sha256(f.read()).hexdigest()
+    assert not net32.training and net32.device == torch.device("cpu")
+    assert net32.n_styles == 8 and net32.output_size == 32
+    assert tuple(net32.latent_avg.shape) == (8, 512)
+    ckpt = torch.load(ckpt32, map_location="cpu", weights_only=True)
+    assert ckpt["opts"]["device"] == "cuda:0"  # like the released files
+    for k, v in net32.state_dict().items():
+        assert torch.equal(v, ckpt["state_dict"][k]), k
+
+
+@torch.inference_mode()
+def test_batch_of_four_equals_single_calls(net32, batch4):
+    x, w = batch4
+    assert w.shape == (4, 8, 512)
+    singles = torch.cat([net32.encode(x[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(w, singles, rtol=0, atol=1e-5)
+    images = net32.decode(w)
+    single_images = torch.cat([net32.decode(w[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(images, single_images, rtol=0, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_forward_is_encode_plus_latent_avg_then_decode(net32, batch4):
+    x, w = batch4
+    images, latents = net32(x[:1], randomize_noise=False, return_latents=True)
+    torch.testing.assert_close(latents, w[:1], rtol=0, atol=1e-5)
+    raw = net32.encoder(x[:1])
+    torch.testing.assert_close(w[:1], raw + net32.latent_avg[None], rtol=0, atol=1e-5)
+    torch.testing.assert_close(images, net32.decode(w[:1]), rtol=0, atol=1e-5)
+    assert images.shape == (1, 3, 256, 256) and torch.isfinite(images).all()
+
+
+@torch.inference_mode()
+def test_fixed_noise_is_deterministic_random_noise_is_not(net32, batch4):
+    _, w = batch4
+    a, b = net32.decode(w[:2]), net32.decode(w[:2])
+    r1, r2 = net32.decode(w[:2], randomize_noise=True), net32.decode(w[:2], randomize_noise=True)
+    assert torch.equal(a, b)
+    assert (r1 - a).abs().max() > 1e-3 and (r1 - r2).abs().max() > 1e-3
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("mode", ["zero", "inject", "alpha"])
+def test_latent_mask_semantics(net32, batch4, mode):
+    x, w = batch4
+    mask = [0, 5]
+    inject = torch.randn(1, 8, 512, generator=torch.Generator().manual_seed(9))
+    kwargs = {"inject": dict(inject_latent=inject), "alpha": dict(inject_latent=inject, alpha=0.3), "zero": {}}[mode]
+    images, latents = net32(x[1:2], latent_mask=mask, randomize_noise=False, return_latents=True, **kwargs)
+    expected = w[1:2].clone()
+    for i in mask:
+        expected[:, i] = {"zero": 0.0, "inject": inject[:, i], "alpha": 0.3 * inject[:, i] + 0.7 * w[1:2, i]}[mode]
+    torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(images, net32.decode(expected), rtol=0, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_input_code_true_maps_z_and_leaves_the_callers_tensor(net32):
+    z = torch.randn(2, 512, generator=torch.Generator().manual_seed(3))
+    z_copy = z.clone()
+    images, latents = net32(z, input_code=True, return_latents=True, randomize_noise=False, latent_mask=[1])
+    w = net32.decoder.get_latent(z_copy)
+    expected = w.unsqueeze(1).repeat(1, 8, 1)
+    assert torch.equal(z, z_copy)
+    images_plain, latents_plain = net32(z, input_code=True, return_latents=True, randomize_noise=False)
+    torch.testing.assert_close(latents_plain, expected)
+    torch.testing.assert_close(images_plain, net32.decode(expected))
+    assert images.shape == (2, 3, 256, 256)
+
+
+@torch.inference_mode()
+def test_resize_replicates_pixels_below_256(net32, batch4):
+    _, w = batch4
+    small = net32.decode(w[:1], resize=False)
+    big = net32.decode(w[:1], resize=True)
+    assert small.shape == (1, 3, 32, 32) and big.shape == (1, 3, 256, 256)
+    torch.testing.assert_close(big, small.repeat_interleave(8, 2).repeat_interleave(8, 3))
+
+
+@pytest.mark.parametrize("size", [1024, 512])
+def test_face_pool_is_an_exact_box_mean_above_256(net32, size):
+    img = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(size))
+    f = size // 256
+    expected = img.reshape(1, 3, 256, f, 256, f).mean(dim=(3, 5))
+    torch.testing.assert_close(net32.face_pool(img), expected)
+
+
+@torch.inference_mode()
+def test_mix_rows_do_not_depend_on_the_batch_and_match_the_original_route(net32, batch4):
+    x, w = batch4
+    mask = [4, 5, 6, 7]
+    images, mixed = net32.mix(x[:2], n_outputs=3, latent_mask=mask, mix_alpha=0.5, seed=[11, 12])
+    assert images.shape == (2, 3, 3, 256, 256) and mixed.shape == (2, 3, 8, 512)
+    alone_images, alone_mixed = net32.mix(x[1:2], n_outputs=3, latent_mask=mask, mix_alpha=0.5, seed=[12])
+    torch.testing.assert_close(alone_images[0], images[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(alone_mixed[0], mixed[1], rtol=0, atol=1e-5)
+    # Unmasked styles are the sample's own; the z of output k comes from Generator().manual_seed(seed).
+    torch.testing.assert_close(mixed[:, :, :4], w[:2, None, :4].expand(2, 3, 4, 512), rtol=0, atol=1e-5)
+    z = torch.randn(3, 512, generator=torch.Generator().manual_seed(12))
+    # The original style_mixing.py route: inject = W of net(z, input_code=True, return_latents=True).
+    _, inject = net32(z[2:3], input_code=True, return_latents=True)
+    original = net32(x[1:2], latent_mask=mask, inject_latent=inject, alpha=0.5, randomize_noise=False)
+    torch.testing.assert_close(images[1, 2:3], original, rtol=0, atol=1e-5)
+    # Different seeds give different outputs; a single int seed is used for every row.
+    assert (images[0, 0] - images[1, 0]).abs().max() > 1e-3
+
+
+def test_encode_of_a_w_encoder_is_repeated_over_the_styles():
+    opts = psp_opts(32, "BackboneEncoderUsingLastLayerIntoW", learn_in_w=True)
+    net = randomize_(PSP(opts), seed=4).eval()
+    net.latent_avg = torch.randn(1, 512)
+    with torch.inference_mode():
+        x = torch.randn(1, 3, 256, 256)
+        w = net.encode(x)
+        raw = net.encoder(x)
+    assert w.shape == (1, 8, 512)
+    torch.testing.assert_close(w, (raw + net.latent_avg).unsqueeze(1).expand(1, 8, 512))
+
+
+def test_to_moves_latent_avg_with_the_model():
+    with torch.device("meta"):
+        net = PSP(psp_opts(32))
+    net.latent_avg = torch.zeros(8, 512, device="meta")
+    net.double()
+    assert net.latent_avg.dtype == torch.float64
+
+
+# -- input validation ------------------------------------------------------------------------
+
+
+def test_wrong_input_size_and_channels_are_explained(net32):
+    with pytest.raises(ValueError, match="256x256"):
+        net32.encode(torch.zeros(1, 3, 128, 128))
+    with pytest.raises(ValueError, match=r"expects input_nc=3"):
+        net32.encode(torch.zeros(1, 1, 256, 256))
+    with pytest.raises(ValueError, match=r"outside 0\.\.7"):
+        net32.mix(torch.zeros(1, 3, 256, 256), n_outputs=1, latent_mask=[8])
+    with pytest.raises(ValueError, match=r"\[B, 8, 512\]"):
+        net32.decode(torch.zeros(1, 18, 512))
+
+
+# -- loading from anywhere, and clear errors ---------------------------------------------------
+
+
+def test_load_from_fsspec_memory_and_file_uris(tmp_path):
+    path = random_checkpoint(tmp_path / "m.pt", device="meta", output_size=64)
+    data = open(path, "rb").read()
+    with fsspec.open("memory://ckpts/psp64.pt", "wb") as f:
+        f.write(data)
+    net = load_psp("memory://ckpts/psp64.pt", device="meta", storage_options={})
+    assert net.checkpoint_sha256 == hashlib.sha256(data).hexdigest() and net.n_styles == 10
+    assert load_psp(f"file://{path}", device="meta").checkpoint_sha256 == net.checkpoint_sha256
+    with pytest.raises(FileNotFoundError, match="memory://ckpts/nope.pt"):
+        load_psp("memory://ckpts/nope.pt")
+
+
+def _save(tmp_path, obj, name="bad.pt"):
+    path = tmp_path / name
+    torch.save(obj, path)
+    return str(path)
+
+
+def test_not_a_dict(tmp_path):
+    with pytest.raises(CheckpointError, match="not a dict"):
+        load_psp(_save(tmp_path, [1, 2, 3]))
+
+
+def test_no_state_dict_points_to_the_decoder_only_path(tmp_path):
+    with pytest.raises(CheckpointError, match="has no 'state_dict'.*load_stylegan2"):
+        load_psp(_save(tmp_path, {"opts": {}}))
+
+
+def test_stylegan_checkpoint_given_to_load_psp(tmp_path):
+    path = random_stylegan2_checkpoint(tmp_path / "sg.pt", size=8)
+    with pytest.raises(CheckpointError, match="StyleGAN2 generator checkpoint.*load_stylegan2"):
+        load_psp(path)
+
+
+def test_namespace_opts_get_a_re_save_recipe(tmp_path):
+    path = _save(tmp_path, {"state_dict": {}, "opts": argparse.Namespace(output_size=32)})
+    with pytest.raises(CheckpointError, match="Namespace.*vars"):
+        load_psp(path)
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path):
+    path = random_checkpoint(tmp_path / "m.pt", device="meta", output_size=32)
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["state_dict"]["decoder.noises.noise_3"]
+    ckpt["state_dict"]["encoder.extra_head.weight"] = torch.zeros(1, device="meta")
+    ckpt["state_dict"]["decoder.style.1.weight"] = torch.zeros(512, 256, device="meta")
+    with pytest.raises(CheckpointError) as e:
+        load_psp(_save(tmp_path, ckpt), device="meta")
+    msg = str(e.value)
+    assert "bad.pt" in msg
+    assert "missing keys: decoder.noises.noise_3" in msg
+    assert "unexpected keys: encoder.extra_head.weight" in msg
+    assert "decoder.style.1.weight: checkpoint (512, 256) vs model (512, 512)" in msg
+
+
+def test_opts_output_size_that_contradicts_the_weights(tmp_path):
+    path = random_checkpoint(tmp_path / "m.pt", device="meta", output_size=32)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["opts"]["output_size"] = 64
+    del ckpt["opts"]["n_styles"]
+    ckpt["latent_avg"] = ckpt["latent_avg"][:1]  # a shape every size accepts: the weights must fail
+    with pytest.raises(CheckpointError, match="output_size=64"):
+        load_psp(_save(tmp_path, ckpt), device="meta")
+
+
+def test_start_from_latent_avg_without_latent_avg_names_the_file(tmp_path):
+    path = random_checkpoint(tmp_path / "nolatent.pt", device="meta", output_size=32, latent_avg_shape="none")
+    with pytest.raises(CheckpointError, match="nolatent.pt.*no 'latent_avg'"):
+        load_psp(path, device="meta")
+
+
+def test_latent_avg_shapes(tmp_path):
+    flat = _meta_model(tmp_path, output_size=32, latent_avg_shape="flat")
+    assert tuple(flat.latent_avg.shape) == (512,)
+    path = random_checkpoint(tmp_path / "m.pt", device="meta", output_size=32)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["latent_avg"] = torch.zeros(3, 512)
+    with pytest.raises(CheckpointError, match=r"'latent_avg' has shape \[3, 512\]"):
+        load_psp(_save(tmp_path, ckpt), device="meta")
+    no_avg = random_checkpoint(tmp_path / "n.pt", device="meta", output_size=32, start_from_latent_avg=False)
+    assert load_psp(no_avg, device="meta").latent_avg is None
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        load_psp(tmp_path / "nowhere.pt")
+
+
+# -- StyleGAN2 generator files ----------------------------------------------------------------
+
+
+def test_load_stylegan2_rosinality_format(tmp_path, ckpt32):
+    path = random_stylegan2_checkpoint(tmp_path / "sg16.pt", size=16, seed=2)
+    gen = load_stylegan2(path)
+    saved = torch.load(path, weights_only=True)
+    assert gen.size == 16 and gen.n_latent == 6 and not gen.training
+    assert tuple(gen.latent_avg.shape) == (512,)
+    assert gen.checkpoint_sha256 == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    for k, v in gen.state_dict().items():
+        assert torch.equal(v, saved["g_ema"][k]), k
+    with torch.inference_mode():
+        img, _ = gen([gen.latent_avg[None]], input_is_latent=True, randomize_noise=False)
+    assert img.shape == (1, 3, 16, 16) and torch.isfinite(img).all()
+    with pytest.raises(CheckpointError, match="use load_psp"):
+        load_stylegan2(ckpt32)

@@ -317,7 +317,11 @@ def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) 
         ctx = ray.data.DataContext.get_current()
         ctx.max_errored_blocks = 0  # a failed write must fail the run, not lose rows
         ctx.enable_progress_bars = sys.stderr.isatty() if config.progress is None else bool(config.progress)
-        clock_actor = _clock_actor_class().remote()
+        # Pinned to the driver's node: a lost worker node must not take the run's stats with it.
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        clock_actor = _clock_actor_class().options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)).remote()
         clock = StageClock(clock_actor)
         try:
             ds = build_dataset(todo, resolved, resources, clock)

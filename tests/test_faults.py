@@ -113,7 +113,7 @@ def test_b_removed_worker_node_loses_and_duplicates_nothing(ray_cluster, tiny_ch
     # whose head runs no work; free it once the node is gone, as a replacement node would.
     head_id = ray.get_runtime_context().get_node_id()
 
-    @ray.remote(num_cpus=3)
+    @ray.remote(num_cpus=ray.cluster_resources()["CPU"])  # the whole head
     class Placeholder:
         def ping(self):
             return True

@@ -353,8 +353,11 @@ def _torch_load(local: str, name: str) -> Any:
             f"ckpt = torch.load(path, weights_only=False); ckpt['opts'] = vars(ckpt['opts']); "
             f"torch.save(ckpt, path). ({str(e).splitlines()[0]})"
         ) from None
-    except (EOFError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {name!r} is not a readable torch file ({e})") from None
+    except Exception as e:  # torch.load raises many types on damaged or foreign files
+        raise CheckpointError(
+            f"checkpoint {name!r} is not a readable torch checkpoint ({type(e).__name__}: {e}); "
+            "check that the file is complete and was written by torch.save"
+        ) from None
 
 
 def _split_prefix(state: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:

@@ -331,6 +331,13 @@ def test_latent_avg_shapes(tmp_path):
     assert load_psp(no_avg, device="meta").latent_avg is None
 
 
+def test_damaged_file(tmp_path):
+    path = tmp_path / "truncated.pt"
+    path.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    with pytest.raises(CheckpointError, match="truncated.pt.*not a readable torch checkpoint"):
+        load_psp(path)
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         load_psp(tmp_path / "nowhere.pt")
@@ -353,3 +360,12 @@ def test_load_stylegan2_rosinality_format(tmp_path, ckpt32):
     assert img.shape == (1, 3, 16, 16) and torch.isfinite(img).all()
     with pytest.raises(CheckpointError, match="use load_psp"):
         load_stylegan2(ckpt32)
+
+
+def test_legacy_non_zip_serialization_still_loads(tmp_path):
+    path = random_stylegan2_checkpoint(tmp_path / "sg8.pt", size=8, seed=1)
+    ckpt = torch.load(path, weights_only=True)
+    legacy = tmp_path / "legacy.pt"
+    torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)  # cannot be memory-mapped
+    gen = load_stylegan2(legacy)
+    torch.testing.assert_close(gen.style[1].weight, ckpt["g_ema"]["style.1.weight"])

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipelines.decode import DecodeImages, _objects
+from pipelines.decode import DecodeImages
+from pipelines.sources import object_column
 
 CROP_SIZE = 256
 
@@ -99,8 +100,8 @@ class AlignFaces:
                 error[i] = f"{uri}: alignment failed ({type(e).__name__}: {e})"
         out = {k: v for k, v in decoded.items() if k != "image"}
         out.update(
-            status=_objects(status),
-            error=_objects(error),
+            status=object_column(status),
+            error=object_column(error),
             aligned=aligned,
             landmarks=landmarks,
             quad=quad,

@@ -8,7 +8,6 @@ unreadable file, no face) never raises: it becomes the row's `status`.
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import uuid
 import zipfile
@@ -16,9 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from schemas.outputs import IMAGE_FORMATS
+
 ALIGN_MODES = ("dlib", "none")
 DEVICES = ("auto", "cpu", "cuda")
-IMAGE_FORMATS = ("png", "jpeg", "none")
 IMAGE_SIZES = ("256", "full")
 
 
@@ -372,10 +372,6 @@ def code_version() -> str:
         return version("psp-pipeline")
     except Exception:  # not installed (running from a checkout)
         return "unknown"
-
-
-def default_cpu_threads() -> int:
-    return max(1, os.cpu_count() or 1)
 
 
 __all__ = [

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.sources import object_column
+
 
 class DecodeImages:
     """Batch dict stage: `data` (bytes) -> `image` (uint8 HxWx3 array, or None when not decoded).
@@ -50,19 +52,11 @@ class DecodeImages:
                 status[i] = "decode_error"
                 error[i] = f"{uri}: cannot decode image ({type(e).__name__}: {e})"
         out = {k: v for k, v in batch.items() if k != "data"}
-        out["status"] = _objects(status)
-        out["error"] = _objects(error)
-        out["image"] = _objects(images)
+        out["status"] = object_column(status)
+        out["error"] = object_column(error)
+        out["image"] = object_column(images)
         out["source_width"] = widths
         out["source_height"] = heights
         if self.stage_clock is not None:
             self.stage_clock.record("decode", n, time.perf_counter() - start)
         return out
-
-
-def _objects(values: list) -> np.ndarray:
-    """A 1-D object array (np.asarray would stack equal-shaped arrays into one N-D array)."""
-    out = np.empty(len(values), dtype=object)
-    for i, v in enumerate(values):
-        out[i] = v
-    return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import tarfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -388,7 +388,7 @@ def read_batch(
             error.append(f"cannot read {uri}: {_describe(r)}")
     out = {
         "source_uri": np.asarray(batch["source_uri"], dtype=object),
-        "data": _objects(data),
+        "data": object_column(data),
         "source_sha256": np.asarray(sha, dtype=object),
         "status": np.asarray(status, dtype=object),
         "error": np.asarray(error, dtype=object),
@@ -398,14 +398,10 @@ def read_batch(
     return out
 
 
-def _objects(values: list) -> np.ndarray:
+def object_column(values: list) -> np.ndarray:
+    """A 1-D object array of `values` (np.asarray would stack equal-shaped arrays or bytes into
+    an N-D / fixed-width array)."""
     out = np.empty(len(values), dtype=object)
     for i, v in enumerate(values):
         out[i] = v
     return out
-
-
-def items_from_rows(rows: Iterable[Mapping[str, Any]]) -> list[SourceItem]:
-    """Inverse of `SourceItem.to_row` (for callers that hand `run_invert` explicit rows)."""
-    fields = SourceItem.__dataclass_fields__
-    return [SourceItem(**{k: v for k, v in r.items() if k in fields}) for r in rows]

@@ -100,6 +100,7 @@ class NightlyResult:
     committed: bool = False
     manifest: Optional[str] = None
     live: int = 0  # live images after this run
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -113,6 +114,7 @@ class NightlyResult:
             "committed": self.committed,
             "manifest": self.manifest,
             "live": self.live,
+            "timings": self.timings,
         }
 
 
@@ -417,6 +419,7 @@ def run_nightly(
     """
     from dataclasses import replace
 
+    clock = _Clock()
     so = config.storage_options
     output = str(config.output).rstrip("/")
     run_id = getattr(config, "run_id", None) or mf.new_run_id()
@@ -426,16 +429,15 @@ def run_nightly(
     for it in source_items:
         by_uri.setdefault(as_listed(it).uri, it)
     listing = {uri: as_listed(it) for uri, it in by_uri.items()}
+    clock.lap("list_s")
     previous, pointer = mf.read_manifest(output, so)
     plan = plan_nightly(
         list(listing.values()), previous, sha, reprocess_on_model_change, retry_failed
     )
-    result = NightlyResult(run_id=run_id, plan=plan)
+    clock.lap("plan_s")
+    result = NightlyResult(run_id=run_id, plan=plan, timings=clock.laps)
     log.info("nightly %s plan: %s", run_id, plan.counts())
-    if dry_run:
-        result.live = len(mf.live_entries(previous))
-        return result
-    if not plan.to_process and not plan.deleted:
+    if dry_run or (not plan.to_process and not plan.deleted):
         result.live = len(mf.live_entries(previous))
         return result
 
@@ -444,14 +446,15 @@ def run_nightly(
     if resume and wanted:
         results.update(adoptable_rows(output, previous, wanted, sha, retry_failed, so))
         result.adopted = len(results)
+    clock.lap("adopt_s")
     todo = [uri for uri in plan.to_process if uri not in results]
     if todo:
         prefix = mf.run_prefix(output, run_id)
-        _write_plan(prefix, [listing[u] for u in todo], sha, so)
         from pipelines.graph import run_invert
 
         run_config = replace(config, output=prefix, run_id=run_id, input=config.input)
         try:
+            _write_plan(prefix, [listing[u] for u in todo], sha, so)
             run_invert(run_config, items=[by_uri[u] for u in todo])
         except Exception as exc:  # noqa: BLE001 - report with what to do; nothing is committed
             raise NightlyError(
@@ -459,6 +462,7 @@ def run_nightly(
                 f"{type(exc).__name__}: {exc}. Nothing was committed; rerun the same command "
                 "(finished rows are adopted, not redone)"
             ) from exc
+        clock.lap("process_s")
         rows, result.duplicates = collect_rows(output, run_id, so)
         todo_set = set(todo)
         for uri, row in rows.items():
@@ -467,6 +471,7 @@ def run_nightly(
                 results[uri] = row
         result.processed = len(rows.keys() & todo_set)
         result.lost = len(todo_set - rows.keys())
+        clock.lap("collect_s")
     new = next_manifest(previous, plan, listing, results, run_id, sha)
     try:
         committed = mf.commit_manifest(output, new, run_id, pointer, so)
@@ -477,6 +482,7 @@ def run_nightly(
             f"committing run {run_id} to {output} failed: {type(exc).__name__}: {exc}. The previous "
             "state is intact; rerun the same command"
         ) from exc
+    clock.lap("commit_s")
     result.committed = True
     result.manifest = committed.manifest
     counts: dict[str, int] = {}
@@ -485,6 +491,22 @@ def run_nightly(
     result.status_counts = counts
     result.live = len(mf.live_entries(new))
     return result
+
+
+class _Clock:
+    """Wall-clock laps of a run's phases (seconds), reported in `NightlyResult.timings`."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._now = time.perf_counter
+        self._last = self._now()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, name: str) -> None:
+        now = self._now()
+        self.laps[name] = round(now - self._last, 4)
+        self._last = now
 
 
 # -- CLI --------------------------------------------------------------------------------------

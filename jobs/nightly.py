@@ -316,6 +316,7 @@ def collect_rows(
     """
     fs, root = mf._fs_and_root(output, storage_options)
     run_root = mf._join(root, mf.RUNS_DIR, run_id)
+    fs.invalidate_cache(run_root)  # written by Ray workers, not through this (cached) instance
     rows: dict[str, dict[str, Any]] = {}
     duplicates = 0
     for path in _parquet_files(fs, run_root):
@@ -352,6 +353,7 @@ def adoptable_rows(
     """Rows that uncommitted (crashed) runs already wrote for inputs in `wanted`, made from the same
     bytes (ETag/size/mtime per their ``_plan.parquet``) and the same checkpoint."""
     fs, root = mf._fs_and_root(output, storage_options)
+    fs.invalidate_cache(mf._join(root, mf.RUNS_DIR))
     committed = set(manifest["run_id"].drop_null().to_pylist())
     try:
         committed |= {

@@ -22,6 +22,8 @@ import pytest
 from schemas import manifest as mf
 from test_nightly import committed_rows, file_uri, nightly_config, png_bytes, write_images
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 # Small runs: on CPU the tiny model still costs ~1-4 s per image on 2 shared cores.
 N = 8

@@ -251,6 +251,7 @@ def committed_rows(output_uri, storage_options=None):
     return {r["source_uri"]: (r["image_id"], r["run_id"], r["status"]) for r in table.to_pylist()}
 
 
+@pytest.mark.slow
 def test_nightly_processes_only_new_and_changed_inputs_and_reprocesses_on_model_change(
     ray_cluster, tiny_checkpoint, tmp_path
 ):

@@ -99,6 +99,7 @@ def test_submit_refuses_what_is_not_a_psp_invert_or_nightly_command(capsys):
     assert entrypoint_for(["nightly", "a b", "o"]) == "python -m jobs.cli nightly 'a b' o"
 
 
+@pytest.mark.slow
 def test_nightly_job_runs_on_the_cluster_without_weights_and_is_never_submitted_twice(
     ray_head, tiny_checkpoint, tmp_path, capsys
 ):
@@ -141,6 +142,7 @@ def test_nightly_job_runs_on_the_cluster_without_weights_and_is_never_submitted_
         assert not [f for f in files if f.endswith((".pt", ".pth"))]
 
 
+@pytest.mark.slow
 def test_jobs_stop_stops_a_running_job(ray_head, tiny_checkpoint, tmp_path, capsys):
     url, _ = ray_head
     from test_nightly import write_images

@@ -10,8 +10,10 @@ holds N - NEW inputs (one synthetic output file, rows with the real listing's ET
 NEW fresh image files. Then one real `run_nightly` runs in a fresh process: it lists all N files,
 diffs them against the N - NEW manifest rows, sends the NEW images through the real Ray pipeline
 and the tiny model, and commits an N-row manifest. Printed per size: phase times, bookkeeping
-rows/s (N over the time outside the model stage) and the driver's peak RSS, and the ratio of peak
-RSS between sizes (the data plane runs in Ray workers and sees only the NEW rows).
+rows/s (N over the time outside the model stage), the memory the driver holds for the listing,
+manifest and plan (RSS growth while they are alive), the driver's peak RSS, and the ratios between
+sizes. The data plane runs in Ray workers and sees only the NEW rows; the driver's bookkeeping is
+O(N) (one manifest row and one listing entry per input).
 """
 from __future__ import annotations
 
@@ -92,11 +94,38 @@ def measure(workdir: Path, checkpoint: str) -> dict:
         align="none", device="cpu", batch_size=4, align_actors=1, images="none", cpu_threads=1,
         progress=False,
     )
+    # What the driver holds for N inputs during a run: the listing, the manifest and the plan.
+    import gc
+
+    from jobs.nightly import as_listed, plan_nightly
+    from pipelines.sources import list_inputs
+    from schemas import manifest as mf
+
+    warm = mf.read_manifest(config.output)  # import and first-use costs, not per-input memory
+    list_inputs(str(Path(config.input) / "new"))
+    plan_nightly([], mf.empty_manifest(), "0" * 64)
+    del warm
+    gc.collect()
+    rss0 = _rss_mb()
+    listing = [as_listed(it) for it in list_inputs(config.input)]
+    manifest, _ = mf.read_manifest(config.output)
+    plan = plan_nightly(listing, manifest, "0" * 64)
+    gc.collect()
+    held_mb = _rss_mb() - rss0
+    del listing, manifest, plan
+    gc.collect()
+
     t0 = time.perf_counter()
     result = run_nightly(config)
     wall = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"wall_s": wall, "peak_rss_mb": peak_mb, **result.to_dict()}
+    return {"wall_s": wall, "peak_rss_mb": peak_mb, "held_mb": held_mb, **result.to_dict()}
+
+
+def _rss_mb() -> float:
+    """Current resident set size of this process (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def main() -> None:
@@ -137,7 +166,8 @@ def main() -> None:
                 f"{t['list_s']:.2f} + plan {t['plan_s']:.2f} + adopt {t.get('adopt_s', 0):.2f} + model "
                 f"{t.get('process_s', 0):.1f} ({r['processed']} new rows) + collect "
                 f"{t.get('collect_s', 0):.2f} + commit {t.get('commit_s', 0):.2f} | bookkeeping "
-                f"{n / bookkeeping:,.0f} rows/s | driver peak RSS {r['peak_rss_mb']:.0f} MB | "
+                f"{n / bookkeeping:,.0f} rows/s | listing+manifest+plan held {r['held_mb']:.1f} MB | "
+                f"driver peak RSS {r['peak_rss_mb']:.0f} MB | "
                 f"plan {r['plan']['new']} new / {r['plan']['unchanged']} unchanged, live {r['live']}",
                 flush=True,
             )
@@ -146,8 +176,8 @@ def main() -> None:
         (n0, r0, b0), (n1, r1, b1) = rows[0], rows[-1]
         print(
             f"ratio N={n1}/N={n0}: rows x{n1 / n0:.0f}, bookkeeping time x{b1 / b0:.2f}, "
-            f"driver peak RSS x{r1['peak_rss_mb'] / r0['peak_rss_mb']:.2f} "
-            f"(+{(r1['peak_rss_mb'] - r0['peak_rss_mb']) * 1024 / (n1 - n0):.2f} KB per extra row)"
+            f"driver peak RSS x{r1['peak_rss_mb'] / r0['peak_rss_mb']:.2f}, bookkeeping memory "
+            f"{(r1['held_mb'] - r0['held_mb']) * 1024 / (n1 - n0):.2f} KB per extra input"
         )
 
 

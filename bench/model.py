@@ -123,7 +123,7 @@ def main(argv=None) -> None:
         batches = [1] if (args.quick and size >= 1024 and not args.batches) else cpu_batches
         bench_forward(net, batches, repeats, warmup, cpu, None, channels_last)
         del net
-    bench_modconv(256, 4, max(repeats, 2), warmup, cpu)
+    bench_modconv(128 if args.quick else 256, 4, max(repeats, 2), warmup, cpu)
 
     if torch.cuda.is_available() and not args.no_cuda:
         gpu = torch.device("cuda")

@@ -1,7 +1,7 @@
 """Images/s through `run_invert` (Ray Data, local cluster) vs a bare in-process loop, same images,
 same model, one run; plus peak RSS (this process + its children, i.e. the Ray workers).
 
-    python bench/pipeline.py [--images 32] [--output-size 64] [--batch-size 8] [--align-actors 2]
+    python bench/pipeline.py [--images 32] [--output-size 64] [--batch-size 8] [--align-actors 2] [--repeats 1]
 
 The bare loop does what one process would do without Ray: read -> decode -> align (dlib) ->
 transform -> encode -> decode -> PNG, batching the model calls like the pipeline. On CPU the model
@@ -15,6 +15,7 @@ import argparse
 import io
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import threading
@@ -140,6 +141,7 @@ def main() -> int:
     ap.add_argument("--output-size", type=int, default=64, help="generator size of the random checkpoint")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--align-actors", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=1, help="alternating bare/pipeline rounds (medians)")
     args = ap.parse_args()
 
     from pipelines.config import InvertConfig
@@ -153,28 +155,32 @@ def main() -> int:
         print(f"bench/pipeline: {args.images} images, random pSp {args.output_size}px, batch {args.batch_size}, "
               f"{os.cpu_count()} cores")
 
-        with RssSampler() as bare_rss:
-            t0 = time.perf_counter()
-            n_bare = bare_loop(paths, ckpt, args.batch_size)
-            bare_s = time.perf_counter() - t0
-
         ensure_ray()  # started before timing: a cluster is up already in real use
-        with RssSampler() as ray_rss:
-            t0 = time.perf_counter()
-            summary = run_invert(InvertConfig(
-                input=str(work / "in"), output=str(work / "out"), checkpoint=ckpt,
-                batch_size=args.batch_size, align_actors=args.align_actors, progress=False,
-            ))
-            ray_s = time.perf_counter() - t0
-        n_ray = summary.counts.get("ok", 0)
+        bare_ips, ray_ips, bare_peak, ray_peak = [], [], 0, 0
+        for rep in range(args.repeats):  # alternate, so drifting machine load hits both alike
+            with RssSampler() as rss:
+                t0 = time.perf_counter()
+                n_bare = bare_loop(paths, ckpt, args.batch_size)
+                bare_ips.append(n_bare / (time.perf_counter() - t0))
+            bare_peak = max(bare_peak, rss.peak)
+            with RssSampler() as rss:
+                t0 = time.perf_counter()
+                summary = run_invert(InvertConfig(
+                    input=str(work / "in"), output=str(work / f"out{rep}"), checkpoint=ckpt,
+                    batch_size=args.batch_size, align_actors=args.align_actors, progress=False,
+                ))
+                ray_ips.append(summary.counts.get("ok", 0) / (time.perf_counter() - t0))
+            ray_peak = max(ray_peak, rss.peak)
+            print(f"  repeat {rep + 1}: bare {bare_ips[-1]:.3f} img/s, run_invert {ray_ips[-1]:.3f} img/s")
 
-        bare_ips, ray_ips = n_bare / bare_s, n_ray / ray_s
         print(summary.format())
-        print(f"bare loop : {n_bare} images in {bare_s:7.1f}s = {bare_ips:6.3f} img/s, "
-              f"peak RSS {bare_rss.peak / 2**20:7.0f} MiB")
-        print(f"run_invert: {n_ray} images in {ray_s:7.1f}s = {ray_ips:6.3f} img/s, "
-              f"peak RSS {ray_rss.peak / 2**20:7.0f} MiB (driver + Ray workers)")
-        print(f"ratio pipeline/bare = {ray_ips / bare_ips:.2f} (target >= 0.9 on CPU)")
+        b, r = statistics.median(bare_ips), statistics.median(ray_ips)
+        # The bare loop runs in this process (Ray idle, its processes counted): peak RSS is this
+        # process + children either way; Ray's own daemons add a fixed few hundred MiB.
+        print(f"bare loop : {b:6.3f} img/s (median of {len(bare_ips)}), peak RSS {bare_peak / 2**20:6.0f} MiB")
+        print(f"run_invert: {r:6.3f} img/s (median of {len(ray_ips)}), peak RSS {ray_peak / 2**20:6.0f} MiB "
+              "(driver + Ray daemons + workers)")
+        print(f"ratio pipeline/bare = {r / b:.2f} (target >= 0.9 on CPU)")
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -11,7 +11,6 @@ import logging
 import math
 import os
 import pickle
-import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -389,10 +388,21 @@ def _state_problems(module: nn.Module, state: Mapping[str, torch.Tensor], prefix
     return problems
 
 
-def _assign_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Load a checked ``state`` into ``module`` (built on the meta device) by assignment."""
+def _assign_state(module: nn.Module, state: Mapping[str, torch.Tensor], device: str | torch.device) -> None:
+    """Load a checked ``state`` into ``module`` (built on the meta device) by assignment.
+
+    For a CPU model each tensor is copied once out of the memory-mapped file, so the model does
+    not depend on the file staying unchanged on disk; other devices copy in ``.to(device)``.
+    """
     expected = module.state_dict()
-    converted = {k: (v.to(expected[k].dtype) if v.dtype != expected[k].dtype else v) for k, v in state.items()}
+    copy_now = torch.device(device).type == "cpu"
+    converted = {}
+    for k, v in state.items():
+        if v.dtype != expected[k].dtype:
+            v = v.to(expected[k].dtype)
+        elif copy_now:
+            v = v.clone()
+        converted[k] = v
     module.load_state_dict(converted, strict=True, assign=True)
 
 
@@ -464,10 +474,14 @@ def load_psp(
             f"checkpoint {uri!r} does not match the architecture its opts describe{hint}: " + "; ".join(problems)
         )
     for name, part in halves.items():
-        _assign_state(getattr(net, name), part)
+        _assign_state(getattr(net, name), part, device)
     net.latent_avg = latent_avg
     net.checkpoint_sha256 = sha
     net.checkpoint_path = uri
+    logger.debug(
+        "loaded pSp %s: %s, input_nc %d, output %d, sha256 %s",
+        uri, opts["encoder_type"], net.input_nc, net.output_size, sha,
+    )
     return net.to(device).eval()
 
 
@@ -521,7 +535,7 @@ def load_stylegan2(
     problems = _state_problems(gen, state)
     if problems:
         raise CheckpointError(f"checkpoint {uri!r}: 'g_ema' does not match a StyleGAN2 generator of size {size}: " + "; ".join(problems))
-    _assign_state(gen, state)
+    _assign_state(gen, state, device)
     latent_avg = ckpt.get("latent_avg")
     gen.latent_avg = latent_avg.detach().float().clone() if isinstance(latent_avg, torch.Tensor) else None
     gen.checkpoint_sha256 = sha

@@ -161,8 +161,12 @@ def submit(
     runtime_env_file: Optional[str | os.PathLike] = DEFAULT_RUNTIME_ENV,
     env_vars: Optional[dict[str, str]] = None,
     entrypoint_num_cpus: Optional[float] = None,
+    agent_wait_s: float = 120.0,
 ) -> str:
     """Submit ``psp <args>`` as a Ray job; returns the submission id.
+
+    A freshly started head answers "No available agent" until its job agent is up: the submission
+    is retried for up to `agent_wait_s` seconds.
 
     Raises SubmitError if the command does not parse, the server is unreachable, or the
     submission id was already used on this cluster (a duplicate nightly is refused).
@@ -171,22 +175,29 @@ def submit(
     submission_id = submission_id or default_submission_id(args)
     runtime_env = build_runtime_env(working_dir, load_runtime_env(runtime_env_file), env_vars)
     client = _client(address)
-    try:
-        return client.submit_job(
-            entrypoint=entrypoint_for(args),
-            submission_id=submission_id,
-            runtime_env=runtime_env,
-            metadata={"psp.command": args[0]},
-            entrypoint_num_cpus=entrypoint_num_cpus,
-        )
-    except RuntimeError as exc:
-        if "already exists" in str(exc):
-            raise SubmitError(
-                f"submission id {submission_id!r} was already used on {address or 'this cluster'}: "
-                "that job was submitted before and is not run twice. See it with "
-                f"`psp jobs status {submission_id}`; pass another --submission-id to run again"
-            ) from exc
-        raise SubmitError(f"the job server refused the submission: {exc}") from exc
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint_for(args),
+                submission_id=submission_id,
+                runtime_env=runtime_env,
+                metadata={"psp.command": args[0]},
+                entrypoint_num_cpus=entrypoint_num_cpus,
+            )
+        except RuntimeError as exc:
+            # A head that just started serves HTTP before its job agent is up: wait for it.
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                time.sleep(2.0)
+                continue
+            if "already exists" in str(exc):
+                raise SubmitError(
+                    f"submission id {submission_id!r} was already used on "
+                    f"{address or 'this cluster'}: that job was submitted before and is not run "
+                    f"twice. See it with `psp jobs status {submission_id}`; pass another "
+                    "--submission-id to run again"
+                ) from exc
+            raise SubmitError(f"the job server refused the submission: {exc}") from exc
 
 
 def wait(client: Any, submission_id: str, timeout_s: float = 3600.0, poll_s: float = 1.0) -> str:

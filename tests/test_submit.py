@@ -37,13 +37,23 @@ def ray_head():
     """(job server URL, head temp dir) of a 1-CPU Ray head started for this module."""
     temp_dir = tempfile.mkdtemp(prefix="psp-head-", dir="/tmp")  # short: unix socket paths
     port, dash = _free_port(), _free_port()
+    # Every per-node port on a free one: another Ray node on this machine (the session cluster,
+    # another test run) already holds the defaults, and a job agent that cannot bind means
+    # "No available agent to submit job".
+    agent_ports = [
+        f"--{name}={_free_port()}"
+        for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                     "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port",
+                     "node-manager-port", "object-manager-port")
+    ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
          f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-         "--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats", "--block"],
+         "--num-cpus=1", f"--temp-dir={temp_dir}", "--disable-usage-stats", *agent_ports,
+         "--block"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     url = f"http://127.0.0.1:{dash}"

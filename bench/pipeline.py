@@ -1,5 +1,5 @@
 """Images/s through `run_invert` (Ray Data, local cluster) vs a bare in-process loop, same images,
-same model, one run; plus peak RSS (this process + its children, i.e. the Ray workers).
+same model, one run; plus peak RSS (bare: this process; pipeline: driver + Ray daemons + workers).
 
     python bench/pipeline.py [--images 32] [--output-size 64] [--batch-size 8] [--align-actors 2] [--repeats 1]
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -158,12 +159,12 @@ def main() -> int:
         ensure_ray()  # started before timing: a cluster is up already in real use
         bare_ips, ray_ips, bare_peak, ray_peak = [], [], 0, 0
         for rep in range(args.repeats):  # alternate, so drifting machine load hits both alike
-            with RssSampler() as rss:
-                t0 = time.perf_counter()
-                n_bare = bare_loop(paths, ckpt, args.batch_size)
-                bare_ips.append(n_bare / (time.perf_counter() - t0))
-            bare_peak = max(bare_peak, rss.peak)
-            with RssSampler() as rss:
+            # No sampler thread here: it would share this process (and its GIL) with the bare loop.
+            t0 = time.perf_counter()
+            n_bare = bare_loop(paths, ckpt, args.batch_size)
+            bare_ips.append(n_bare / (time.perf_counter() - t0))
+            bare_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+            with RssSampler(interval=1.0) as rss:
                 t0 = time.perf_counter()
                 summary = run_invert(InvertConfig(
                     input=str(work / "in"), output=str(work / f"out{rep}"), checkpoint=ckpt,
@@ -175,9 +176,8 @@ def main() -> int:
 
         print(summary.format())
         b, r = statistics.median(bare_ips), statistics.median(ray_ips)
-        # The bare loop runs in this process (Ray idle, its processes counted): peak RSS is this
-        # process + children either way; Ray's own daemons add a fixed few hundred MiB.
-        print(f"bare loop : {b:6.3f} img/s (median of {len(bare_ips)}), peak RSS {bare_peak / 2**20:6.0f} MiB")
+        print(f"bare loop : {b:6.3f} img/s (median of {len(bare_ips)}), peak RSS {bare_peak / 2**20:6.0f} MiB "
+              "(this process)")
         print(f"run_invert: {r:6.3f} img/s (median of {len(ray_ips)}), peak RSS {ray_peak / 2**20:6.0f} MiB "
               "(driver + Ray daemons + workers)")
         print(f"ratio pipeline/bare = {r / b:.2f} (target >= 0.9 on CPU)")

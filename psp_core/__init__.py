@@ -11,6 +11,7 @@ _EXPORTS = {
     "PSP": "psp_core.psp",
     "load_psp": "psp_core.psp",
     "load_stylegan2": "psp_core.psp",
+    "CheckpointError": "psp_core.psp",
     "Generator": "psp_core.stylegan2",
     "tensor2im": "psp_core.tasks",
     "get_task": "psp_core.tasks",

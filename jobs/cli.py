@@ -47,6 +47,9 @@ def _add_invert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="rows per invert batch (default 32 GPU / 8 CPU)")
     p.add_argument("--gpus", type=int, default=None, help="at most this many GPU invert actors (default: all GPUs)")
     p.add_argument("--align-actors", type=int, default=2, help="at most this many alignment actors")
+    p.add_argument("--align-detect-size", type=int, default=None, metavar="PX",
+                   help="opt-in fast alignment: detect faces on a copy at most PX on its longest side "
+                        "(e.g. 1024; landmarks stay full resolution; not bit-identical to the original)")
     p.add_argument("--images", choices=("png", "jpeg", "none"), default="png", help="output image encoding")
     p.add_argument("--image-size", choices=("256", "full"), default="256",
                    help="256 (pSp's resized output) or full (the generator's size, e.g. 1024)")
@@ -108,6 +111,7 @@ def config_from_args(args: argparse.Namespace):
         batch_size=args.batch_size,
         gpus=args.gpus,
         align_actors=args.align_actors,
+        align_detect_size=args.align_detect_size,
         images=args.images,
         image_size=args.image_size,
         metrics=args.metrics,

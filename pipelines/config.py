@@ -55,6 +55,9 @@ class InvertConfig:
     image_column: Parquet inputs: the column holding image bytes (None = autodetect).
     save_aligned: also store the aligned 256x256 input crop (PNG) in `aligned_image`.
     cpu_threads: torch threads in a CPU invert actor (None = the node's core count).
+    align_detect_size: opt-in fast alignment: run the face detector on a copy whose longest side is
+        at most this many pixels (landmarks stay full resolution). None = the original's exact
+        detection. See `psp_core.align.FaceAligner(detect_size=...)` for the measured deviation.
     """
 
     input: str | list[str]
@@ -80,6 +83,7 @@ class InvertConfig:
     image_column: str | None = None
     save_aligned: bool = False
     cpu_threads: int | None = None
+    align_detect_size: int | None = None
     progress: bool | None = None  # Ray progress bars; None = when stderr is a terminal
 
 
@@ -294,6 +298,13 @@ def resolve_config(config: InvertConfig, check_output: bool = True) -> ResolvedC
             raise ConfigError(f"--{name.replace('_', '-')} {value!r}: expected a positive integer")
     if not isinstance(config.align_actors, int) or config.align_actors < 1:
         raise ConfigError(f"--align-actors {config.align_actors!r}: expected a positive integer")
+    if config.align_detect_size is not None and (
+        not isinstance(config.align_detect_size, int) or config.align_detect_size < 64
+    ):
+        raise ConfigError(
+            f"--align-detect-size {config.align_detect_size!r}: expected pixels >= 64 (e.g. 1024), "
+            "or leave it out for the original's exact detection"
+        )
     if not isinstance(config.mix, int) or config.mix < 0:
         raise ConfigError(f"--mix {config.mix!r}: expected the number of style-mixed outputs per input (>= 0)")
     if config.mix_alpha is not None and not 0.0 <= float(config.mix_alpha) <= 1.0:

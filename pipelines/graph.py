@@ -186,6 +186,7 @@ def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resourc
         fn_constructor_kwargs={
             "mode": resolved.align,
             "gray": get_task(resolved.task).label_nc > 0,
+            "aligner_kwargs": {"detect_size": config.align_detect_size} if config.align_detect_size else None,
             "stage_clock": clock,
         },
         compute=ActorPoolStrategy(min_size=1, max_size=config.align_actors),

@@ -121,6 +121,11 @@ class InvertFaces:
         if device == "cpu":
             # Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors; the model is the bottleneck here.
             torch.set_num_threads(cpu_threads or max(1, os.cpu_count() or 1))
+        if device == "cuda":
+            # Fidelity: fp32 convolutions and matmuls in full precision (TF32 would move outputs by
+            # ~1e-3, past the 1e-4 promise of matching the original).
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         self.device = device
         self.model = load_psp(checkpoint, device=device, storage_options=storage_options)
         self.task = get_task(task)

@@ -69,3 +69,13 @@ def test_demo_then_inspect(ray_cluster, capsys, tmp_path):
     assert main(["inspect", str(out)]) == 0
     report = capsys.readouterr().out
     assert "status counts" in report and "no_face" in report
+
+
+def test_fast_alignment_is_opt_in_and_validated(capsys, inputs, tmp_path, tiny_checkpoint):
+    from jobs.cli import build_parser, config_from_args
+
+    argv = ["invert", inputs, str(tmp_path / "out"), "--checkpoint", tiny_checkpoint]
+    assert config_from_args(build_parser().parse_args(argv)).align_detect_size is None
+    fast = build_parser().parse_args(argv + ["--align-detect-size", "1024"])
+    assert config_from_args(fast).align_detect_size == 1024
+    _fails(capsys, argv + ["--align-detect-size", "10"], "--align-detect-size", "exact detection")

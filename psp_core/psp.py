@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -100,40 +101,43 @@ class PSP(nn.Module):
         """The reference ``pSp.forward`` (spec §2.5).
 
         Args:
-            x: images ``[B, input_nc, 256, 256]``, or with ``input_code=True`` Z codes ``[B, 512]``
-                (mapped by the decoder's mapping network).
+            x: images ``[B, input_nc, 256, 256]`` (float, the model's dtype), or with
+                ``input_code=True`` Z codes ``[B, 512]`` (mapped by the decoder's mapping network).
             resize: average-pool the output to 256x256 (``face_pool``).
-            latent_mask: style indices to replace by ``inject_latent`` (mixed by ``alpha`` when
-                given) or, without ``inject_latent``, to zero.
-            inject_latent: ``[B or 1, n_styles, 512]``.
+            latent_mask: indices into dim 1 of the code, exactly as the original: for a W+ code
+                ``[B, n_styles, 512]`` they name styles; for a 2-D code ``[B, 512]`` (a
+                ``BackboneEncoderUsingLastLayerIntoW`` trained with ``--learn_in_w``, or Z with
+                ``input_code=True``) they name W (or Z) *dimensions*. The named entries are
+                replaced by ``inject_latent`` (mixed by ``alpha`` when given) or, without
+                ``inject_latent``, zeroed. To mix *styles* of a W encoder use :meth:`mix`.
+            inject_latent: ``[B or 1, n_styles, 512]`` for a W+ code (``[B or 1, 512]`` for a
+                2-D code; a W+ ``inject_latent`` on a 2-D code raises ValueError, where the
+                original fails with a shape error).
             return_latents: also return the decoder's W+ ``[B, n_styles, 512]``.
 
         Returns:
             images ``[B, 3, H, W]`` (H = 256 if ``resize`` else ``output_size``), or
             ``(images, latents)``.
 
-        Deviation from the original, outputs unchanged: the mask is applied to a copy (the
+        Deviations from the original, outputs unchanged: the mask is applied to a copy (the
         original writes into ``codes`` in place, which with ``input_code=True`` is the caller's
-        tensor), and a W encoder's code ``[B, 512]`` is expanded to W+ before masking so that
-        indices name styles (the original would index its features).
+        tensor); bad mask indices, dtypes and shapes raise ValueError before any work. A W
+        encoder trained without ``--learn_in_w`` (``latent_avg [n_styles, 512]``) gives
+        ``codes.unsqueeze(1) + latent_avg`` (W+) at any batch size; the original gives the same
+        at B=1 and fails (or, at B = n_styles, mixes rows across the batch) otherwise.
         """
+        mask = None
         if input_code:
-            codes = x
+            self._check_dtype(x, "x (a Z code, input_code=True)")
+            code_shape = tuple(x.shape)
         else:
-            codes = self._encode_raw(x)
-        if latent_mask is not None:
-            mask = self._check_latent_mask(latent_mask)
-            if codes.ndim == 2 and not input_code:
-                codes = codes.unsqueeze(1).repeat(1, self.n_styles, 1)
-            codes = codes.clone()
-            for i in mask:
-                if inject_latent is not None:
-                    if alpha is not None:
-                        codes[:, i] = alpha * inject_latent[:, i] + (1 - alpha) * codes[:, i]
-                    else:
-                        codes[:, i] = inject_latent[:, i]
-                else:
-                    codes[:, i] = 0
+            self._check_input(x)
+            code_shape = (x.shape[0], self.n_styles, STYLE_DIM) if self._code_is_w_plus() else (x.shape[0], STYLE_DIM)
+        if latent_mask is not None:  # checked before the (costly) encoder runs
+            mask = self._check_forward_mask(code_shape, latent_mask, inject_latent, input_code)
+        codes = x if input_code else self._encode_raw(x)
+        if mask is not None:
+            codes = self._apply_latent_mask(codes, mask, inject_latent, alpha)
         images, latents = self.decoder(
             [codes],
             input_is_latent=not input_code,
@@ -149,7 +153,8 @@ class PSP(nn.Module):
     # -- convenience API ------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, input_nc, 256, 256]`` -> W+ ``[B, n_styles, 512]`` (``latent_avg`` added
-        when ``start_from_latent_avg``; a W encoder's code is repeated over the styles).
+        when ``start_from_latent_avg``; a W encoder's code ``[B, 512]`` is repeated over the
+        styles -- what the decoder does with it -- so every encoder type gives W+ here).
         """
         codes = self._encode_raw(x)
         if codes.ndim == 2:
@@ -193,6 +198,9 @@ class PSP(nn.Module):
             x: ``[B, input_nc, 256, 256]``.
             seed: one int used for every sample, or a list of B ints (one per sample).
 
+        Works on W+ for every encoder type: a W encoder's code is repeated over the styles first
+        (our documented extension; the original's ``forward`` cannot inject into a W code).
+
         Returns:
             ``(images [B, n_outputs, 3, H, W], w_plus [B, n_outputs, n_styles, 512])``.
         """
@@ -224,6 +232,8 @@ class PSP(nn.Module):
 
     # -- helpers ------------------------------------------------------------------------------
     def _encode_raw(self, x: torch.Tensor) -> torch.Tensor:
+        """Encoder output plus ``latent_avg``: W+ ``[B, n_styles, 512]``, or W ``[B, 512]`` for a W
+        encoder with a one-row ``latent_avg`` (``--learn_in_w``)."""
         self._check_input(x)
         codes = self.encoder(x)
         if self.start_from_latent_avg:
@@ -233,9 +243,38 @@ class PSP(nn.Module):
                     "that has 'latent_avg' or set opts['start_from_latent_avg'] = False"
                 )
             avg = self.latent_avg.to(codes.dtype)
-            # Broadcast equivalent of the original's latent_avg.repeat(B, 1[, 1]).
-            codes = codes + (avg.reshape(1, STYLE_DIM) if codes.ndim == 2 else avg.reshape(1, -1, STYLE_DIM))
+            if codes.ndim == 3:
+                # Broadcast equivalent of the original's latent_avg.repeat(B, 1, 1).
+                codes = codes + avg.reshape(1, -1, STYLE_DIM)
+            elif avg.ndim == 2 and avg.shape[0] == self.n_styles:
+                # W encoder trained without --learn_in_w (the coach repeats latent_avg to
+                # [n_styles, 512]): W -> W+. Equals the original at B=1, where it works.
+                codes = codes.unsqueeze(1) + avg.unsqueeze(0)
+            else:
+                # --learn_in_w: the original's latent_avg.repeat(B, 1).
+                codes = codes + avg.reshape(1, STYLE_DIM)
         return codes
+
+    def _check_dtype(self, x: torch.Tensor, name: str) -> None:
+        expected = self.decoder.input.input.dtype
+        if x.dtype == expected:
+            return
+        cast = "x.float()" if expected == torch.float32 else f"x.to({expected})"
+        if x.dtype == torch.uint8:
+            hint = (
+                "a uint8 image is not a model input: use the task's transform "
+                "(psp_core.get_task(dataset_type).transform(pil_image)), which gives float32 "
+                "[C, 256, 256] normalised as the checkpoint was trained"
+            )
+        elif not x.is_floating_point():
+            hint = (
+                "an integer tensor (a one-hot or label map?) is not a model input: segmentation "
+                "checkpoints take a one-hot float map [B, label_nc, 256, 256], as the task's "
+                f"transform gives; convert a one-hot tensor with {cast}"
+            )
+        else:
+            hint = f"convert it with {cast} (or move the model to that dtype)"
+        raise ValueError(f"{name} has dtype {x.dtype} but the model's weights are {expected}: {hint}")
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
@@ -250,6 +289,77 @@ class PSP(nn.Module):
                 f"input is {x.shape[2]}x{x.shape[3]}: the pSp encoder needs 256x256 inputs "
                 "(align/resize the image to 256x256 first)"
             )
+        self._check_dtype(x, "input")
+
+    def _code_is_w_plus(self) -> bool:
+        """Whether ``_encode_raw`` gives W+ ``[B, n_styles, 512]`` (else W ``[B, 512]``)."""
+        if self.encoder_type not in W_ENCODERS:
+            return True
+        avg = self.latent_avg
+        return bool(
+            self.start_from_latent_avg and avg is not None and avg.ndim == 2 and avg.shape[0] == self.n_styles
+        )
+
+    def _check_forward_mask(
+        self,
+        code_shape: tuple[int, ...],
+        latent_mask: Sequence[int],
+        inject_latent: torch.Tensor | None,
+        input_code: bool,
+    ) -> list[int]:
+        """Check that the original's ``codes[:, i] = ...`` loop can run on codes of ``code_shape``."""
+        mask = [int(i) for i in latent_mask]
+        if len(code_shape) == 2:
+            what = "Z dimensions (input_code=True)" if input_code else (
+                "W dimensions (this W encoder's code is W [B, 512]; to mix styles use PSP.mix)"
+            )
+        else:
+            what = "styles"
+        size = code_shape[1]
+        bad = [i for i in mask if not -size <= i < size]
+        if bad:
+            raise ValueError(f"latent_mask {mask} has indices {bad} outside 0..{size - 1}: they name {what}")
+        if inject_latent is None:
+            return mask
+        fits = f"[B or 1, {', '.join(str(d) for d in code_shape[1:])}]"
+        if len(code_shape) == 2 and inject_latent.ndim != 2:
+            raise ValueError(
+                f"inject_latent has shape {tuple(inject_latent.shape)} but the code it is injected into is "
+                f"2-D {tuple(code_shape)}, so latent_mask names {what}; the original pSp fails here "
+                "(a [B] <- [1, 512] assignment). To mix styles of a W encoder use "
+                "PSP.mix(x, n_outputs, latent_mask), which works on W+, or use a W+ encoder checkpoint"
+            )
+        if inject_latent.ndim < 2 or not all(-inject_latent.shape[1] <= i < inject_latent.shape[1] for i in mask):
+            raise ValueError(f"inject_latent has shape {tuple(inject_latent.shape)}: expected {fits} to inject entries {mask}")
+        dst, src = (code_shape[0], *code_shape[2:]), (inject_latent.shape[0], *inject_latent.shape[2:])
+        try:
+            ok = torch.broadcast_shapes(dst, src) == dst
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"inject_latent has shape {tuple(inject_latent.shape)}, which does not fit codes of shape "
+                f"{tuple(code_shape)}: expected {fits}"
+            )
+        return mask
+
+    @staticmethod
+    def _apply_latent_mask(
+        codes: torch.Tensor, mask: list[int], inject_latent: torch.Tensor | None, alpha: float | None
+    ) -> torch.Tensor:
+        """The original's ``codes[:, i] = ...`` loop, on a copy."""
+        codes = codes.clone()
+        if inject_latent is not None:
+            inject_latent = inject_latent.to(device=codes.device, dtype=codes.dtype)
+        for i in mask:
+            if inject_latent is not None:
+                if alpha is not None:
+                    codes[:, i] = alpha * inject_latent[:, i] + (1 - alpha) * codes[:, i]
+                else:
+                    codes[:, i] = inject_latent[:, i]
+            else:
+                codes[:, i] = 0
+        return codes
 
     def _check_latent_mask(self, latent_mask: Sequence[int]) -> list[int]:
         mask = [int(i) for i in latent_mask]
@@ -318,6 +428,12 @@ def read_checkpoint(
         local = uri[len("file://") :] if uri.startswith("file://") else uri
         if not os.path.exists(local):
             raise FileNotFoundError(f"checkpoint {uri!r} does not exist")
+        if os.path.isdir(local):
+            found = sorted(n for n in os.listdir(local) if n.endswith((".pt", ".pth", ".ckpt")))
+            raise CheckpointError(
+                f"checkpoint {uri!r} is a directory, not a checkpoint file: give the path of the .pt "
+                "file itself" + (f" (this directory holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''})" if found else "")
+            )
         return _torch_load(local, uri), _sha256_file(local)
 
     import fsspec  # checkpoint loading is the one place psp_core touches fsspec
@@ -332,6 +448,10 @@ def read_checkpoint(
                     dst.write(chunk)
         except FileNotFoundError:
             raise FileNotFoundError(f"checkpoint {uri!r} does not exist") from None
+        except IsADirectoryError:
+            raise CheckpointError(
+                f"checkpoint {uri!r} is a directory (prefix), not a checkpoint file: give the URI of the .pt file itself"
+            ) from None
         # Tensors stay valid after the temporary file is removed (mmap keeps the inode alive).
         return _torch_load(local, uri), h.hexdigest()
 
@@ -345,18 +465,62 @@ def _torch_load(local: str, name: str) -> Any:
                 raise
             return torch.load(local, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
-            f"checkpoint {name!r} holds pickled objects other than tensors and plain containers "
-            f"(e.g. opts saved as an argparse.Namespace), so it cannot be loaded safely with "
-            f"weights_only=True. If you trust the file, re-save it with plain opts: "
-            f"ckpt = torch.load(path, weights_only=False); ckpt['opts'] = vars(ckpt['opts']); "
-            f"torch.save(ckpt, path). ({str(e).splitlines()[0]})"
-        ) from None
+        raise CheckpointError(_weights_only_message(name, e)) from None
     except Exception as e:  # torch.load raises many types on damaged or foreign files
         raise CheckpointError(
             f"checkpoint {name!r} is not a readable torch checkpoint ({type(e).__name__}: {e}); "
             "check that the file is complete and was written by torch.save"
         ) from None
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _weights_only_message(name: str, error: Exception) -> str:
+    """Explain a ``weights_only=True`` refusal with torch's own "Unsupported global" line and
+    advice that fits the refused global (never by loading with ``weights_only=False``)."""
+    text = _ANSI.sub("", str(error))
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if "Unsupported global" in ln), None)
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    glob = match.group(1) if match else None
+    head = f"checkpoint {name!r} cannot be loaded safely with weights_only=True"
+    if detail is not None:
+        head += f": it pickles a Python object that is not a tensor or plain container ({detail.split(' was not')[0]})"
+    else:
+        head += f" ({lines[-1] if lines else type(error).__name__})"
+    resave = "If you trust the file, re-save it without that object: ckpt = torch.load(path, weights_only=False); "
+    if glob == "argparse.Namespace":
+        advice = (
+            "The opts were saved as an argparse.Namespace. " + resave
+            + "ckpt['opts'] = vars(ckpt['opts']); torch.save(ckpt, path)."
+        )
+    elif glob is not None and glob.startswith("numpy"):
+        advice = (
+            f"It holds numpy values ({glob}), e.g. numpy scalars in opts or a numpy latent_avg. " + resave
+            + "convert them: scalars with v.item(), arrays with torch.from_numpy(a) (e.g. "
+            "ckpt['opts'] = {k: (v.item() if isinstance(v, numpy.generic) else v) for k, v in ckpt['opts'].items()}); "
+            "then torch.save(ckpt, path)."
+        )
+    elif glob is not None:
+        advice = (
+            resave + f"replace the {glob} object by a dict/list/str/number (or tensor); then torch.save(ckpt, path). "
+            f"Or, if you trust {glob}, allowlist it before loading: torch.serialization.add_safe_globals([{glob}])."
+        )
+    else:
+        advice = (
+            "If you trust the file, re-save it holding only tensors and plain containers "
+            "(dict, list, tuple, str, int, float, bool, None)."
+        )
+    return f"{head}. {advice}"
+
+
+def _weights_output_size(state: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``(output_size, number of to_rgbs layers)`` implied by a pSp state dict's decoder keys."""
+    idx = {k.split(".")[2] for k in state if isinstance(k, str) and k.startswith("decoder.to_rgbs.")}
+    if not idx:
+        return None
+    return 2 ** (len(idx) + 2), len(idx)
 
 
 def _split_prefix(state: Mapping[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
@@ -418,9 +582,17 @@ def load_psp(
         device: where the model runs (the checkpoint's stored ``opts['device']`` is ignored).
         storage_options: passed to fsspec for remote URIs (e.g. ``{"endpoint_url": ...}``).
 
+    Beyond the original loader: a state dict whose keys ALL start with ``module.`` (saved from
+    an ``nn.DataParallel`` wrapper) is loaded with the prefix stripped; ``latent_avg`` is ignored
+    (kept, unused) when ``start_from_latent_avg`` is off, as the original ignores it; a W encoder
+    trained without ``--learn_in_w`` (``latent_avg [n_styles, 512]``) is accepted.
+
     Raises:
-        CheckpointError: not a pSp checkpoint (with what to do), or keys/shapes that do not
-            match the architecture named by its opts.
+        FileNotFoundError: no such file.
+        CheckpointError: not a pSp checkpoint (with what to do), a directory, a file that needs
+            ``weights_only=False`` (never used: the message names the refused object and how to
+            re-save), opts that contradict the weights (e.g. legacy opts without
+            ``output_size`` on a non-1024 model), or keys/shapes that do not match.
     """
     uri = os.fspath(path_or_uri)
     ckpt, sha = read_checkpoint(uri, storage_options)
@@ -445,15 +617,47 @@ def load_psp(
             f"checkpoint {uri!r} has no 'opts' dict (found {type(opts).__name__}): pSp checkpoints store "
             "the training options, which name the encoder type, input channels and output size"
         )
+    state = ckpt["state_dict"]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"checkpoint {uri!r}: 'state_dict' is a {type(state).__name__}, expected a dict of tensors")
+    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        # Saved from an nn.DataParallel / DistributedDataParallel wrapper. Stripped only when EVERY
+        # key carries the prefix (then nothing is ambiguous); a partial prefix is an error below.
+        logger.info("checkpoint %s: stripping the 'module.' prefix (DataParallel) from every key", uri)
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    implied = _weights_output_size(state)
+    stated = opts.get("output_size")
+    if implied is not None and int(stated if stated is not None else 1024) != implied[0]:
+        size, n_rgb = implied
+        if stated is None:
+            raise CheckpointError(
+                f"checkpoint {uri!r} has no opts['output_size'], so it is read as 1024 (the legacy default "
+                "of the reference scripts, right for the released 1024 px models), but its decoder weights "
+                f"are for output_size {size} ({n_rgb} decoder.to_rgbs layers): set opts['output_size'] = {size} "
+                f"and re-save: ckpt = torch.load(path, weights_only=True); ckpt['opts']['output_size'] = {size}; "
+                "torch.save(ckpt, path)"
+            )
+        raise CheckpointError(
+            f"checkpoint {uri!r}: its opts say output_size={stated} but its decoder weights are for output_size "
+            f"{size} ({n_rgb} decoder.to_rgbs layers): fix opts['output_size'] (and opts['n_styles'] if present) "
+            "and re-save the checkpoint"
+        )
     latent_avg = ckpt.get("latent_avg")
     try:
         opts = _normalise_opts(dict(opts))
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint {uri!r}: {e}") from None
     n_styles = n_styles_for(int(opts["output_size"]))
-    if latent_avg is not None:
+    if not opts["start_from_latent_avg"]:
+        # The original ignores latent_avg then: keep a tensor (unused), whatever its shape.
+        if latent_avg is not None and not isinstance(latent_avg, torch.Tensor):
+            logger.warning("checkpoint %s: ignoring a non-tensor 'latent_avg' (%s)", uri, type(latent_avg).__name__)
+            latent_avg = None
+        elif latent_avg is not None:
+            latent_avg = latent_avg.detach().float().clone()
+    elif latent_avg is not None:
         latent_avg = _check_latent_avg(latent_avg, opts, n_styles, uri)
-    elif opts["start_from_latent_avg"]:
+    else:
         raise CheckpointError(
             f"checkpoint {uri!r} was trained with start_from_latent_avg but has no 'latent_avg': "
             "re-save it with the generator's average latent, ckpt['latent_avg'] = "
@@ -462,7 +666,6 @@ def load_psp(
 
     with torch.device("meta"):
         net = PSP(opts)
-    state = ckpt["state_dict"]
     hint = (
         f" (opts: encoder_type={opts['encoder_type']}, input_nc={opts['input_nc']}, "
         f"output_size={opts['output_size']}{' [legacy default]' if 'output_size' not in ckpt['opts'] else ''})"
@@ -470,6 +673,13 @@ def load_psp(
     halves = {name: _split_prefix(state, name) for name in ("encoder", "decoder")}
     problems = [p for name, part in halves.items() for p in _state_problems(getattr(net, name), part, name + ".")]
     if problems:
+        prefixed = sum(1 for k in state if isinstance(k, str) and k.startswith("module."))
+        if prefixed:
+            problems.append(
+                f"{prefixed} of {len(state)} keys start with 'module.' (an nn.DataParallel wrapper's prefix): "
+                "strip it from those keys, ckpt['state_dict'] = {k.removeprefix('module.'): v for k, v in "
+                "ckpt['state_dict'].items()}, and re-save (load_psp strips it itself only when every key has it)"
+            )
         raise CheckpointError(
             f"checkpoint {uri!r} does not match the architecture its opts describe{hint}: " + "; ".join(problems)
         )
@@ -489,12 +699,20 @@ def _check_latent_avg(latent_avg: Any, opts: Mapping[str, Any], n_styles: int, u
     if not isinstance(latent_avg, torch.Tensor):
         raise CheckpointError(f"checkpoint {uri!r}: 'latent_avg' is a {type(latent_avg).__name__}, expected a tensor")
     shape = tuple(latent_avg.shape)
-    w_code = opts["encoder_type"] in W_ENCODERS
-    ok = {(STYLE_DIM,), (1, STYLE_DIM)} if w_code else {(STYLE_DIM,), (1, STYLE_DIM), (n_styles, STYLE_DIM)}
+    # A W encoder trained with --learn_in_w has [1, 512]; without it the coach repeats the average
+    # to [n_styles, 512] (the W code then becomes W+; see PSP._encode_raw).
+    w_learn = opts["encoder_type"] in W_ENCODERS and opts["learn_in_w"]
+    ok = {(STYLE_DIM,), (1, STYLE_DIM)} if w_learn else {(STYLE_DIM,), (1, STYLE_DIM), (n_styles, STYLE_DIM)}
     if shape not in ok:
+        extra = (
+            f" (a W encoder trained with --learn_in_w has one row; [{n_styles}, 512] belongs to one trained "
+            "without it: set opts['learn_in_w'] = False if that is the case)"
+            if w_learn and shape == (n_styles, STYLE_DIM) else ""
+        )
         raise CheckpointError(
             f"checkpoint {uri!r}: 'latent_avg' has shape {list(shape)}; expected one of "
-            f"{sorted(list(s) for s in ok)} for {opts['encoder_type']} at output_size {opts['output_size']}"
+            f"{sorted(list(s) for s in ok)} for {opts['encoder_type']}"
+            f"{' with learn_in_w' if w_learn else ''} at output_size {opts['output_size']}{extra}"
         )
     return latent_avg.detach().float().clone()
 

@@ -89,11 +89,11 @@ def psp_opts(
 
 
 def _normal(gen: torch.Generator, shape, std: float = 1.0, mean: float = 0.0) -> torch.Tensor:
-    return torch.randn(shape, generator=gen) * std + mean
+    return torch.randn(shape, generator=gen).mul_(std).add_(mean)
 
 
 def _uniform(gen: torch.Generator, shape, low: float, high: float) -> torch.Tensor:
-    return torch.rand(shape, generator=gen) * (high - low) + low
+    return torch.rand(shape, generator=gen).mul_(high - low).add_(low)
 
 
 @torch.no_grad()
@@ -180,7 +180,8 @@ def random_checkpoint(
 
     The file is ``{'state_dict': encoder.* + decoder.*, 'opts': dict, 'latent_avg': tensor}``,
     with ``latent_avg`` (only when ``start_from_latent_avg``) the mean W of 4096 seeded z,
-    repeated to ``[n_styles, 512]``, or ``[1, 512]`` with ``learn_in_w``.
+    ``[1, 512]`` with ``learn_in_w``, else ``[n_styles, 512]`` with each row perturbed by its own
+    seeded noise (0.25 x the std of the mean W), so the rows differ as they would after training.
 
     Args:
         path: local path or fsspec URI.
@@ -208,7 +209,14 @@ def random_checkpoint(
             net = PSP(full_opts)
             latent = torch.zeros(1, 512)
     else:
-        net = randomize_(PSP(full_opts), seed)
+        # The encoder (most of the weights) skips PyTorch's default init: randomize_ overwrites
+        # every encoder tensor. The decoder is built normally (randomize_ keeps its blur kernels'
+        # sums). tests/test_fidelity_golden.py pins the resulting bytes.
+        with torch.device("meta"):
+            net = PSP(full_opts)
+        net.encoder.to_empty(device="cpu")
+        net.decoder = Generator(output_size, 512, 8)
+        net = randomize_(net, seed)
         net.eval()
         with torch.no_grad():
             latent = net.decoder.mean_latent(4096, generator=torch.Generator().manual_seed(seed + 1))
@@ -217,7 +225,13 @@ def random_checkpoint(
         if latent_avg_shape == "flat":
             ckpt["latent_avg"] = latent[0].clone()
         elif latent_avg_shape == "official":
-            ckpt["latent_avg"] = latent.repeat(1 if learn_in_w else net.n_styles, 1)
+            rows = 1 if learn_in_w else net.n_styles
+            # Distinct rows (a seeded perturbation of the mean W per row), so that a loader or
+            # forward that used row 0 for every style could not pass the tests.
+            ckpt["latent_avg"] = latent.repeat(rows, 1)
+            if device != "meta":
+                noise = torch.randn(rows, latent.shape[1], generator=torch.Generator().manual_seed(seed + 2))
+                ckpt["latent_avg"] = ckpt["latent_avg"] + 0.25 * float(latent.std()) * noise
         else:
             raise ValueError(f"latent_avg_shape={latent_avg_shape!r}: expected 'official', 'flat' or 'none'")
     return _save(ckpt, path)

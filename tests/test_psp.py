@@ -115,6 +115,12 @@ def test_loaded_model_metadata(net32, ckpt32):
         assert torch.equal(v, ckpt["state_dict"][k]), k
 
 
+def test_random_checkpoint_latent_avg_rows_differ(net32):
+    # A loader/forward that used row 0 for every style must not pass the tests above and below.
+    rows = net32.latent_avg
+    assert min((rows[i] - rows[j]).abs().max() for i in range(8) for j in range(i)) > 1e-2
+
+
 @torch.inference_mode()
 def test_batch_of_four_equals_single_calls(net32, batch4):
     x, w = batch4
@@ -211,16 +217,87 @@ def test_mix_rows_do_not_depend_on_the_batch_and_match_the_original_route(net32,
     assert (images[0, 0] - images[1, 0]).abs().max() > 1e-3
 
 
-def test_encode_of_a_w_encoder_is_repeated_over_the_styles():
-    opts = psp_opts(32, "BackboneEncoderUsingLastLayerIntoW", learn_in_w=True)
-    net = randomize_(PSP(opts), seed=4).eval()
-    net.latent_avg = torch.randn(1, 512)
+# -- W encoder (BackboneEncoderUsingLastLayerIntoW): a W code [B, 512] ---------------------------
+
+
+@pytest.fixture(scope="module")
+def w32():
+    """A random 32 px W encoder trained with --learn_in_w (latent_avg [1, 512]), its input and raw code."""
+    net = randomize_(PSP(psp_opts(32, "BackboneEncoderUsingLastLayerIntoW", learn_in_w=True)), seed=4).eval()
+    net.latent_avg = torch.randn(1, 512, generator=torch.Generator().manual_seed(8))
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(6))
     with torch.inference_mode():
-        x = torch.randn(1, 3, 256, 256)
-        w = net.encode(x)
         raw = net.encoder(x)
+    assert raw.shape == (2, 512)
+    return net, x, raw
+
+
+@torch.inference_mode()
+def test_encode_of_a_w_encoder_is_repeated_over_the_styles(w32):
+    net, x, raw = w32
+    w = net.encode(x[:1])
     assert w.shape == (1, 8, 512)
-    torch.testing.assert_close(w, (raw + net.latent_avg).unsqueeze(1).expand(1, 8, 512))
+    torch.testing.assert_close(w, (raw[:1] + net.latent_avg).unsqueeze(1).expand(1, 8, 512))
+
+
+@torch.inference_mode()
+def test_latent_mask_on_a_w_code_zeroes_w_dimensions_like_the_original(w32):
+    # The original indexes the [B, 512] code: codes[:, i] = 0 zeroes W dimension i (in every style).
+    net, x, raw = w32
+    images, latents = net(x[:1], latent_mask=[1, 7, 300], randomize_noise=False, return_latents=True)
+    w = raw[:1] + net.latent_avg
+    w[:, [1, 7, 300]] = 0
+    expected = w.unsqueeze(1).expand(1, 8, 512)
+    torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(images, net.decode(expected), rtol=0, atol=1e-5)
+    assert (latents[0, :, 300] == 0).all() and (latents[0, 2] != 0).any()  # style 2 stays whole
+
+
+def test_w_code_mask_errors_point_to_mix(w32):
+    net, x, _ = w32
+    inject = torch.zeros(1, 8, 512)
+    with pytest.raises(ValueError, match=r"inject_latent has shape \(1, 8, 512\).*2-D.*PSP\.mix.*W\+ encoder"):
+        net(x[:1], latent_mask=[1], inject_latent=inject)
+    with pytest.raises(ValueError, match=r"outside 0\.\.511.*W dimensions"):
+        net(x[:1], latent_mask=[512])
+
+
+@torch.inference_mode()
+def test_mix_works_on_w_plus_for_a_w_encoder(w32):
+    net, x, raw = w32
+    images, mixed = net.mix(x[:1], n_outputs=2, latent_mask=[6, 7], seed=3)
+    own = (raw[:1] + net.latent_avg)[0]
+    assert images.shape == (1, 2, 3, 256, 256) and mixed.shape == (1, 2, 8, 512)
+    torch.testing.assert_close(mixed[0, :, :6], own.expand(2, 6, 512), rtol=0, atol=1e-5)
+    assert (mixed[0, 0, 6] - own).abs().max() > 1e-2  # styles 6, 7 come from z
+
+
+@torch.inference_mode()
+def test_w_encoder_without_learn_in_w_gives_w_plus_at_any_batch(w32):
+    # The coach repeats latent_avg to [n_styles, 512] when --learn_in_w is off; the original then
+    # computes codes + latent_avg (W+) and works at B=1 only. Ours: codes.unsqueeze(1) + avg, any B.
+    net, x, raw = w32
+    rows = torch.randn(8, 512, generator=torch.Generator().manual_seed(9))
+    with torch.device("meta"):
+        alt = PSP(dict(net.opts, learn_in_w=False)).eval()
+    alt.load_state_dict(net.state_dict(), assign=True)  # shares w32's weights
+    alt.latent_avg = rows
+    images, latents = alt(x, randomize_noise=False, return_latents=True)
+    expected = raw.unsqueeze(1) + rows
+    torch.testing.assert_close(latents, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(images, alt.decode(expected), rtol=0, atol=1e-5)
+
+
+def test_loader_accepts_w_encoder_latent_avg_rows_only_without_learn_in_w(tmp_path):
+    path = random_checkpoint(
+        tmp_path / "w.pt", output_size=32, device="meta", encoder_type="BackboneEncoderUsingLastLayerIntoW", learn_in_w=False
+    )
+    net = load_psp(path, device="meta")
+    assert tuple(net.latent_avg.shape) == (8, 512) and net._code_is_w_plus()
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["opts"]["learn_in_w"] = True
+    with pytest.raises(CheckpointError, match=r"\[8, 512\] belongs to one trained without it.*learn_in_w.. = False"):
+        load_psp(_save(tmp_path, ckpt), device="meta")
 
 
 def test_to_moves_latent_avg_with_the_model():
@@ -243,6 +320,33 @@ def test_wrong_input_size_and_channels_are_explained(net32):
         net32.mix(torch.zeros(1, 3, 256, 256), n_outputs=1, latent_mask=[8])
     with pytest.raises(ValueError, match=r"\[B, 8, 512\]"):
         net32.decode(torch.zeros(1, 18, 512))
+
+
+@pytest.mark.parametrize(
+    "x,match",
+    [
+        (torch.zeros(1, 3, 256, 256, dtype=torch.uint8), r"dtype torch\.uint8.*task's transform"),
+        (torch.zeros(1, 3, 256, 256, dtype=torch.float64), r"dtype torch\.float64.*x\.float\(\)"),
+        (torch.zeros(1, 3, 256, 256, dtype=torch.int64), r"dtype torch\.int64.*one-hot float.*x\.float\(\)"),
+    ],
+    ids=["uint8", "float64", "int64-onehot"],
+)
+def test_wrong_input_dtype_is_explained(net32, x, match):
+    # The original fails deep inside a conv ("expected scalar type ... but found Float").
+    with pytest.raises(ValueError, match=match):
+        net32(x)
+    with pytest.raises(ValueError, match=match):
+        net32.encode(x)
+
+
+def test_bad_mask_and_inject_shapes_fail_before_encoding(net32):
+    x = torch.zeros(1, 3, 256, 256)
+    with pytest.raises(ValueError, match=r"outside 0\.\.7: they name styles"):
+        net32(x, latent_mask=[8])
+    with pytest.raises(ValueError, match=r"inject_latent has shape \(1, 4, 512\)"):
+        net32(x, latent_mask=[6], inject_latent=torch.zeros(1, 4, 512))
+    with pytest.raises(ValueError, match=r"does not fit codes of shape \(1, 8, 512\)"):
+        net32(x, latent_mask=[1], inject_latent=torch.zeros(3, 8, 512))
 
 
 # -- loading from anywhere, and clear errors ---------------------------------------------------
@@ -350,6 +454,55 @@ def test_damaged_file(tmp_path):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
         load_psp(tmp_path / "nowhere.pt")
+
+
+def test_a_directory_is_named_as_such(tmp_path):
+    (tmp_path / "psp_ffhq_encode.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"is a directory.*path of the \.pt file.*psp_ffhq_encode\.pt"):
+        load_psp(tmp_path)
+
+
+def test_numpy_values_in_opts_get_numpy_advice_not_namespace_advice(tmp_path):
+    import numpy as np
+
+    path = random_checkpoint(tmp_path / "m.pt", device="meta", output_size=32)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["opts"]["lpips_lambda"] = np.float64(0.8)
+    with pytest.raises(CheckpointError) as e:
+        load_psp(_save(tmp_path, ckpt), device="meta")
+    msg = str(e.value)
+    assert "Unsupported global: GLOBAL numpy" in msg and "v.item()" in msg and "weights_only=True" in msg
+    assert "Namespace" not in msg and "\x1b" not in msg
+
+
+def test_legacy_opts_on_a_non_1024_model_say_what_the_weights_imply(tmp_path):
+    path = random_checkpoint(tmp_path / "m.pt", device="meta", output_size=32)
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("output_size", "n_styles"):
+        del ckpt["opts"][key]
+    with pytest.raises(CheckpointError, match=r"legacy default.*output_size 32 \(3 decoder\.to_rgbs.*opts\['output_size'\] = 32"):
+        load_psp(_save(tmp_path, ckpt), device="meta")
+
+
+def test_data_parallel_module_prefix(tmp_path):
+    path = random_checkpoint(tmp_path / "m.pt", device="meta", output_size=32)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["state_dict"] = {"module." + k: v for k, v in ckpt["state_dict"].items()}
+    net = load_psp(_save(tmp_path, ckpt, "all.pt"), device="meta")  # every key prefixed: stripped
+    assert "decoder.input.input" in net.state_dict()
+    first = next(iter(ckpt["state_dict"]))
+    ckpt["state_dict"][first.removeprefix("module.")] = ckpt["state_dict"].pop(first)
+    with pytest.raises(CheckpointError, match=r"keys start with 'module\.'.*removeprefix"):
+        load_psp(_save(tmp_path, ckpt, "some.pt"), device="meta")
+
+
+def test_latent_avg_is_not_checked_when_unused(tmp_path):
+    # The original ignores latent_avg without start_from_latent_avg: any shape loads (kept, unused).
+    path = random_checkpoint(tmp_path / "m.pt", device="meta", output_size=32, start_from_latent_avg=False)
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["latent_avg"] = torch.zeros(3, 512)
+    net = load_psp(_save(tmp_path, ckpt), device="meta")
+    assert tuple(net.latent_avg.shape) == (3, 512) and not net.start_from_latent_avg
 
 
 # -- StyleGAN2 generator files ----------------------------------------------------------------

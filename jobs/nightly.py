@@ -23,9 +23,11 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence, Union
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas import manifest as mf
@@ -167,8 +169,117 @@ def input_changed(listed: ListedInput, etag: Optional[str], size: Optional[int],
     return listed.etag != etag or listed.mtime != mtime
 
 
+LISTING_SCHEMA = pa.schema(
+    [
+        pa.field("source_uri", pa.string(), nullable=False),  # the key output rows carry
+        pa.field("size", pa.int64()),
+        pa.field("etag", pa.string()),  # quotes stripped
+        pa.field("mtime", pa.float64()),  # seconds since the epoch
+        # what `pipelines.sources.SourceItem` needs besides the above (null where it equals the
+        # default or, for `uri`, the source_uri), so only the inputs to process become objects
+        pa.field("uri", pa.string()),
+        pa.field("kind", pa.dictionary(pa.int8(), pa.string())),
+        pa.field("url", pa.string()),
+        pa.field("column", pa.string()),
+        pa.field("offset", pa.int64()),
+    ]
+)
+_LISTING_BATCH = 8192
+
+
+def listing_table(items: Iterable[Any]) -> pa.Table:
+    """A listing (`SourceItem`s, `ListedInput`s, or anything with uri/size/etag/mtime) as one Arrow
+    table with `LISTING_SCHEMA`, one row per distinct source URI (the first listed wins), in listing
+    order. Built in record batches of 8192, so no per-input Python object outlives its batch."""
+    batches: list[pa.RecordBatch] = []
+    cols: dict[str, list] = {name: [] for name in LISTING_SCHEMA.names}
+
+    def flush() -> None:
+        if cols["source_uri"]:
+            batches.append(pa.RecordBatch.from_pydict(cols, schema=LISTING_SCHEMA))
+            for v in cols.values():
+                v.clear()
+
+    for item in items:
+        listed = as_listed(item)
+        uri = getattr(item, "uri", listed.uri)
+        cols["source_uri"].append(listed.uri)
+        cols["size"].append(listed.size)
+        cols["etag"].append(listed.etag)
+        cols["mtime"].append(listed.mtime)
+        cols["uri"].append(None if uri == listed.uri else uri)
+        cols["kind"].append(getattr(item, "kind", None))
+        cols["url"].append(getattr(item, "url", None))
+        cols["column"].append(getattr(item, "column", None))
+        offset = getattr(item, "offset", None)
+        cols["offset"].append(None if offset is None else int(offset))
+        if len(cols["source_uri"]) >= _LISTING_BATCH:
+            flush()
+    flush()
+    table = pa.Table.from_batches(batches, schema=LISTING_SCHEMA).combine_chunks()
+    return _first_per_key(table, "source_uri")
+
+
+def _first_per_key(table: pa.Table, key: str, last: bool = False) -> pa.Table:
+    """`table` with one row per `key` (the first, or the last, occurrence), in table order."""
+    if table.num_rows == 0:
+        return table
+    idx = pa.array(np.arange(table.num_rows, dtype=np.int64))
+    agg = "max" if last else "min"
+    keep = (
+        pa.table({key: table[key], "_i": idx}).group_by(key, use_threads=False)
+        .aggregate([("_i", agg)])[f"_i_{agg}"]
+    )
+    if len(keep) == table.num_rows:
+        return table
+    return table.take(pc.take(keep, pc.sort_indices(keep)))
+
+
+def source_items(listing: pa.Table, uris: Sequence[str]) -> list[Any]:
+    """`pipelines.sources.SourceItem`s for the listed inputs `uris` (source URIs), in that order."""
+    from pipelines.sources import KIND_FILE, SourceItem
+
+    if not uris:
+        return []
+    wanted = pa.array(list(uris), pa.string())
+    rows = listing.filter(pc.is_in(listing["source_uri"], value_set=wanted))
+    by_uri = {}
+    for r in rows.to_pylist():
+        by_uri[r["source_uri"]] = SourceItem(
+            uri=r["uri"] or r["source_uri"], size=r["size"], etag=r["etag"], mtime=r["mtime"],
+            kind=r["kind"] or KIND_FILE, url=r["url"], column=r["column"], offset=r["offset"],
+        )
+    return [by_uri[u] for u in uris]
+
+
+def _ne(a: pa.ChunkedArray, b: Any) -> pa.ChunkedArray:
+    """Python's ``a != b`` per row with None semantics (None != None is False, None != x True)."""
+    a_valid = pc.is_valid(a)
+    b_valid = pc.is_valid(b) if isinstance(b, (pa.Array, pa.ChunkedArray)) else pa.scalar(b is not None)
+    return pc.if_else(
+        pc.and_(a_valid, b_valid), pc.fill_null(pc.not_equal(a, b), True), pc.xor(a_valid, b_valid)
+    )
+
+
+def _changed_mask(l_size, l_etag, l_mtime, m_size, m_etag, m_mtime) -> pa.ChunkedArray:
+    """`input_changed` for every row at once (the same rules, in the same order)."""
+    both = lambda x, y: pc.and_(pc.is_valid(x), pc.is_valid(y))  # noqa: E731
+    size_diff = pc.and_(both(l_size, m_size), pc.fill_null(pc.not_equal(l_size, m_size), False))
+    etag_diff = pc.fill_null(pc.not_equal(l_etag, m_etag), False)
+    mtime_diff = pc.fill_null(
+        pc.greater(pc.abs(pc.subtract(l_mtime, m_mtime)), pa.scalar(1e-6)), False
+    )
+    fallback = pc.or_(pc.xor(pc.is_valid(l_etag), pc.is_valid(m_etag)),
+                      pc.xor(pc.is_valid(l_mtime), pc.is_valid(m_mtime)))
+    return pc.if_else(
+        size_diff, True,
+        pc.if_else(both(l_etag, m_etag), etag_diff,
+                   pc.if_else(both(l_mtime, m_mtime), mtime_diff, fallback)),
+    )
+
+
 def plan_nightly(
-    listing: Sequence[ListedInput],
+    listing: Union[Sequence[ListedInput], pa.Table],
     manifest: pa.Table,
     checkpoint_sha256: str,
     reprocess_on_model_change: bool = False,
@@ -177,40 +288,60 @@ def plan_nightly(
 ) -> NightlyPlan:
     """Diff a listing against the committed manifest. Pure: no I/O.
 
+    `listing` is a sequence of `ListedInput`s or a `listing_table`. The diff is an Arrow join (no
+    Python object per input); only the URIs to process, and the deleted ones, become Python strings.
+
     Each input lands in exactly one bucket: new, changed, model_changed, retry, or unchanged.
     ``model_changed`` (only with `reprocess_on_model_change`) holds rows made by another checkpoint
     or with another output schema version; ``retry`` (only with `retry_failed`) rows whose status
     is transient (`is_transient`). Inputs in the manifest but not in the listing are
     ``deleted`` (already-tombstoned ones are not repeated).
     """
+    if not isinstance(listing, pa.Table):
+        listing = listing_table(listing)
     plan = NightlyPlan()
-    rows = {
-        r["source_uri"]: r
-        for r in manifest.select(
-            ["source_uri", "etag", "size", "mtime", "checkpoint_sha256", "schema_version", "status"]
-        ).to_pylist()
-    }
-    seen: set[str] = set()
-    for item in listing:
-        if item.uri in seen:
-            continue
-        seen.add(item.uri)
-        row = rows.get(item.uri)
-        if row is None or row["status"] == mf.DELETED:
-            plan.new.append(item.uri)
-        elif input_changed(item, row["etag"], row["size"], row["mtime"]):
-            plan.changed.append(item.uri)
-        elif reprocess_on_model_change and (
-            row["checkpoint_sha256"] != checkpoint_sha256 or row["schema_version"] != schema_version
-        ):
-            plan.model_changed.append(item.uri)
-        elif retry_failed and is_transient(row["status"]):
-            plan.retry.append(item.uri)
-        else:
-            plan.unchanged += 1
-    plan.deleted = sorted(
-        uri for uri, row in rows.items() if uri not in seen and row["status"] != mf.DELETED
+    man = _first_per_key(  # one entry per input; the last one wins, as a dict built from rows would
+        manifest.select(["source_uri", "etag", "size", "mtime", "checkpoint_sha256",
+                         "schema_version", "status"]),
+        "source_uri", last=True,
     )
+    man = pa.table(
+        {"source_uri": man["source_uri"], "m_etag": man["etag"], "m_size": man["size"],
+         "m_mtime": man["mtime"], "m_sha": man["checkpoint_sha256"],
+         "m_sv": man["schema_version"], "m_status": man["status"]}
+    )
+    n = listing.num_rows
+    left = pa.table(
+        {"source_uri": listing["source_uri"], "size": listing["size"], "etag": listing["etag"],
+         "mtime": listing["mtime"], "_i": pa.array(np.arange(n, dtype=np.int64))}
+    )
+    joined = left.join(man, keys="source_uri", join_type="left outer", use_threads=False)
+    joined = joined.take(pc.sort_indices(joined["_i"]))  # back to listing order
+    del left
+    status = joined["m_status"]
+    is_new = pc.fill_null(pc.or_kleene(pc.is_null(status), pc.equal(status, mf.DELETED)), True)
+    changed = _changed_mask(joined["size"], joined["etag"], joined["mtime"],
+                            joined["m_size"], joined["m_etag"], joined["m_mtime"])
+    bucket = pc.if_else(is_new, 0, pc.if_else(changed, 1, 4))  # 0 new 1 changed 2 model 3 retry
+    if reprocess_on_model_change:
+        model = pc.or_(_ne(joined["m_sha"], checkpoint_sha256),
+                       _ne(joined["m_sv"], pa.scalar(schema_version, pa.int32())))
+        bucket = pc.if_else(pc.and_(pc.equal(bucket, 4), model), 2, bucket)
+    if retry_failed:
+        permanent = pa.array(sorted(PERMANENT_STATUSES | {mf.DELETED}), pa.string())
+        transient = pc.invert(pc.fill_null(pc.is_in(status, value_set=permanent), False))
+        bucket = pc.if_else(pc.and_(pc.equal(bucket, 4), transient), 3, bucket)
+    uris = joined["source_uri"]
+    for code, name in ((0, "new"), (1, "changed"), (2, "model_changed"), (3, "retry")):
+        setattr(plan, name, uris.filter(pc.equal(bucket, code)).to_pylist())
+    plan.unchanged = int(pc.sum(pc.equal(bucket, 4)).as_py() or 0)
+    del joined, bucket
+    listed = listing["source_uri"].combine_chunks()
+    gone = pc.and_(
+        pc.invert(pc.is_in(man["source_uri"], value_set=listed)),
+        pc.not_equal(man["m_status"], mf.DELETED),
+    )
+    plan.deleted = sorted(man["source_uri"].filter(gone).to_pylist())
     return plan
 
 
@@ -231,18 +362,20 @@ def next_manifest(
     keep their previous entry (so the next run plans them again); deleted inputs become tombstones.
     """
     now = now or _dt.datetime.now(_dt.timezone.utc)
-    deleted = set(plan.deleted)
-    out: list[dict[str, Any]] = []
-    for row in previous.to_pylist():
-        uri = row["source_uri"]
-        if uri in results:
-            continue
-        if uri in deleted:
-            row.update(status=mf.DELETED, output_file=None, run_id=run_id, updated_at=now)
-        out.append(row)
+    prev = previous.select(mf.MANIFEST_SCHEMA.names).cast(mf.MANIFEST_SCHEMA)
+    done = pa.array(list(results), pa.string())
+    kept = prev.filter(pc.invert(pc.is_in(prev["source_uri"], value_set=done)))
+    gone = pc.is_in(kept["source_uri"], value_set=pa.array(plan.deleted, pa.string()))
+    for name, value in (("status", pa.scalar(mf.DELETED, pa.string())),
+                        ("output_file", pa.scalar(None, pa.string())),
+                        ("run_id", pa.scalar(run_id, pa.string())),
+                        ("updated_at", pa.scalar(now, mf.MANIFEST_SCHEMA.field("updated_at").type))):
+        i = kept.schema.get_field_index(name)
+        kept = kept.set_column(i, mf.MANIFEST_SCHEMA.field(name), pc.if_else(gone, value, kept[name]))
+    fresh = []
     for uri, res in results.items():
         item = listing[uri]
-        out.append(
+        fresh.append(
             {
                 "image_id": res.get("image_id") or mf.image_id_for(uri),
                 "source_uri": uri,
@@ -257,7 +390,7 @@ def next_manifest(
                 "updated_at": now,
             }
         )
-    return mf.make_entries(out)
+    return pa.concat_tables([kept, mf.make_entries(fresh)]).combine_chunks()
 
 
 # -- I/O around the plan ----------------------------------------------------------------------
@@ -354,7 +487,7 @@ def adoptable_rows(
     bytes (ETag/size/mtime per their ``_plan.parquet``) and the same checkpoint."""
     fs, root = mf._fs_and_root(output, storage_options)
     fs.invalidate_cache(mf._join(root, mf.RUNS_DIR))
-    committed = set(manifest["run_id"].drop_null().to_pylist())
+    committed = set(pc.unique(manifest["run_id"].drop_null()).to_pylist())
     try:
         committed |= {
             p.rsplit("/", 1)[-1][len("manifest-") + 9:-len(".parquet")]
@@ -426,16 +559,12 @@ def run_nightly(
     output = str(config.output).rstrip("/")
     run_id = getattr(config, "run_id", None) or mf.new_run_id()
     sha = checkpoint_sha256(config.checkpoint, so)
-    source_items = _list(config.input, so)
-    by_uri = {}
-    for it in source_items:
-        by_uri.setdefault(as_listed(it).uri, it)
-    listing = {uri: as_listed(it) for uri, it in by_uri.items()}
+    # The listing lives as one Arrow table (no Python object per input); only the inputs this run
+    # processes become `SourceItem`s again.
+    listing = listing_table(_list(config.input, so))
     clock.lap("list_s")
     previous, pointer = mf.read_manifest(output, so)
-    plan = plan_nightly(
-        list(listing.values()), previous, sha, reprocess_on_model_change, retry_failed
-    )
+    plan = plan_nightly(listing, previous, sha, reprocess_on_model_change, retry_failed)
     clock.lap("plan_s")
     result = NightlyResult(run_id=run_id, plan=plan, timings=clock.laps)
     log.info("nightly %s plan: %s", run_id, plan.counts())
@@ -443,7 +572,9 @@ def run_nightly(
         result.live = len(mf.live_entries(previous))
         return result
 
-    wanted = {uri: listing[uri] for uri in plan.to_process}
+    by_uri = dict(zip(plan.to_process, source_items(listing, plan.to_process)))
+    del listing
+    wanted = {uri: as_listed(it) for uri, it in by_uri.items()}
     results: dict[str, dict[str, Any]] = {}
     if resume and wanted:
         results.update(adoptable_rows(output, previous, wanted, sha, retry_failed, so))
@@ -456,7 +587,7 @@ def run_nightly(
 
         run_config = replace(config, output=prefix, run_id=run_id, input=config.input)
         try:
-            _write_plan(prefix, [listing[u] for u in todo], sha, so)
+            _write_plan(prefix, [wanted[u] for u in todo], sha, so)
             run_invert(run_config, items=[by_uri[u] for u in todo])
         except Exception as exc:  # noqa: BLE001 - report with what to do; nothing is committed
             raise NightlyError(
@@ -474,7 +605,7 @@ def run_nightly(
         result.processed = len(rows.keys() & todo_set)
         result.lost = len(todo_set - rows.keys())
         clock.lap("collect_s")
-    new = next_manifest(previous, plan, listing, results, run_id, sha)
+    new = next_manifest(previous, plan, wanted, results, run_id, sha)
     try:
         committed = mf.commit_manifest(output, new, run_id, pointer, so)
     except mf.ManifestError as exc:

@@ -113,6 +113,7 @@ def test_loaded_model_metadata(net32, ckpt32):
     assert ckpt["opts"]["device"] == "cuda:0"  # like the released files
     for k, v in net32.state_dict().items():
         assert torch.equal(v, ckpt["state_dict"][k]), k
+    assert torch.equal(net32.latent_avg, ckpt["latent_avg"])  # every row, as stored
 
 
 def test_random_checkpoint_latent_avg_rows_differ(net32):

@@ -166,8 +166,8 @@ class InvertFaces:
                 out["images256"] = small.float().cpu().numpy()
             if self.mix:
                 mix_images, mix_w = model.mix(
-                    x, self.mix, self.latent_mask, mix_alpha=self.mix_alpha, seed=seeds,
-                    resize=not self.full_size,
+                    None, self.mix, self.latent_mask, mix_alpha=self.mix_alpha, seed=seeds,
+                    resize=not self.full_size, w_plus=w_plus,
                 )
                 out["mix_images"] = mix_images.float().cpu().numpy()
                 out["mix_w_plus"] = mix_w.float().cpu().numpy()

@@ -186,6 +186,8 @@ class PSP(nn.Module):
         seed: int | Sequence[int] = 0,
         resize: bool = True,
         randomize_noise: bool = False,
+        *,
+        w_plus: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Style mixing (multi-modal synthesis) as in the reference ``style_mixing.py``, seeded.
 
@@ -197,6 +199,8 @@ class PSP(nn.Module):
         Args:
             x: ``[B, input_nc, 256, 256]``.
             seed: one int used for every sample, or a list of B ints (one per sample).
+            w_plus: ``encode(x)`` when the caller already has it ``[B, n_styles, 512]``: the
+                encoder is not run again (``x`` may then be None).
 
         Works on W+ for every encoder type: a W encoder's code is repeated over the styles first
         (our documented extension; the original's ``forward`` cannot inject into a W code).
@@ -207,11 +211,13 @@ class PSP(nn.Module):
         mask = self._check_latent_mask(latent_mask)
         if n_outputs < 1:
             raise ValueError(f"n_outputs={n_outputs}: expected >= 1")
-        batch = x.shape[0]
+        codes = self.encode(x) if w_plus is None else w_plus  # [B, n, 512]
+        if codes.ndim != 3 or tuple(codes.shape[1:]) != (self.n_styles, STYLE_DIM):
+            raise ValueError(f"w_plus has shape {tuple(codes.shape)}: expected [B, {self.n_styles}, {STYLE_DIM}]")
+        batch = codes.shape[0]
         seeds = [int(seed)] * batch if isinstance(seed, int) else [int(s) for s in seed]
         if len(seeds) != batch:
             raise ValueError(f"seed has {len(seeds)} values for a batch of {batch}: give one int or B ints")
-        codes = self.encode(x)  # [B, n, 512]
         z = torch.stack(
             [torch.randn(n_outputs, STYLE_DIM, generator=torch.Generator().manual_seed(s)) for s in seeds]
         ).to(device=codes.device, dtype=codes.dtype)  # [B, n_outputs, 512]

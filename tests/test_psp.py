@@ -216,6 +216,10 @@ def test_mix_rows_do_not_depend_on_the_batch_and_match_the_original_route(net32,
     torch.testing.assert_close(images[1, 2:3], original, rtol=0, atol=1e-5)
     # Different seeds give different outputs; a single int seed is used for every row.
     assert (images[0, 0] - images[1, 0]).abs().max() > 1e-3
+    # Given the W+ it already has, mix skips the encoder and gives the same result.
+    reused_images, reused_mixed = net32.mix(None, 3, mask, mix_alpha=0.5, seed=[11, 12], w_plus=w[:2])
+    torch.testing.assert_close(reused_images, images, rtol=0, atol=1e-5)
+    torch.testing.assert_close(reused_mixed, mixed, rtol=0, atol=1e-5)
 
 
 # -- W encoder (BackboneEncoderUsingLastLayerIntoW): a W code [B, 512] ---------------------------

@@ -526,11 +526,12 @@ def adoptable_rows(
     return adopted
 
 
-def _list(input_uri: Any, storage_options: Optional[dict]) -> list[Any]:
-    from pipelines.sources import list_inputs
+def _list(input_uri: Any, storage_options: Optional[dict]) -> pa.Table:
+    """The input listing as a `listing_table`, streamed: no `SourceItem` per input is kept."""
+    from pipelines.sources import iter_inputs
 
     try:
-        return list_inputs(input_uri, storage_options=storage_options)
+        return listing_table(iter_inputs(input_uri, storage_options=storage_options))
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - surface the storage error with what to do
@@ -561,10 +562,11 @@ def run_nightly(
     sha = checkpoint_sha256(config.checkpoint, so)
     # The listing lives as one Arrow table (no Python object per input); only the inputs this run
     # processes become `SourceItem`s again.
-    listing = listing_table(_list(config.input, so))
+    listing = _list(config.input, so)
     clock.lap("list_s")
     previous, pointer = mf.read_manifest(output, so)
     plan = plan_nightly(listing, previous, sha, reprocess_on_model_change, retry_failed)
+    pa.default_memory_pool().release_unused()  # the join's scratch space, before Ray starts
     clock.lap("plan_s")
     result = NightlyResult(run_id=run_id, plan=plan, timings=clock.laps)
     log.info("nightly %s plan: %s", run_id, plan.counts())

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import tarfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,14 +217,23 @@ def list_inputs(
     manifest's folder); `.tar` and `.parquet` files expand to one item per image. Files of other
     types inside a folder are ignored; naming one directly raises InputError.
     """
+    return list(iter_inputs(uri_or_list, storage_options, image_column))
+
+
+def iter_inputs(
+    uri_or_list: str | Sequence[str],
+    storage_options: Mapping[str, Any] | None = None,
+    image_column: str | None = None,
+) -> Iterator[SourceItem]:
+    """`list_inputs` one item at a time (same items, same order, same errors, raised when reached),
+    for callers that keep the listing in another form (the nightly job's Arrow table) and should
+    not hold a `SourceItem` per input."""
     uris = [uri_or_list] if isinstance(uri_or_list, str) else list(uri_or_list)
-    items: list[SourceItem] = []
     for uri in uris:
-        items.extend(_list_one(uri, storage_options, image_column))
-    return items
+        yield from _iter_one(uri, storage_options, image_column)
 
 
-def _list_one(uri: str, storage_options, image_column) -> list[SourceItem]:
+def _iter_one(uri: str, storage_options, image_column) -> Iterator[SourceItem]:
     try:
         fs, path = _filesystem(uri, storage_options)
         info = fs.info(path)
@@ -238,22 +247,22 @@ def _list_one(uri: str, storage_options, image_column) -> list[SourceItem]:
     if info.get("type") == "directory":
         found = fs.find(path, detail=True)
         root = path.rstrip("/")
-        items = []
         for p in sorted(found):
             rel = p[len(root) :].lstrip("/") if p.startswith(root) else p
             if _is_hidden(rel):
                 continue
-            items.extend(_items_for_file(fs, p, found[p], image_column))
-        return items
+            yield from _items_for_file(fs, p, found[p], image_column)
+        return
     if _lower_ext(path) in MANIFEST_EXTENSIONS:
-        return list_inputs(_manifest_uris(fs, path, fs.unstrip_protocol(path)), storage_options, image_column)
+        yield from iter_inputs(_manifest_uris(fs, path, fs.unstrip_protocol(path)), storage_options, image_column)
+        return
     items = _items_for_file(fs, path, info, image_column)
     if not items and _lower_ext(path) not in (".tar", ".parquet"):
         raise InputError(
             f"input {uri!r} is not an image, .tar shard, .parquet file or .txt manifest: "
             f"image extensions are {', '.join(IMAGE_EXTENSIONS)}"
         )
-    return items
+    yield from items
 
 
 # ------------------------------------------------------------------------------------------------

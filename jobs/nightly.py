@@ -526,12 +526,15 @@ def adoptable_rows(
     return adopted
 
 
-def _list(input_uri: Any, storage_options: Optional[dict]) -> pa.Table:
-    """The input listing as a `listing_table`, streamed: no `SourceItem` per input is kept."""
+def read_listing(input_uri: Any, storage_options: Optional[dict] = None) -> pa.Table:
+    """The input listing as a `listing_table`, streamed: no `SourceItem` per input is kept.
+
+    Raises `NightlyError` (with what to do) when the listing fails.
+    """
     from pipelines.sources import iter_inputs
 
     try:
-        return listing_table(iter_inputs(input_uri, storage_options=storage_options))
+        table = listing_table(iter_inputs(input_uri, storage_options=storage_options))
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - surface the storage error with what to do
@@ -539,6 +542,15 @@ def _list(input_uri: Any, storage_options: Optional[dict]) -> pa.Table:
             f"listing {input_uri!r} failed: {type(exc).__name__}: {exc}. Nothing was committed; "
             "check the URI and credentials, then rerun"
         ) from exc
+    _release_freed_memory()
+    return table
+
+
+def _release_freed_memory() -> None:
+    """Hand memory Arrow's pool holds but no longer uses back to the OS (scratch space of the
+    listing, the manifest read and the join). Best effort: Python's and libc's freed memory stays
+    with the allocator and is reused by what the driver does next."""
+    pa.default_memory_pool().release_unused()
 
 
 def run_nightly(
@@ -562,11 +574,11 @@ def run_nightly(
     sha = checkpoint_sha256(config.checkpoint, so)
     # The listing lives as one Arrow table (no Python object per input); only the inputs this run
     # processes become `SourceItem`s again.
-    listing = _list(config.input, so)
+    listing = read_listing(config.input, so)
     clock.lap("list_s")
     previous, pointer = mf.read_manifest(output, so)
     plan = plan_nightly(listing, previous, sha, reprocess_on_model_change, retry_failed)
-    pa.default_memory_pool().release_unused()  # the join's scratch space, before Ray starts
+    _release_freed_memory()  # the join's scratch space, before Ray starts
     clock.lap("plan_s")
     result = NightlyResult(run_id=run_id, plan=plan, timings=clock.laps)
     log.info("nightly %s plan: %s", run_id, plan.counts())

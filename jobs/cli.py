@@ -36,6 +36,16 @@ def _add_invert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", nargs="+", metavar="INPUT",
                    help="folder / s3:// or gs:// prefix / image / .tar shard / .parquet / .txt manifest "
                         "(several allowed; the last positional argument is OUTPUT)")
+    add_run_options(p)
+    p.add_argument("--limit", type=int, default=None, help="process at most N new inputs")
+    p.add_argument("--run-id", default=None, help="recorded on every row (default: time + random)")
+    p.add_argument("--progress", dest="progress", action="store_true", default=None, help="force progress bars")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """The options of a pipeline run (model, task, alignment, resources, outputs, storage), shared
+    by `psp invert`, `psp frontalize` and `psp nightly`; `run_config` turns them into a config."""
     p.add_argument("--checkpoint", required=True, help="pSp checkpoint (.pt), a path or fsspec URI")
     p.add_argument("--task", default=None,
                    help="dataset_type (default: the checkpoint's): ffhq_encode, ffhq_frontalize, "
@@ -59,14 +69,10 @@ def _add_invert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mix-alpha", type=float, default=None, help="blend weight of the injected styles")
     p.add_argument("--seed", type=int, default=0, help="base seed (per-row seeds derive from it and the image id)")
     p.add_argument("--resize-factor", type=int, default=None, help="super-resolution downsampling factor")
-    p.add_argument("--limit", type=int, default=None, help="process at most N new inputs")
     p.add_argument("--image-column", default=None, help="Parquet inputs: the image-bytes column")
     p.add_argument("--save-aligned", action="store_true", help="also store the aligned input crop (PNG)")
-    p.add_argument("--run-id", default=None, help="recorded on every row (default: time + random)")
     p.add_argument("--storage-options", type=_storage_options, default=None,
                    help="JSON passed to fsspec for input, output and checkpoint")
-    p.add_argument("--progress", dest="progress", action="store_true", default=None, help="force progress bars")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,15 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace):
-    """argparse namespace of `invert`/`frontalize` -> InvertConfig."""
+def run_config(args: argparse.Namespace, input, output: str, **extra):
+    """The options added by `add_run_options` (plus `extra` InvertConfig fields) -> InvertConfig."""
     from pipelines.config import InvertConfig
 
-    if len(args.input) < 2:
-        raise SystemExit("psp invert: give INPUT and OUTPUT (e.g. psp invert s3://bucket/raw/ out/ --checkpoint CKPT)")
-    *inputs, output = args.input
     return InvertConfig(
-        input=inputs[0] if len(inputs) == 1 else inputs,
+        input=input,
         output=output,
         checkpoint=args.checkpoint,
         task=args.task,
@@ -120,11 +123,24 @@ def config_from_args(args: argparse.Namespace):
         mix_alpha=args.mix_alpha,
         seed=args.seed,
         resize_factor=args.resize_factor,
-        limit=args.limit,
         storage_options=args.storage_options,
-        run_id=args.run_id,
         image_column=args.image_column,
         save_aligned=args.save_aligned,
+        **extra,
+    )
+
+
+def config_from_args(args: argparse.Namespace):
+    """argparse namespace of `invert`/`frontalize` -> InvertConfig."""
+    if len(args.input) < 2:
+        raise SystemExit("psp invert: give INPUT and OUTPUT (e.g. psp invert s3://bucket/raw/ out/ --checkpoint CKPT)")
+    *inputs, output = args.input
+    return run_config(
+        args,
+        inputs[0] if len(inputs) == 1 else inputs,
+        output,
+        limit=args.limit,
+        run_id=args.run_id,
         progress=args.progress,
     )
 

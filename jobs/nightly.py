@@ -658,18 +658,10 @@ class _Clock:
 
 # -- CLI --------------------------------------------------------------------------------------
 
-def _storage_options(arg: Optional[str]) -> Optional[dict]:
-    if not arg:
-        return None
-    try:
-        return json.loads(arg)
-    except ValueError as exc:
-        raise SystemExit(f"--storage-options {arg!r} is not JSON: pass e.g. '{{\"anon\": true}}'") \
-            from exc
-
-
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``psp nightly`` to the `psp` CLI's subparsers."""
+    from jobs.cli import add_run_options
+
     p = subparsers.add_parser(
         "nightly",
         help="process only new or changed inputs into OUTPUT, committed atomically",
@@ -677,7 +669,6 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("input", help="input URI (dir, prefix, tar or parquet; s3://, gs://, file://)")
     p.add_argument("output", help="nightly output root: runs/ and _manifests/ live under it")
-    p.add_argument("--checkpoint", required=True, help="pSp checkpoint path or URI")
     p.add_argument("--reprocess-on-model-change", action="store_true",
                    help="reprocess rows made by another checkpoint or output schema version")
     p.add_argument("--retry-failed", action="store_true",
@@ -687,45 +678,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true",
                    help="do not adopt rows written by an earlier crashed run")
     p.add_argument("--run-id", default=None, help="run id (default: UTC time + random suffix)")
-    p.add_argument("--task", default=None, help="dataset_type (default: the checkpoint's)")
-    p.add_argument("--align", choices=("dlib", "none"), default=None,
-                   help="dlib FFHQ alignment or none (default: by task)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch-size", type=int, default=None, help="rows per invert batch")
-    p.add_argument("--gpus", type=int, default=None, help="at most this many GPU invert actors")
-    p.add_argument("--align-actors", type=int, default=None, help="at most this many align actors")
-    p.add_argument("--images", choices=("png", "jpeg", "none"), default="png")
-    p.add_argument("--image-size", choices=("256", "full"), default="256")
-    p.add_argument("--metrics", action="store_true", help="mse/psnr/ssim of reconstruction vs input")
-    p.add_argument("--storage-options", default=None,
-                   help="JSON passed to fsspec for input, output and checkpoint")
+    add_run_options(p)  # the same model/alignment/resource/output options as `psp invert`
     p.set_defaults(func=main)
     return p
 
 
 def _config_from_args(args: argparse.Namespace):
-    from dataclasses import fields
+    from jobs.cli import run_config
 
-    from pipelines.config import InvertConfig
-
-    known = {f.name for f in fields(InvertConfig)}
-    values = {
-        "input": args.input,
-        "output": args.output,
-        "checkpoint": args.checkpoint,
-        "task": args.task,
-        "device": args.device,
-        "batch_size": args.batch_size,
-        "gpus": args.gpus,
-        "align_actors": args.align_actors,
-        "align": args.align,
-        "images": args.images,
-        "image_size": args.image_size,
-        "metrics": args.metrics,
-        "storage_options": _storage_options(args.storage_options),
-        "run_id": args.run_id,
-    }
-    return InvertConfig(**{k: v for k, v in values.items() if k in known and v is not None})
+    return run_config(args, args.input, args.output, run_id=args.run_id)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -79,3 +79,16 @@ def test_fast_alignment_is_opt_in_and_validated(capsys, inputs, tmp_path, tiny_c
     fast = build_parser().parse_args(argv + ["--align-detect-size", "1024"])
     assert config_from_args(fast).align_detect_size == 1024
     _fails(capsys, argv + ["--align-detect-size", "10"], "--align-detect-size", "exact detection")
+
+
+def test_nightly_takes_every_run_option_of_invert(tmp_path):
+    from jobs.cli import build_parser
+    from jobs.nightly import _config_from_args
+
+    args = build_parser().parse_args([
+        "nightly", "in/", "out/", "--checkpoint", "sr.pt", "--resize-factor", "8", "--mix", "2",
+        "--latent-mask", "4-7", "--align-detect-size", "1024", "--storage-options", '{"anon": true}',
+    ])
+    config = _config_from_args(args)
+    assert (config.resize_factor, config.mix, config.latent_mask, config.align_detect_size) == (8, 2, "4-7", 1024)
+    assert config.storage_options == {"anon": True} and (config.input, config.output) == ("in/", "out/")

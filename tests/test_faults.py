@@ -47,6 +47,21 @@ def _run_files(out, run_id):
     return [f for f in files if not os.path.basename(f).startswith("_")]
 
 
+def _finished_run_files(out, run_id):
+    """Data files a run has finished writing (their Parquet footer reads): a file that merely
+    exists may still be half-written, and a half-written file has no rows to adopt."""
+    import pyarrow.parquet as pq
+
+    done = []
+    for f in _run_files(out, run_id):
+        try:
+            pq.read_metadata(f)
+        except Exception:  # noqa: BLE001 - still being written
+            continue
+        done.append(f)
+    return done
+
+
 def _check_exactly_once(out, paths, storage_options=None):
     seen = committed_rows(str(out), storage_options)  # asserts no image twice
     want = [p if "://" in p else file_uri(p) for p in paths]
@@ -171,8 +186,8 @@ def test_c_killed_driver_commits_nothing_and_the_rerun_completes_exactly_once(
     driver = subprocess.Popen(argv, env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT)
     try:
-        _wait_for(lambda: _run_files(out, run_id) or driver.poll() is not None, timeout=180,
-                  what="the driver's first output file")
+        _wait_for(lambda: _finished_run_files(out, run_id) or driver.poll() is not None, timeout=180,
+                  what="the driver's first finished output file")
         assert driver.poll() is None, "driver exited early:\n" + driver.stdout.read().decode()[-3000:]
         driver.send_signal(signal.SIGKILL)
     finally:

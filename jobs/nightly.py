@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.graph import FINAL_STATUSES
 from schemas import manifest as mf
 
 log = logging.getLogger(__name__)
@@ -38,12 +39,14 @@ OUTPUT_SCHEMA_VERSION = 1
 # A decode error, no face, a too-small or too-large image is a property of the input: retried only
 # when the input changes. Every other failure (read_error, align_error, invert_error, ...) may be
 # the infrastructure's and is retried by --retry-failed.
-PERMANENT_STATUSES = frozenset({"ok", "decode_error", "too_large", "too_small", "no_face"})
+PERMANENT_STATUSES = frozenset(FINAL_STATUSES)  # the statuses `psp invert` reruns skip, too
 
 
 def is_transient(status: Optional[str]) -> bool:
     """True for a failed row worth retrying (not ok, not a property of the input)."""
     return status not in PERMANENT_STATUSES and status != mf.DELETED
+
+
 PLAN_FILE = "_plan.parquet"
 
 

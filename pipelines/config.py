@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pipelines.options import ConfigError, check_options, option, parse_json_object
 from schemas.outputs import IMAGE_FORMATS
 
 ALIGN_MODES = ("dlib", "none")
@@ -22,69 +23,90 @@ DEVICES = ("auto", "cpu", "cuda")
 IMAGE_SIZES = ("256", "full")
 
 
-class ConfigError(ValueError):
-    """A run that cannot start as configured; the message says what to change."""
+def _check_task(name: str) -> None:
+    from psp_core.tasks import get_task
+
+    get_task(name)
+
+
+def _check_detect_size(size: int) -> None:
+    from psp_core.align import check_detect_size
+
+    check_detect_size(size)
+
+
+def _check_resize_factor(factor: int) -> None:
+    from psp_core.tasks import check_resize_factor
+
+    check_resize_factor(factor)
+
+
+def _check_latent_mask(text: str | Sequence[int]) -> None:
+    parse_latent_mask(text)
+
+
+def _check_run_id(run_id: str) -> None:
+    from pipelines.sink import check_run_id
+
+    check_run_id(run_id)
 
 
 @dataclass
 class InvertConfig:
-    """One `psp invert` run.
+    """One pipeline run (`psp invert`, `frontalize`, `nightly`): every option declared once, here.
+
+    The command line is generated from these declarations (`pipelines.options.add_arguments`) and
+    `resolve_config` runs the same checks, so a value accepted here never fails in an actor.
 
     input: URI of a folder / object prefix / file / manifest (`.txt`, one URI per line), or a list of
         URIs. Local paths, `s3://`, `gs://` and any other fsspec protocol.
-    output: URI of the output folder (Parquet files + `_SUCCESS.json`).
-    checkpoint: pSp `.pt` checkpoint, a path or fsspec URI.
-    task: dataset_type to use; None = the checkpoint's `opts['dataset_type']`.
-    align: 'dlib' (FFHQ alignment) or 'none' (resize only: sketches, seg maps, pre-aligned faces);
-        None = 'dlib' for face-photo tasks, 'none' for sketch/seg.
-    device: 'auto' (cuda when the invert actor sees a GPU), 'cpu' or 'cuda'.
-    batch_size: rows per invert batch (None: 32 on GPU, 8 on CPU).
-    gpus: at most this many GPU invert actors (None: every GPU in the cluster).
-    align_actors: at most this many alignment actors (dlib detection is the CPU-bound stage).
-    images: output image encoding, 'png', 'jpeg' or 'none'.
-    image_size: '256' (the pSp face_pool output) or 'full' (the generator's output_size).
-    metrics: compute mse/psnr/ssim (and identity distance) between input crop and reconstruction.
-    mix: N > 0 = multi-modal synthesis, N style-mixed outputs per input (list columns).
-    latent_mask: style indices to mix, e.g. [8, ..., 17] (parse '8-17' with `parse_latent_mask`).
-    mix_alpha: blend weight of the injected style (None = replace).
-    seed: base seed; each row's seed derives from (seed, image_id), independent of batching.
-    resize_factor: super-resolution downsampling factor (required for celebs_super_resolution).
-    limit: process at most this many (new) inputs.
-    storage_options: fsspec options for input, output and checkpoint (e.g. s3 endpoint/keys).
-    run_id: recorded on every row; None = a fresh one.
-    image_column: Parquet inputs: the column holding image bytes (None = autodetect).
-    save_aligned: also store the aligned 256x256 input crop (PNG) in `aligned_image`.
-    cpu_threads: torch threads in a CPU invert actor (None = the node's core count).
-    align_detect_size: opt-in fast alignment: run the face detector on a copy whose longest side is
-        at most this many pixels (landmarks stay full resolution). None = the original's exact
-        detection. See `psp_core.align.FaceAligner(detect_size=...)` for the measured deviation.
+    output: URI of the output table.
+    The other fields are described by their `help`.
     """
 
     input: str | list[str]
     output: str
-    checkpoint: str
-    task: str | None = None
-    align: str | None = None
-    device: str = "auto"
-    batch_size: int | None = None
-    gpus: int | None = None
-    align_actors: int = 2
-    images: str = "png"
-    image_size: str = "256"
-    metrics: bool = False
-    mix: int = 0
-    latent_mask: str | list[int] | None = None
-    mix_alpha: float | None = None
-    seed: int = 0
-    resize_factor: int | None = None
-    limit: int | None = None
-    storage_options: dict[str, Any] | None = None
-    run_id: str | None = None
-    image_column: str | None = None
-    save_aligned: bool = False
-    cpu_threads: int | None = None
-    align_detect_size: int | None = None
-    progress: bool | None = None  # Ray progress bars; None = when stderr is a terminal
+    checkpoint: str = option(None, "pSp checkpoint (.pt), a path or fsspec URI", required=True)
+    task: str | None = option(
+        None, "dataset_type (default: the checkpoint's): ffhq_encode, ffhq_frontalize, "
+        "celebs_sketch_to_face, celebs_seg_to_face, celebs_super_resolution", check=_check_task)
+    align: str | None = option(
+        None, "dlib FFHQ alignment, or none for sketches, seg maps and pre-aligned faces "
+        "(default: dlib for face photos, none for sketch/seg tasks)", choices=ALIGN_MODES)
+    device: str = option("auto", "where the model runs: cuda when the model actor sees a GPU (auto)",
+                         choices=DEVICES)
+    batch_size: int | None = option(None, "rows per model batch (default 32 GPU / 8 CPU)", parse=int, minimum=1)
+    gpus: int | None = option(None, "at most this many GPU model actors (default: all GPUs)", parse=int, minimum=0)
+    align_actors: int = option(2, "at most this many alignment actors", parse=int, minimum=1)
+    align_detect_size: int | None = option(
+        None, "opt-in fast alignment: detect faces on a copy at most PX on its longest side (e.g. 1024; "
+        "landmarks stay full resolution; not bit-identical to the original)",
+        parse=int, check=_check_detect_size, metavar="PX")
+    images: str = option("png", "output image encoding", choices=IMAGE_FORMATS)
+    image_size: str = option("256", "256 (pSp's resized output) or full (the generator's size, e.g. 1024)",
+                             choices=IMAGE_SIZES)
+    metrics: bool = option(False, "mse/psnr/ssim/identity of reconstruction vs input", kind="flag")
+    mix: int = option(0, "N style-mixed outputs per input (multi-modal synthesis)", parse=int, minimum=0,
+                      metavar="N")
+    latent_mask: str | list[int] | None = option(None, "styles to mix, e.g. 8-17 or 8,9,10",
+                                                 check=_check_latent_mask)
+    mix_alpha: float | None = option(None, "blend weight of the injected styles (default: replace)",
+                                     parse=float, minimum=0.0, maximum=1.0)
+    seed: int = option(0, "base seed (per-row seeds derive from it and the image id)", parse=int)
+    resize_factor: int | None = option(None, "super-resolution downsampling factor", parse=int,
+                                       check=_check_resize_factor)
+    image_column: str | None = option(None, "Parquet inputs: the image-bytes column (default: autodetect)")
+    save_aligned: bool = option(False, "also store the aligned input crop (PNG)", kind="flag")
+    cpu_threads: int | None = option(None, "torch threads in a CPU model actor (default: the node's cores)",
+                                     parse=int, minimum=1)
+    storage_options: dict[str, Any] | None = option(
+        None, "JSON object passed to fsspec for input, output and checkpoint", parse=parse_json_object)
+    limit: int | None = option(None, "process at most N new inputs", parse=int, minimum=0, metavar="N",
+                               scope="invert")
+    run_id: str | None = option(None, "recorded on every row (default: UTC time + random suffix)",
+                                check=_check_run_id, scope="invert")
+    progress: bool | None = option(None, "Ray progress bars (default: when stderr is a terminal)",
+                                   kind="switch", scope="invert")
 
 
 @dataclass(frozen=True)
@@ -252,11 +274,6 @@ def read_checkpoint_info(uri: str, storage_options: Mapping[str, Any] | None = N
 # Validation
 
 
-def _check_choice(value: Any, choices: Sequence[str], flag: str) -> None:
-    if value not in choices:
-        raise ConfigError(f"{flag} {value!r}: expected one of {', '.join(choices)}")
-
-
 def check_output_writable(output: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Create the output folder if needed and write/remove a probe object; ConfigError if not possible."""
     import fsspec
@@ -287,37 +304,14 @@ def resolve_config(config: InvertConfig, check_output: bool = True) -> ResolvedC
     """
     from psp_core.tasks import get_task
 
-    _check_choice(config.device, DEVICES, "--device")
-    _check_choice(config.images, IMAGE_FORMATS, "--images")
-    _check_choice(str(config.image_size), IMAGE_SIZES, "--image-size")
-    if config.align is not None:
-        _check_choice(config.align, ALIGN_MODES, "--align")
-    for name in ("batch_size", "gpus", "limit", "cpu_threads"):
-        value = getattr(config, name)
-        if value is not None and (not isinstance(value, int) or value < (0 if name in ("gpus", "limit") else 1)):
-            raise ConfigError(f"--{name.replace('_', '-')} {value!r}: expected a positive integer")
-    if not isinstance(config.align_actors, int) or config.align_actors < 1:
-        raise ConfigError(f"--align-actors {config.align_actors!r}: expected a positive integer")
-    if config.align_detect_size is not None and (
-        not isinstance(config.align_detect_size, int) or config.align_detect_size < 64
-    ):
-        raise ConfigError(
-            f"--align-detect-size {config.align_detect_size!r}: expected pixels >= 64 (e.g. 1024), "
-            "or leave it out for the original's exact detection"
-        )
-    if not isinstance(config.mix, int) or config.mix < 0:
-        raise ConfigError(f"--mix {config.mix!r}: expected the number of style-mixed outputs per input (>= 0)")
-    if config.mix_alpha is not None and not 0.0 <= float(config.mix_alpha) <= 1.0:
-        raise ConfigError(f"--mix-alpha {config.mix_alpha}: expected a blend weight in [0, 1]")
+    config = replace(config, image_size=str(config.image_size))
+    check_options(config)  # the declared choices, bounds and the stages' own checks
     if not config.input or not config.output:
         raise ConfigError("psp invert needs an INPUT and an OUTPUT location")
 
     info = read_checkpoint_info(config.checkpoint, config.storage_options)
     task_name = config.task or info.dataset_type
-    try:
-        task = get_task(task_name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    task = get_task(task_name)  # a bad --task was refused by check_options
     if task.input_nc != info.input_nc or task.label_nc != info.label_nc:
         raise ConfigError(
             f"--task {task_name} expects {task.input_nc}-channel inputs (label_nc={task.label_nc}) but "
@@ -331,8 +325,6 @@ def resolve_config(config: InvertConfig, check_output: bool = True) -> ResolvedC
             f"task {task_name} (super-resolution) needs --resize-factor F, the downsampling factor to "
             f"simulate (trained with {factors}; the pSp demo uses 16)"
         )
-    if config.resize_factor is not None and int(config.resize_factor) < 1:
-        raise ConfigError(f"--resize-factor {config.resize_factor}: expected an integer >= 1")
 
     latent_mask = None
     if config.mix:
@@ -366,7 +358,7 @@ def resolve_config(config: InvertConfig, check_output: bool = True) -> ResolvedC
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return ResolvedConfig(
-        config=replace(config, image_size=str(config.image_size)),
+        config=config,
         checkpoint=info,
         task=task_name,
         align=align,

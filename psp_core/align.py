@@ -493,6 +493,15 @@ class AlignResult:
         return self.status == "ok"
 
 
+def check_detect_size(detect_size: int) -> int:
+    """FaceAligner's `detect_size`: an integer of at least the 80 px HOG window; returns it."""
+    if isinstance(detect_size, bool) or not isinstance(detect_size, int):
+        raise ValueError(f"detect_size must be an integer number of pixels, got {detect_size!r}")
+    if detect_size < 80:
+        raise ValueError(f"detect_size={detect_size} is below the 80 px HOG window (use e.g. 1024)")
+    return detect_size
+
+
 class FaceAligner:
     """dlib HOG detection + 68 landmarks + FFHQ crop, with the models loaded once.
 
@@ -543,8 +552,8 @@ class FaceAligner:
                 f"FaceAligner: transform_size={transform_size} < output_size={output_size}; "
                 "transform_size must be at least the output size"
             )
-        if detect_size is not None and detect_size < 80:
-            raise ValueError(f"FaceAligner: detect_size={detect_size} is below the 80 px HOG window")
+        if detect_size is not None:
+            check_detect_size(detect_size)
         self.output_size = int(output_size)
         self.transform_size = int(transform_size)
         self.detector_upsample = int(detector_upsample)

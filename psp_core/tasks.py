@@ -126,7 +126,8 @@ def _bicubic_kernel(factor: int) -> torch.Tensor:
     return taps / torch.sum(taps)
 
 
-def _check_factor(factor) -> int:
+def check_resize_factor(factor) -> int:
+    """A super-resolution factor: an integer in 1..170 (ValueError otherwise); returns it."""
     if factor is None:
         raise ValueError(_FACTOR_MISSING)
     if isinstance(factor, bool):
@@ -156,7 +157,7 @@ def bicubic_downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
     the super-resolution transform clamps afterwards, as the original `BilinearResize` does.
     Factor 1 keeps the size but applies a half-pixel-shifted cubic blur ([-1, 9, 9, -1] / 16).
     """
-    f = _check_factor(factor)
+    f = check_resize_factor(factor)
     if not torch.is_tensor(x):
         raise TypeError(f"bicubic_downsample: x must be a torch tensor, got {type(x).__name__}")
     squeeze = x.dim() == 3
@@ -318,7 +319,7 @@ class Task:
         img = img.convert("RGB") if self.label_nc == 0 else img.convert("L")
         kind = self.kind
         if kind == "super_resolution":
-            f = _check_factor(factor)
+            f = check_resize_factor(factor)
             img = _resize_256(_degrade(_resize_256(img), f))
             return _normalize_half(_pil_to_tensor(img))
         img = _resize_256(img)

@@ -16,7 +16,11 @@ def inputs(tmp_path_factory):
 
 
 def _fails(capsys, argv: list[str], *needles: str) -> str:
-    assert main(argv) == 2
+    try:
+        code = main(argv)
+    except SystemExit as e:  # refused by the parser generated from the option declarations
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
     for needle in needles:
         assert needle in err, err
@@ -78,7 +82,25 @@ def test_fast_alignment_is_opt_in_and_validated(capsys, inputs, tmp_path, tiny_c
     assert config_from_args(build_parser().parse_args(argv)).align_detect_size is None
     fast = build_parser().parse_args(argv + ["--align-detect-size", "1024"])
     assert config_from_args(fast).align_detect_size == 1024
-    _fails(capsys, argv + ["--align-detect-size", "10"], "--align-detect-size", "exact detection")
+    # 70 px once passed the CLI and then failed in every alignment actor (FaceAligner needs >= 80).
+    _fails(capsys, argv + ["--align-detect-size", "70"], "--align-detect-size", "80 px")
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("align_detect_size", 70, "80 px"),       # FaceAligner's own check
+    ("resize_factor", 200, "out of range"),   # the task transform's own check
+    ("mix_alpha", 1.5, "<= 1"),
+    ("task", "ffhq_nope", "ffhq_nope"),
+    ("images", "gif", "png"),
+])
+def test_the_resolver_refuses_what_a_stage_would_refuse(tmp_path, tiny_checkpoint, field, value, needle):
+    """Library callers skip argparse: resolve_config runs the same declared checks before Ray."""
+    from pipelines.config import ConfigError, InvertConfig, resolve_config
+
+    config = InvertConfig(input=str(tmp_path), output=str(tmp_path / "out"), checkpoint=tiny_checkpoint,
+                          **{field: value})
+    with pytest.raises(ConfigError, match=needle):
+        resolve_config(config)
 
 
 def test_nightly_takes_every_run_option_of_invert(tmp_path):

@@ -17,11 +17,12 @@ INFRA = ROOT / "infra"
 
 
 def _pins() -> dict[str, str]:
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    """Exact versions from constraints.txt (pyproject.toml holds compatible ranges)."""
     pins = {}
-    for dep in deps:
-        name, _, version = dep.partition("==")
-        pins[re.sub(r"\[.*\]", "", name)] = version
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep:
+            pins[re.sub(r"\[.*\]", "", name).lower()] = version
     return pins
 
 
@@ -63,6 +64,8 @@ def test_dockerfile_has_cpu_and_cuda_images_on_the_pinned_ray_and_torch():
     froms = dict(
         (m.group(2), m.group(1)) for m in re.finditer(r"^FROM\s+(\S+)\s+AS\s+(\S+)", text, re.M)
     )
+    froms.pop("src", None)  # the sources stage (FROM scratch) both images copy from
+    assert "-c constraints.txt" in text  # the images install the same exact pins as CI
     assert froms == {
         "cpu": f"rayproject/ray:{RAY}-py311-cpu",
         "cuda": f"rayproject/ray:{RAY}-py311-gpu",

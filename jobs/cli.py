@@ -15,6 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from jobs import nightly, submit
 from pipelines.config import InvertConfig
 from pipelines.options import add_arguments, from_args, parse_json_object
 
@@ -49,12 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--rows", type=int, default=3)
     ins.add_argument("--storage-options", type=parse_json_object, default=None,
                      help="JSON object passed to fsspec")
-    for module in ("jobs.nightly", "jobs.submit"):  # engineer E's subcommands, when present
-        try:
-            register = __import__(module, fromlist=["register"]).register
-        except (ImportError, AttributeError):
-            continue
-        register(sub)
+    nightly.register(sub)
+    submit.register(sub)
     return parser
 
 

@@ -30,7 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.config import InvertConfig
 from pipelines.graph import FINAL_STATUSES
+from pipelines.options import add_arguments, from_args
 from schemas import manifest as mf
 
 log = logging.getLogger(__name__)
@@ -663,8 +665,6 @@ class _Clock:
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``psp nightly`` to the `psp` CLI's subparsers."""
-    from jobs.cli import add_run_options
-
     p = subparsers.add_parser(
         "nightly",
         help="process only new or changed inputs into OUTPUT, committed atomically",
@@ -681,15 +681,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true",
                    help="do not adopt rows written by an earlier crashed run")
     p.add_argument("--run-id", default=None, help="run id (default: UTC time + random suffix)")
-    add_run_options(p)  # the same model/alignment/resource/output options as `psp invert`
+    add_arguments(p, InvertConfig, scopes=("run",))  # the same run options as `psp invert`
     p.set_defaults(func=main)
     return p
 
 
 def _config_from_args(args: argparse.Namespace):
-    from jobs.cli import run_config
-
-    return run_config(args, args.input, args.output, run_id=args.run_id)
+    return from_args(InvertConfig, args, input=args.input, output=args.output, run_id=args.run_id)
 
 
 def main(args: argparse.Namespace) -> int:

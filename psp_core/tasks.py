@@ -56,7 +56,7 @@ CELEBA_MASK_COLORS = np.array(
 )
 
 _FACTOR_MISSING = (
-    "super-resolution needs a factor: pass --resize-factor "
+    "super-resolution needs a factor: pass factor= (Task.transform) "
     "(the released model was trained with 1,2,4,8,16,32)"
 )
 # Reflect padding of ceil(3*factor/2) rows must stay below the 256-pixel side.
@@ -376,6 +376,6 @@ def get_task(dataset_type: str) -> Task:
     if task is None:
         raise ValueError(
             f"unknown dataset_type {dataset_type!r}: known tasks are {', '.join(_TASKS)} "
-            "(toonify checkpoints use ffhq_encode); pass --task to override"
+            "(toonify checkpoints use ffhq_encode)"
         )
     return task

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("output", metavar="OUTPUT")
     ins.add_argument("--rows", type=int, default=3)
     ins.add_argument("--storage-options", type=_storage_options, default=None)
-    for module in ("jobs.nightly", "jobs.submit"):  # engineer E's subcommands, when present
+    for module in ("jobs.nightly", "jobs.submit", "jobs.edit", "jobs.report"):  # subcommands registered by modules
         try:
             register = __import__(module, fromlist=["register"]).register
         except (ImportError, AttributeError):

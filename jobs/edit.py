@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Any
 
@@ -40,6 +41,9 @@ def register(subparsers: Any) -> None:
     e.add_argument("--limit", type=int, default=None, help="edit at most the first N ok latents")
     e.add_argument("--run-id", default=None)
     e.add_argument("--storage-options", type=_storage_options, default=None)
+    # `--strengths -3,0,3` as the docs write it: argparse takes "-3,0,3" for an option unless it
+    # reads as a negative number, which by default means one number only.
+    e._negative_number_matcher = re.compile(r"^-\d*\.?\d+([eE][-+]?\d+)?(,-?\d*\.?\d+([eE][-+]?\d+)?)*$")
     e.set_defaults(func=_main_edit)
 
     d = subparsers.add_parser(

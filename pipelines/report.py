@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import datetime as _dt
-import html as _html
 import io
 import re
 from collections import Counter, defaultdict
@@ -290,8 +289,9 @@ def build_report(
         im = images.get(ids[i], {})
         cells = []
         if read_inputs:
-            src, note = _thumb(_read_source(uris[i], storage_options))
-            cells.append(Cell("input", src, note or "not readable"))
+            data = _read_source(uris[i], storage_options)
+            src, note = _thumb(data)
+            cells.append(Cell("input", src, "not readable" if data is None else note))
         src, note = _thumb(im.get("aligned"))
         cells.append(Cell("aligned crop", src, "not stored (--save-aligned)" if im.get("aligned") is None else note))
         src, note = _thumb(im.get("output"))
@@ -390,8 +390,9 @@ table.data td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .bar { display: inline-block; height: 10px; background: #4c72b0; vertical-align: middle; }
 .bar.err { background: #c44e52; }
 .sheet { display: flex; flex-direction: column; gap: 8px; }
+.cells { display: flex; flex-wrap: wrap; gap: 6px; flex: 1; }
 .srow { display: flex; gap: 6px; align-items: flex-start; border-bottom: 1px solid #eee; padding-bottom: 6px; }
-.meta { width: 220px; font-size: 11px; word-break: break-all; color: #555; }
+.meta { flex: 0 0 220px; font-size: 11px; word-break: break-all; color: #555; }
 figure { margin: 0; text-align: center; font-size: 11px; color: #555; }
 figure img { display: block; width: 128px; height: auto; border: 1px solid #ccc; }
 .missing { width: 128px; height: 128px; display: flex; align-items: center; justify-content: center;
@@ -423,8 +424,8 @@ code { font-size: 12px; }
 
 {% macro sheet(rows) %}<div class="sheet">
 {% for row in rows %}<div class="srow"><div class="meta"><code>{{ row.image_id }}</code><br>{{ row.source_uri }}<br>{{ row.caption }}</div>
-{% for c in row.cells %}<figure>{% if c.src %}<img src="{{ c.src }}" alt="{{ c.label }}">{% else %}<div class="missing">{{ c.note }}</div>{% endif %}<figcaption>{{ c.label }}</figcaption></figure>
-{% endfor %}</div>
+<div class="cells">{% for c in row.cells %}<figure>{% if c.src %}<img src="{{ c.src }}" alt="{{ c.label }}">{% else %}<div class="missing">{{ c.note }}</div>{% endif %}<figcaption>{{ c.label }}</figcaption></figure>
+{% endfor %}</div></div>
 {% endfor %}</div>{% endmacro %}
 
 <h2 id="contact-sheet">Contact sheet ({{ contact | length }} random ok rows)</h2>

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from psp_core.editing import Direction, DirectionError, edit, fit_direction, load_decoder, load_direction
+from psp_core.editing import (
+    Direction,
+    DirectionError,
+    edit,
+    fit_direction,
+    load_decoder,
+    load_direction,
+)
 
 N_STYLES = 8  # the tiny 32px checkpoint
 

@@ -119,7 +119,8 @@ class _Page(HTMLParser):
 
 def _parse(path) -> _Page:
     page = _Page()
-    page.feed(open(path, encoding="utf-8").read())
+    with open(path, encoding="utf-8") as f:
+        page.feed(f.read())
     page.all_text = " ".join(" ".join(page.text).split())
     return page
 
@@ -146,7 +147,7 @@ def test_report_shows_every_section(tmp_path, astronaut):
     assert "Contact sheet (5 random ok rows)" in text
     for label in ("input", "aligned crop", "reconstruction", "mix 0", "age -3", "age +0", "age +3"):
         assert label in alts, label
-    assert "not stored (--save-aligned)" in text
+    assert "not stored (--save-aligned)" in text and "not readable" in text  # face3's input is gone
     # worst/best by both metrics, 3 rows each
     assert "by mse" in text and "by identity_distance" in text and "worst 3" in text and "best 3" in text
     # one histogram per number, and the PCA
@@ -221,10 +222,10 @@ def test_report_in_headless_chromium(tmp_path, astronaut):
         assert sections == []
         severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not severe, severe  # no console errors (a blocked load would be one)
-        height = driver.execute_script("return document.body.scrollHeight")
-        driver.set_window_size(1400, min(int(height) + 100, 16000))
+        # the whole page, beyond the viewport (DevTools protocol)
+        png = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
         shot = tmp_path / "report.png"
-        assert driver.save_screenshot(str(shot))
+        shot.write_bytes(base64.b64decode(png["data"]))
         with Image.open(shot) as im:
             assert im.width >= 1000 and im.height > 1000
             assert np.asarray(im.convert("L")).std() > 10  # not a blank page

@@ -156,3 +156,29 @@ def test_psp_edit_end_to_end_on_ray(ray_cluster, tmp_path, tiny_checkpoint, dire
         # another batch composition than the direct decode: float sums may differ in the last bit
         assert np.abs(image - direct).max() <= 1 and (image != direct).mean() < 0.01
     assert (tmp_path / "edits" / "_SUCCESS.json").exists()
+
+
+def test_edit_stage_with_a_ganspace_direction(tmp_path, tiny_checkpoint):
+    from pipelines.edit import EditLatents, expand_strengths
+    from psp_core import load_psp
+    from psp_core.editing import edit, load_direction
+    from psp_core.tasks import tensor2im
+
+    rng = np.random.default_rng(4)
+    comp = rng.standard_normal((3, 1, 512)).astype(np.float32)
+    comp /= np.linalg.norm(comp, axis=-1, keepdims=True)
+    np.savez(tmp_path / "pca.npz", lat_mean=np.zeros((1, 512), np.float32), lat_comp=comp,
+             lat_stdev=np.float32([2.0, 1.0, 0.5]))
+    direction = load_direction(tmp_path / "pca.npz", ganspace_edit=(1, 0, 4))
+    w = rng.standard_normal((2, N_STYLES, 512)).astype(np.float32) * 0.3
+    batch = expand_strengths({"image_id": np.array(["a", "b"], dtype=object),
+                              "source_uri": np.array(["u/a", "u/b"], dtype=object), "w_plus": w}, [-4.0, 4.0], N_STYLES)
+    out = EditLatents(tiny_checkpoint, direction, device="cpu", cpu_threads=1)(batch)
+    want = edit(np.repeat(w, 2, axis=0), direction, np.float32([-4, 4, -4, 4]))
+    np.testing.assert_array_equal(out["w_plus"], want)
+    np.testing.assert_array_equal(out["w_plus"][:, 4:], np.repeat(w, 2, axis=0)[:, 4:])  # styles 4.. untouched
+    with torch.inference_mode():
+        direct = load_psp(tiny_checkpoint).decode(torch.from_numpy(want))
+    for i in range(4):
+        np.testing.assert_array_equal(out["image"][i], tensor2im(direct[i]))
+    assert list(out["direction"]) == ["pca[1,0:4]"] * 4 and list(out["direction_kind"]) == ["ganspace"] * 4

@@ -376,7 +376,7 @@ def run_edit(config: EditConfig) -> EditSummary:
         write_edits(ds, config.output, run_id, n_styles, config.storage_options)
         import pyarrow.compute as pc
 
-        written = read_edits(config.output, config.storage_options)
+        written = read_edits(config.output, config.storage_options, columns=["status", "run_id"])
         written = written.filter(pc.equal(written["run_id"], run_id))
         counts = dict(Counter(written["status"].to_pylist()))
     summary = EditSummary(

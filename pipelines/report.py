@@ -351,11 +351,10 @@ def _edit_cells(edits_uri: str, storage_options, wanted: set[str]) -> dict[str, 
     from schemas import read_edits
 
     try:
-        t = read_edits(edits_uri, storage_options)
+        t = read_edits(edits_uri, storage_options, columns=["image_id", "direction", "strength", "status", "image"])
     except FileNotFoundError:
         return {}
-    rows = [r for r in t.select(["image_id", "direction", "strength", "status", "image"]).to_pylist()
-            if r["image_id"] in wanted]
+    rows = [r for r in t.to_pylist() if r["image_id"] in wanted]
     out: dict[str, list[Cell]] = defaultdict(list)
     for r in sorted(rows, key=lambda r: (r["image_id"], r["direction"], r["strength"])):
         src, note = _thumb(r["image"]) if r["status"] == "ok" else (None, r["status"])

@@ -53,7 +53,7 @@ class DirectionError(ValueError):
     """A direction file or edit that cannot be used as asked; the message says what to do."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Direction:
     """A latent edit direction.
 

@@ -121,9 +121,12 @@ def edits_w_plus_to_numpy(table: pa.Table) -> np.ndarray:
     return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), *shape).astype(np.float32, copy=False)
 
 
-def read_edits(uri: str, storage_options: Mapping[str, Any] | None = None) -> pa.Table:
+def read_edits(
+    uri: str, storage_options: Mapping[str, Any] | None = None, columns: Sequence[str] | None = None
+) -> pa.Table:
     """Every edits-schema Parquet file under `uri` (skipping `_*`/`.*` names), the latest row per
-    `edit_id` (a rerun replaces, never duplicates). Raises FileNotFoundError when there is none."""
+    `edit_id` (a rerun replaces, never duplicates); `columns` restricts what is read (e.g. leave
+    out `image`). Raises FileNotFoundError when there is none."""
     import fsspec
     import pyarrow.parquet as pq
 
@@ -135,14 +138,24 @@ def read_edits(uri: str, storage_options: Mapping[str, Any] | None = None) -> pa
         p for p in ([path] if fs.isfile(path) else fs.find(path))
         if p.endswith(".parquet") and not any(part.startswith(("_", ".")) for part in p[len(base):].split("/"))
     )
+    if columns is not None:
+        unknown = sorted(set(columns) - set(EDIT_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown edit column(s) {unknown}; the edits schema has {list(EDIT_COLUMNS)}")
+    read = None if columns is None else list(dict.fromkeys([*columns, "edit_id", "processed_at"]))
     tables = []
     for p in files:
         with fs.open(p, "rb") as f:
-            t = pq.read_table(f)
-        version = (t.schema.metadata or {}).get(META_EDITS_VERSION)
-        if version != EDITS_SCHEMA_VERSION.encode():
-            raise ValueError(f"{p!r} under {uri!r} is not a psp edits file (psp.edits_schema_version={version!r})")
-        tables.append(t.cast(edits_schema(int(t.schema.metadata[META_N_STYLES]))))
+            pf = pq.ParquetFile(f)
+            meta = pf.schema_arrow.metadata or {}
+            version = meta.get(META_EDITS_VERSION)
+            if version != EDITS_SCHEMA_VERSION.encode():
+                raise ValueError(f"{p!r} under {uri!r} is not a psp edits file (psp.edits_schema_version={version!r})")
+            t = pf.read(columns=read)
+        target = edits_schema(int(meta[META_N_STYLES]))
+        if read is not None:
+            target = pa.schema([target.field(c) for c in read], metadata=target.metadata)
+        tables.append(t.select(target.names).cast(target))
     if not tables:
         raise FileNotFoundError(f"no edits Parquet files under {uri!r}: has `psp edit` written there?")
     table = pa.concat_tables(tables)
@@ -158,7 +171,8 @@ def read_edits(uri: str, storage_options: Mapping[str, Any] | None = None) -> pa
     last = np.ones(n, dtype=bool)
     last[:-1] = ids[:-1] != ids[1:]
     keep = np.sort(order[last])
-    return table.take(pa.array(keep)) if len(keep) < n else table
+    table = table.take(pa.array(keep)) if len(keep) < n else table
+    return table if columns is None else table.select(list(columns))
 
 
 def export_json() -> dict:

@@ -70,6 +70,33 @@ def test_edit_stage_images_equal_a_direct_decode(tiny_checkpoint, direction_file
     np.testing.assert_array_equal(schemas.edits_w_plus_to_numpy(table), want_w)
 
 
+def test_read_edits_keeps_the_latest_row_per_edit(tmp_path):
+    import datetime as dt
+
+    import pyarrow.parquet as pq
+
+    from schemas.edits import edit_columns_to_table
+
+    def batch(strength_shift, when):
+        return edit_columns_to_table({
+            "image_id": ["a", "a"], "source_uri": ["u", "u"], "direction": ["age", "age"],
+            "strength": [-1.0, 1.0], "status": ["ok", "ok"], "run_id": [when.isoformat()] * 2,
+            "w_plus": np.full((2, N_STYLES, 512), strength_shift, np.float32), "processed_at": [when] * 2,
+        }, N_STYLES)
+
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
+    (tmp_path / "e").mkdir()
+    pq.write_table(batch(2.0, t0 + dt.timedelta(days=1)), tmp_path / "e" / "part-b.parquet")  # the rerun
+    pq.write_table(batch(1.0, t0), tmp_path / "e" / "part-a.parquet")
+    table = schemas.read_edits(str(tmp_path / "e"))
+    assert table.num_rows == 2 and set(table["run_id"].to_pylist()) == {(t0 + dt.timedelta(days=1)).isoformat()}
+    assert (schemas.edits_w_plus_to_numpy(table) == 2.0).all()
+    light = schemas.read_edits(str(tmp_path / "e"), columns=["strength", "status"])
+    assert light.column_names == ["strength", "status"] and light.num_rows == 2
+    with pytest.raises(ValueError, match="unknown edit column"):
+        schemas.read_edits(str(tmp_path / "e"), columns=["nope"])
+
+
 def test_direction_cli_fits_from_labels(tmp_path, direction_file):
     from jobs.cli import main
     from psp_core.editing import load_direction

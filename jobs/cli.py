@@ -15,7 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from jobs import nightly, submit
+from jobs import edit, nightly, report, submit
 from pipelines.config import InvertConfig
 from pipelines.options import add_arguments, from_args, parse_json_object
 
@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--rows", type=int, default=3)
     ins.add_argument("--storage-options", type=parse_json_object, default=None,
                      help="JSON object passed to fsspec")
-    nightly.register(sub)
-    submit.register(sub)
+    for module in (nightly, submit, edit, report):
+        module.register(sub)
     return parser
 
 

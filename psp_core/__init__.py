@@ -18,6 +18,10 @@ _EXPORTS = {
     "FaceAligner": "psp_core.align",
     "AlignResult": "psp_core.align",
     "FaceDescriptor": "psp_core.metrics",
+    "edit": "psp_core.editing",
+    "load_direction": "psp_core.editing",
+    "fit_direction": "psp_core.editing",
+    "load_decoder": "psp_core.editing",
 }
 
 __all__ = sorted(_EXPORTS)

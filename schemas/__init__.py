@@ -23,6 +23,9 @@ _EXPORTS = {
     "schema_to_json": "schemas.outputs",
     "schema_version": "schemas.outputs",
     "tensor_shapes": "schemas.outputs",
+    "edits_schema": "schemas.edits",
+    "read_edits": "schemas.edits",
+    "edits_w_plus_to_numpy": "schemas.edits",
 }
 # schemas/manifest.py (nightly manifest) adds its names here, e.g. "manifest_schema": "schemas.manifest".
 

@@ -17,6 +17,10 @@ _EXPORTS = {
     "get_task": "psp_core.tasks",
     "FaceAligner": "psp_core.align",
     "AlignResult": "psp_core.align",
+    "ImageDecodeError": "psp_core.images",
+    "load_image": "psp_core.images",
+    "normalize_image": "psp_core.images",
+    "sniff_format": "psp_core.images",
     "FaceDescriptor": "psp_core.metrics",
 }
 

@@ -31,16 +31,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.config import InvertConfig
-from pipelines.graph import FINAL_STATUSES
 from pipelines.options import add_arguments, from_args
 from schemas import manifest as mf
+from schemas.status import FINAL_STATUSES
 
 log = logging.getLogger(__name__)
 
 OUTPUT_SCHEMA_VERSION = 1
-# A decode error, no face, a too-small or too-large image is a property of the input: retried only
-# when the input changes. Every other failure (read_error, align_error, invert_error, ...) may be
-# the infrastructure's and is retried by --retry-failed.
+# schemas.status.FINAL_STATUSES are properties of the input: retried only when the input changes.
+# Every other failure (read_error, decode_timeout, align_error, ...) is retried by --retry-failed.
 PERMANENT_STATUSES = frozenset(FINAL_STATUSES)  # the statuses `psp invert` reruns skip, too
 
 

@@ -19,11 +19,9 @@ from typing import Any
 
 from pipelines.config import ConfigError, InvertConfig, ResolvedConfig, code_version, resolve_config
 from pipelines.sources import SourceItem, list_inputs
+from schemas.status import FINAL_STATUSES  # what a rerun skips: properties of the input itself
 
 STAGES = ("read", "decode", "align", "invert")
-# Statuses that are properties of the input itself: a rerun skips them. read_error, align_error and
-# invert_error may be transient (network, OOM) and are retried.
-FINAL_STATUSES = ("ok", "decode_error", "too_large", "too_small", "no_face")
 ALIGN_BATCH = 4
 READ_BATCH = 16
 

@@ -81,8 +81,11 @@ def test_parquet_rows_with_image_bytes_and_img2dataset_urls(tmp_path):
     assert list(got["data"]) == [b"A", b"C"] and list(got["source_uri"]) == ["http://x/a.jpg", "http://x/c.jpg"]
 
     pq.write_table(pa.table({"pixels": [b"P"]}), tmp_path / "other.parquet")
-    with pytest.raises(InputError, match="--image-column"):
-        list_inputs(str(tmp_path / "other.parquet"))
+    # No image column: the file is one row whose status says what to do (the run goes on).
+    [whole] = list_inputs(str(tmp_path / "other.parquet"))
+    got = _read([whole])
+    assert (whole.kind, got["status"][0]) == ("container", "container_error")
+    assert "other.parquet" in got["error"][0] and "--image-column" in got["error"][0]
     other = list_inputs(str(tmp_path / "other.parquet"), image_column="pixels")
     assert list(_read(other)["data"]) == [b"P"]
 

@@ -330,6 +330,19 @@ def _tar_items(fs, path: str, uri: str, info: Mapping[str, Any], items: list, sk
                     offset=member.offset_data if member.isfile() else None,
                 )
             )
+        # tarfile ends its iteration quietly at a damaged header after the first member: check that
+        # what follows the last member is the end-of-archive marker (or nothing), not garbage.
+        end = tar.offset
+        f.seek(0, 2)
+        size = f.tell()
+        f.seek(end)
+        tail = f.read(1024)
+        if end > size or tail.strip(b"\0"):
+            raise InputProblem(
+                st.CONTAINER_ERROR,
+                f"{uri}: .tar shard is truncated or corrupt at byte {min(end, size)} (after {len(items)} "
+                "images, which are kept): re-create the shard",
+            )
 
 
 def detect_image_column(names: Sequence[str], requested: str | None = None) -> str | None:
@@ -637,17 +650,39 @@ def _read_local(path: str) -> bytes:
         os.close(fd)
 
 
+def _cat(fs, path: str, start: int | None = None, end: int | None = None) -> bytes:
+    """`fs.cat_file`, except for S3 keys holding '?versionId=', which s3fs would read as a version
+    of a shorter key: those are fetched by bucket and key as they are."""
+    if "?versionId=" not in path or not hasattr(fs, "_call_s3"):
+        return fs.cat_file(path, start=start, end=end)
+    from fsspec.asyn import sync
+
+    bucket, _, key = path.partition("/")
+    kwargs = {"Bucket": bucket, "Key": key}
+    if start is not None or end is not None:
+        kwargs["Range"] = f"bytes={start or 0}-{'' if end is None else end - 1}"
+
+    async def get() -> bytes:
+        resp = await fs._call_s3("get_object", **kwargs)
+        try:
+            return await resp["Body"].read()
+        finally:
+            resp["Body"].close()
+
+    return sync(fs.loop, get)
+
+
 def _read_file(uri: str, storage_options) -> bytes:
     fs, path = filesystem_for(uri, storage_options)
     if _is_local(fs):
         return _read_local(path)
-    return fs.cat_file(path)
+    return _cat(fs, path)
 
 
 def _read_tar_range(uri: str, offset: int, size: int, storage_options) -> bytes:
     container, _ = split_uri(uri, KIND_TAR)
     fs, path = filesystem_for(container, storage_options)
-    data = fs.cat_file(path, start=offset, end=offset + size)
+    data = _cat(fs, path, start=offset, end=offset + size)
     if len(data) != size:
         raise EOFError(f"shard ended after {len(data)} of {size} member bytes")
     return data

@@ -530,15 +530,16 @@ def adoptable_rows(
     return adopted
 
 
-def read_listing(input_uri: Any, storage_options: Optional[dict] = None) -> pa.Table:
+def read_listing(input_uri: Any, storage_options: Optional[dict] = None, **rules: Any) -> pa.Table:
     """The input listing as a `listing_table`, streamed: no `SourceItem` per input is kept.
+    `rules`: `pipelines.sources.iter_inputs` keywords (image_column, include, exclude, output).
 
     Raises `NightlyError` (with what to do) when the listing fails.
     """
     from pipelines.sources import iter_inputs
 
     try:
-        table = listing_table(iter_inputs(input_uri, storage_options=storage_options))
+        table = listing_table(iter_inputs(input_uri, storage_options=storage_options, **rules))
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - surface the storage error with what to do
@@ -578,7 +579,8 @@ def run_nightly(
     sha = checkpoint_sha256(config.checkpoint, so)
     # The listing lives as one Arrow table (no Python object per input); only the inputs this run
     # processes become `SourceItem`s again.
-    listing = read_listing(config.input, so)
+    listing = read_listing(config.input, so, image_column=config.image_column, include=config.include or (),
+                           exclude=config.exclude or (), output=output)
     clock.lap("list_s")
     previous, pointer = mf.read_manifest(output, so)
     plan = plan_nightly(listing, previous, sha, reprocess_on_model_change, retry_failed)

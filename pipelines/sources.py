@@ -265,7 +265,7 @@ class ListingRules:
     output: str | None = None
 
     def skip_reason(self, rel: str) -> str | None:
-        parts = [p for p in rel.split("/") if p]
+        parts = [p for p in rel.split("/") if p and p != "."]  # './x.jpg' (tar of '.') is not hidden
         if any(p.startswith(".") for p in parts):
             return SKIP_HIDDEN
         if any(p in BOOKKEEPING_NAMES for p in parts):

@@ -52,12 +52,12 @@ def test_missing_input_and_unreadable_object_fail_differently(tmp_path):
 def test_tar_shard_expands_to_one_item_per_image_member(tmp_path):
     shard = tmp_path / "shard-00000.tar"
     with tarfile.open(shard, "w") as tar:
-        for name, blob in [("0001.jpg", b"jpeg-1"), ("0001.json", b"{}"), ("0002.png", b"png-2")]:
+        for name, blob in [("0001.jpg", b"jpeg-1"), ("0001.json", b"{}"), ("./0002.png", b"png-2")]:
             info = tarfile.TarInfo(name)
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
     items = list_inputs(str(shard))
-    assert [i.uri for i in items] == [f"file://{shard}#0001.jpg", f"file://{shard}#0002.png"]
+    assert [i.uri for i in items] == [f"file://{shard}#0001.jpg", f"file://{shard}#./0002.png"]
     assert {i.kind for i in items} == {"tar_member"}
     missing = SourceItem(uri=f"file://{shard}#0003.jpg", kind="tar_member")
     got = _read(items + [missing])

@@ -676,8 +676,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--reprocess-on-model-change", action="store_true",
                    help="reprocess rows made by another checkpoint or output schema version")
     p.add_argument("--retry-failed", action="store_true",
-                   help="reprocess failed rows whose cause may be transient (read_error, "
-                        "align_error, invert_error); never decode_error/no_face/too_small/too_large")
+                   help="reprocess failed rows whose cause may be transient (read_error, decode_timeout, "
+                        "align_error, invert_error); never the permanent not_a_file/container_error/"
+                        "decode_error/no_face/too_small/too_large")
     p.add_argument("--dry-run", action="store_true", help="print the plan, process nothing")
     p.add_argument("--no-resume", action="store_true",
                    help="do not adopt rows written by an earlier crashed run")

@@ -710,12 +710,7 @@ def _read_container(container: str, kind: str, members: list[str], column: str |
             with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
                 for m in tar:
                     if m.name in wanted and m.name not in out:
-                        try:
-                            fh = tar.extractfile(m)
-                        except (KeyError, tarfile.TarError) as e:  # a link to a missing member
-                            fh, out[m.name] = None, InputProblem(st.NOT_A_FILE, f"is a tar link that leads nowhere ({_describe(e)})")
-                            continue
-                        out[m.name] = fh.read() if fh is not None else _not_regular(m.name, _tar_mode(m), False)
+                        out[m.name] = _tar_member_bytes(tar, m)
         except tarfile.TarError as e:
             problem = InputProblem(st.CONTAINER_ERROR, f"shard {container} is corrupt ({_describe(e)})")
             for name in wanted - set(out):
@@ -763,6 +758,14 @@ def _read_container(container: str, kind: str, members: list[str], column: str |
     for m in members:
         out.setdefault(m, IndexError(f"row {m} is not in {container!r}"))
     return out
+
+
+def _tar_member_bytes(tar: tarfile.TarFile, m: tarfile.TarInfo) -> bytes | InputProblem:
+    try:
+        fh = tar.extractfile(m)
+    except (KeyError, tarfile.TarError) as e:  # a link to a member that is not there
+        return InputProblem(st.NOT_A_FILE, f"is a tar link that leads nowhere ({_describe(e)})")
+    return fh.read() if fh is not None else _not_regular(m.name, _tar_mode(m), False)
 
 
 def _tar_mode(m: tarfile.TarInfo) -> int:

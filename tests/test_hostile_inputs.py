@@ -93,6 +93,23 @@ def test_fifo_socket_device_and_links_get_a_permanent_row_and_are_never_opened(t
     sock.close()
 
 
+def test_special_tar_members_get_not_a_file_rows(tmp_path):
+    shard = tmp_path / "special.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, kind, target in [("fifo.jpg", tarfile.FIFOTYPE, ""), ("dangling.jpg", tarfile.SYMTYPE, "gone.jpg"),
+                                   ("real.jpg", tarfile.REGTYPE, ""), ("alias.jpg", tarfile.SYMTYPE, "real.jpg")]:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, target
+            blob = _jpeg() if kind == tarfile.REGTYPE else b""
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    rows = _rows(list_inputs(str(shard)))
+    status = {u.rsplit("#", 1)[1]: (s, e) for u, (s, e, _) in rows.items()}
+    assert status["real.jpg"][0] == status["alias.jpg"][0] == "ok"
+    assert status["fifo.jpg"][0] == "not_a_file" and "named pipe" in status["fifo.jpg"][1]
+    assert status["dangling.jpg"][0] == "not_a_file" and "leads nowhere" in status["dangling.jpg"][1]
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. broken containers
 

@@ -31,16 +31,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.config import InvertConfig
-from pipelines.graph import FINAL_STATUSES
 from pipelines.options import add_arguments, from_args
 from schemas import manifest as mf
+from schemas.status import FINAL_STATUSES
 
 log = logging.getLogger(__name__)
 
 OUTPUT_SCHEMA_VERSION = 1
-# A decode error, no face, a too-small or too-large image is a property of the input: retried only
-# when the input changes. Every other failure (read_error, align_error, invert_error, ...) may be
-# the infrastructure's and is retried by --retry-failed.
+# schemas.status.FINAL_STATUSES are properties of the input: retried only when the input changes.
+# Every other failure (read_error, decode_timeout, align_error, ...) is retried by --retry-failed.
 PERMANENT_STATUSES = frozenset(FINAL_STATUSES)  # the statuses `psp invert` reruns skip, too
 
 
@@ -531,15 +530,16 @@ def adoptable_rows(
     return adopted
 
 
-def read_listing(input_uri: Any, storage_options: Optional[dict] = None) -> pa.Table:
+def read_listing(input_uri: Any, storage_options: Optional[dict] = None, **rules: Any) -> pa.Table:
     """The input listing as a `listing_table`, streamed: no `SourceItem` per input is kept.
+    `rules`: `pipelines.sources.iter_inputs` keywords (image_column, include, exclude, output).
 
     Raises `NightlyError` (with what to do) when the listing fails.
     """
     from pipelines.sources import iter_inputs
 
     try:
-        table = listing_table(iter_inputs(input_uri, storage_options=storage_options))
+        table = listing_table(iter_inputs(input_uri, storage_options=storage_options, **rules))
     except FileNotFoundError:
         raise
     except Exception as exc:  # noqa: BLE001 - surface the storage error with what to do
@@ -579,7 +579,8 @@ def run_nightly(
     sha = checkpoint_sha256(config.checkpoint, so)
     # The listing lives as one Arrow table (no Python object per input); only the inputs this run
     # processes become `SourceItem`s again.
-    listing = read_listing(config.input, so)
+    listing = read_listing(config.input, so, image_column=config.image_column, include=config.include or (),
+                           exclude=config.exclude or (), output=output)
     clock.lap("list_s")
     previous, pointer = mf.read_manifest(output, so)
     plan = plan_nightly(listing, previous, sha, reprocess_on_model_change, retry_failed)
@@ -675,8 +676,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--reprocess-on-model-change", action="store_true",
                    help="reprocess rows made by another checkpoint or output schema version")
     p.add_argument("--retry-failed", action="store_true",
-                   help="reprocess failed rows whose cause may be transient (read_error, "
-                        "align_error, invert_error); never decode_error/no_face/too_small/too_large")
+                   help="reprocess failed rows whose cause may be transient (read_error, decode_timeout, "
+                        "align_error, invert_error); never the permanent not_a_file/container_error/"
+                        "decode_error/no_face/too_small/too_large")
     p.add_argument("--dry-run", action="store_true", help="print the plan, process nothing")
     p.add_argument("--no-resume", action="store_true",
                    help="do not adopt rows written by an earlier crashed run")

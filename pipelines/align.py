@@ -22,6 +22,7 @@ from PIL import Image
 
 from pipelines.decode import DecodeImages
 from pipelines.sources import object_column
+from psp_core.images import DEFAULT_DECODE_TIMEOUT_S
 
 CROP_SIZE = 256
 
@@ -48,6 +49,7 @@ class AlignFaces:
 
     mode: 'dlib' or 'none'. gray: sketch/seg task (only used with mode 'none').
     aligner_kwargs: passed to `FaceAligner` (e.g. detect_size).
+    decode_timeout_s: time limit of one image's decode (`DecodeImages`).
     """
 
     def __init__(
@@ -56,13 +58,14 @@ class AlignFaces:
         gray: bool = False,
         aligner_kwargs: Mapping[str, Any] | None = None,
         stage_clock: Any = None,
+        decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S,
     ):
         if mode not in ("dlib", "none"):
             raise ValueError(f"align mode {mode!r}: expected 'dlib' or 'none'")
         self.mode = mode
         self.gray = gray
         self.stage_clock = stage_clock
-        self.decode = DecodeImages(stage_clock=stage_clock)
+        self.decode = DecodeImages(stage_clock=stage_clock, timeout_s=decode_timeout_s)
         self.aligner = None
         if mode == "dlib":
             from psp_core.align import FaceAligner

@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipelines.options import ConfigError, check_options, option, parse_json_object
+from pipelines.sources import DEFAULT_READ_TIMEOUT_S
+from psp_core.images import DEFAULT_DECODE_TIMEOUT_S
 from schemas.outputs import IMAGE_FORMATS
 
 ALIGN_MODES = ("dlib", "none")
@@ -43,6 +45,12 @@ def _check_resize_factor(factor: int) -> None:
 
 def _check_latent_mask(text: str | Sequence[int]) -> None:
     parse_latent_mask(text)
+
+
+def _check_globs(patterns: str | Sequence[str]) -> None:
+    for g in [patterns] if isinstance(patterns, str) else patterns:
+        if not isinstance(g, str) or not g:
+            raise ValueError("expected glob patterns such as '*.jpg' (repeat the flag for more)")
 
 
 def _check_run_id(run_id: str) -> None:
@@ -107,6 +115,19 @@ class InvertConfig:
                                 check=_check_run_id, scope="invert")
     progress: bool | None = option(None, "Ray progress bars (default: when stderr is a terminal)",
                                    kind="switch", scope="invert")
+    include: list[str] | None = option(
+        None, "read only the files under INPUT matching GLOB (repeatable; without / it matches the file "
+        "name, with / the path below INPUT); what is left out is counted in the run summary",
+        kind="append", check=_check_globs, metavar="GLOB")
+    exclude: list[str] | None = option(
+        None, "leave out the files under INPUT matching GLOB (repeatable; matched as --include)",
+        kind="append", check=_check_globs, metavar="GLOB")
+    read_timeout: float | None = option(
+        DEFAULT_READ_TIMEOUT_S, "seconds one input's read may take; over it the row is a read_error, retried "
+        f"by a rerun (default {DEFAULT_READ_TIMEOUT_S:g})", parse=float, minimum=0.001, metavar="S")
+    decode_timeout: float | None = option(
+        DEFAULT_DECODE_TIMEOUT_S, "seconds one image's decode may take; over it the row is a decode_timeout, "
+        f"retried by a rerun (default {DEFAULT_DECODE_TIMEOUT_S:g})", parse=float, minimum=0.001, metavar="S")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Decode stage: image bytes -> RGB pixels, robustly (EXIF transpose, mode conversion, size guard).
 
 `DecodeImages` is a plain callable on a batch dict. It never raises for a bad image: the row gets
-`status` decode_error / too_large / too_small and a readable `error`. The pixel arrays it produces
+`status` decode_error / too_large / too_small / decode_timeout and a readable `error`. The content
+decides (`psp_core.images`), not the file name: a PNG named `.jpg`, a GIF (first frame), AVIF, and
+HEIC where the pillow-heif plugin is installed are images. The pixel arrays it produces
 are variable-sized, so the pipeline runs it inside the align actor (only compressed bytes cross
 the operator boundary; see `pipelines.align.AlignFaces`).
 """
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.sources import object_column
+from psp_core.images import DEFAULT_DECODE_TIMEOUT_S, ImageDecodeError, load_image
 
 
 class DecodeImages:
@@ -22,14 +25,14 @@ class DecodeImages:
     In: columns source_uri, data, status, error (rows whose status is not 'ok' pass through).
     Out: the same columns minus `data`, plus `image`, `source_width`, `source_height` (int32, -1
     when undecodable). `error` is '' when there is none (uniform Arrow types across blocks).
+    timeout_s: time limit of one image's decode (None: none); over it the row is 'decode_timeout'.
     """
 
-    def __init__(self, stage_clock: Any = None):
+    def __init__(self, stage_clock: Any = None, timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S):
         self.stage_clock = stage_clock
+        self.timeout_s = timeout_s
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from psp_core.align import ImageDecodeError, load_image
-
         start = time.perf_counter()
         n = len(batch["source_uri"])
         status = list(batch["status"])
@@ -42,7 +45,7 @@ class DecodeImages:
                 continue
             uri = batch["source_uri"][i]
             try:
-                img = load_image(bytes(data), name=str(uri))
+                img = load_image(bytes(data), name=str(uri), timeout_s=self.timeout_s)
                 widths[i], heights[i] = img.size
                 images[i] = np.asarray(img.convert("RGB"), dtype=np.uint8)
             except ImageDecodeError as e:

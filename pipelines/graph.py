@@ -19,11 +19,9 @@ from typing import Any
 
 from pipelines.config import ConfigError, InvertConfig, ResolvedConfig, code_version, resolve_config
 from pipelines.sources import SourceItem, list_inputs
+from schemas.status import FINAL_STATUSES  # what a rerun skips: properties of the input itself
 
 STAGES = ("read", "decode", "align", "invert")
-# Statuses that are properties of the input itself: a rerun skips them. read_error, align_error and
-# invert_error may be transient (network, OOM) and are retried.
-FINAL_STATUSES = ("ok", "decode_error", "too_large", "too_small", "no_face")
 ALIGN_BATCH = 4
 READ_BATCH = 16
 
@@ -45,8 +43,10 @@ class StageTiming:
 @dataclass
 class RunSummary:
     """What a run did. `counts`: rows written per status; `skipped`: inputs already in the output
-    (final status) and not reprocessed; `stages`: per-stage timings; `operators`: Ray Data
-    operator names as executed (align and invert are separate operators)."""
+    (final status) and not reprocessed; `not_inputs`: files under the input left out by the listing
+    rules, per reason (hidden, excluded, not_an_image, output, ...: see `pipelines.sources`);
+    `stages`: per-stage timings; `operators`: Ray Data operator names as executed (align and invert
+    are separate operators)."""
 
     run_id: str
     input: Any
@@ -66,6 +66,7 @@ class RunSummary:
     finished_at: str = ""
     wall_s: float = 0.0
     code_version: str = ""
+    not_inputs: dict[str, int] = field(default_factory=dict)
 
     def format(self) -> str:
         """The end-of-run report printed by the CLI."""
@@ -73,6 +74,8 @@ class RunSummary:
             f"run {self.run_id}: {self.processed} processed, {self.skipped} skipped (already in "
             f"{self.output}), {self.listed} listed, {self.wall_s:.1f}s",
             "  status counts: " + (", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"),
+            "  not inputs (skipped while listing): "
+            + (", ".join(f"{k}={v}" for k, v in sorted(self.not_inputs.items())) or "none"),
             f"  {'stage':<8} {'rows':>7} {'rows/s':>9} {'busy s':>9}",
         ]
         for name in STAGES:
@@ -176,7 +179,8 @@ def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resourc
     ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / ALIGN_BATCH), 1000)))
     ds = ds.map_batches(
         read_batch,
-        fn_kwargs={"storage_options": config.storage_options, "stage_clock": clock},
+        fn_kwargs={"storage_options": config.storage_options, "stage_clock": clock,
+                   "timeout_s": config.read_timeout},
         batch_size=READ_BATCH,
         batch_format="numpy",
         num_cpus=0.25,
@@ -188,6 +192,7 @@ def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resourc
             "gray": get_task(resolved.task).label_nc > 0,
             "aligner_kwargs": {"detect_size": config.align_detect_size} if config.align_detect_size else None,
             "stage_clock": clock,
+            "decode_timeout_s": config.decode_timeout,
         },
         compute=ActorPoolStrategy(min_size=1, max_size=config.align_actors),
         batch_size=ALIGN_BATCH,
@@ -299,7 +304,12 @@ def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) 
     t0 = time.perf_counter()
     resolved = resolve_config(config)
     config = resolved.config
-    listed = list_inputs(config.input, config.storage_options, config.image_column) if items is None else _coerce_items(items)
+    not_inputs: Counter = Counter()
+    listed = (
+        list_inputs(config.input, config.storage_options, config.image_column, include=config.include or (),
+                    exclude=config.exclude or (), output=config.output, skipped=not_inputs)
+        if items is None else _coerce_items(items)
+    )
     done = existing_image_ids(config.output, config.storage_options, statuses=FINAL_STATUSES)
     todo, skipped = select_items(listed, done, config.limit)
 
@@ -359,6 +369,7 @@ def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) 
         finished_at=finished.isoformat(),
         wall_s=round(time.perf_counter() - t0, 3),
         code_version=code_version(),
+        not_inputs=dict(sorted(not_inputs.items())),
     )
     doc = asdict(summary)
     doc["counts_per_status"] = doc["counts"]

@@ -32,8 +32,9 @@ class Option:
     `cli=False` for library-only fields. parse: text -> value (default str). choices / minimum /
     maximum: accepted values. check: the protected code's own check, `check(value)` raising
     ValueError (its message is shown after the flag). scope: "run" (every pipeline command) or
-    "invert" (one-off runs only). kind: "value", "flag" (store_true) or "switch" (--x/--no-x, None
-    when absent). required: the flag must be given.
+    "invert" (one-off runs only). kind: "value", "flag" (store_true), "switch" (--x/--no-x, None
+    when absent) or "append" (repeatable, a list; `check` sees each value and the whole list).
+    required: the flag must be given.
     """
 
     help: str
@@ -129,6 +130,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, scopes: Iterable[s
         elif opt.kind == "switch":
             parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=opt.help)
+        elif opt.kind == "append":  # repeatable: a list of values, None when absent
+            parser.add_argument(flag, dest=field.name, action="append", type=_argparse_type(field, opt),
+                                default=None, metavar=_metavar(field, opt), help=opt.help)
         else:
             parser.add_argument(
                 flag, dest=field.name, type=_argparse_type(field, opt), default=field.default,

@@ -1,4 +1,4 @@
-"""FFHQ face alignment (dlib 68 landmarks -> oriented square crop), robust image decoding.
+"""FFHQ face alignment (dlib 68 landmarks -> oriented square crop).
 
 pSp only works on faces aligned the way FFHQ was aligned. This module re-states the alignment of
 the original `scripts/align_all_parallel.py` (from NVlabs ffhq-dataset, spec section 4) with its
@@ -23,14 +23,24 @@ from the `face-recognition-models` wheel, located without importing it (its `__i
 from __future__ import annotations
 
 import importlib.util
-import io
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
+
+# Decoding lives in psp_core.images; its public names stay importable from here.
+from psp_core.images import (
+    DEFAULT_MAX_PIXELS,
+    MIN_SIDE,
+    ImageDecodeError,
+    _array_to_rgb,
+    _check_size,
+    _label,
+    load_image,
+    normalize_image,
+)
 
 __all__ = [
     "AlignResult",
@@ -47,17 +57,9 @@ __all__ = [
     "dlib_model_path",
 ]
 
-#: Largest image accepted by default: 8192 x 8192 (about 192 MiB decoded as RGB).
-DEFAULT_MAX_PIXELS = 8192 * 8192
-#: Smallest accepted side in pixels. The HOG detector's window is 80 px, 40 px with one upsampling,
-#: so a smaller image cannot hold a detectable face.
-MIN_SIDE = 40
-
 Select = Literal["best", "largest", "last", "all"]
 ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image, np.ndarray]
 
-_EXIF_ORIENTATION = 0x0112
-_WHITE = (255, 255, 255)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,194 +84,6 @@ def dlib_model_path(filename: str) -> str:
             f"dlib model {filename!r} not found at {path}: reinstall face-recognition-models==0.3.0"
         )
     return path
-
-
-# ---------------------------------------------------------------------------------------------
-# decoding
-
-
-class ImageDecodeError(Exception):
-    """An input that cannot become an RGB image.
-
-    `status` is "decode_error" (not an image, truncated, unsupported), "too_large" (over
-    `max_pixels`, the decompression-bomb guard) or "too_small" (a side under `min_side`);
-    `message` names the input and says what went wrong.
-    """
-
-    def __init__(self, status: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _label(data: object, name: str | None) -> str:
-    if name:
-        return name
-    if isinstance(data, (str, os.PathLike)):
-        return os.fspath(data)
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return f"<{len(data)} bytes>"
-    return f"<{type(data).__name__}>"
-
-
-def load_image(
-    data: bytes | bytearray | memoryview | str | os.PathLike | Image.Image,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    min_side: int = MIN_SIDE,
-    *,
-    name: str | None = None,
-) -> Image.Image:
-    """Decode encoded bytes, a file path or a PIL image into an upright 8-bit RGB PIL image.
-
-    The size is checked against `max_pixels` from the header, before any pixel is decoded; Pillow's
-    own decompression-bomb error also maps to "too_large" (its warning is ignored when `max_pixels`
-    is above Pillow's limit, since the caller vouched for the size). Truncated files are errors
-    (Pillow's LOAD_TRUNCATED_IMAGES is left False). Multi-frame files give their first frame. Then
-    `normalize_image` applies EXIF orientation and converts the mode to RGB.
-
-    A missing path raises FileNotFoundError (a read error, not a decode error).
-    Raises ImageDecodeError(status, message) with status "decode_error", "too_large" or "too_small".
-    `name` labels the input in messages (e.g. its URI).
-    """
-    label = _label(data, name)
-    if isinstance(data, Image.Image):
-        _check_size(data.size, max_pixels, min_side, label)
-        return normalize_image(data, name=label)
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        source: object = io.BytesIO(bytes(data))
-    elif isinstance(data, (str, os.PathLike)):
-        source = os.fspath(data)
-    else:
-        raise TypeError(f"load_image: expected bytes, a path or a PIL image, got {type(data).__name__}")
-
-    with warnings.catch_warnings():
-        # Above Pillow's limit the caller vouched for the size with max_pixels; below it, an image
-        # over Pillow's limit is also over ours and is rejected by _check_size.
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(source)
-        except FileNotFoundError:
-            raise
-        except Image.DecompressionBombError as e:
-            raise ImageDecodeError("too_large", f"{label}: too large: {e}") from None
-        except UnidentifiedImageError as e:
-            raise ImageDecodeError("decode_error", f"{label}: not an image: {_short(e)}") from None
-        except Exception as e:  # noqa: BLE001 - any parser failure on untrusted bytes is a decode error
-            raise ImageDecodeError("decode_error", f"{label}: cannot read image header: {_short(e)}") from None
-        _check_size(img.size, max_pixels, min_side, label)
-        fmt = img.format or "image"
-        try:
-            img.load()
-        except Image.DecompressionBombError as e:
-            raise ImageDecodeError("too_large", f"{label}: too large: {e}") from None
-        except Exception as e:  # noqa: BLE001
-            if "truncated" in str(e).lower() or isinstance(e, EOFError):
-                raise ImageDecodeError(
-                    "decode_error", f"{label}: truncated {fmt}: {_short(e)}; re-fetch or re-encode the file"
-                ) from None
-            raise ImageDecodeError("decode_error", f"{label}: corrupt {fmt} data: {_short(e)}") from None
-    return normalize_image(img, name=label)
-
-
-def _short(e: BaseException) -> str:
-    text = str(e) or type(e).__name__
-    if isinstance(e, UnidentifiedImageError):
-        # Pillow's message includes the BytesIO repr; keep it short and stable.
-        text = "cannot identify image file"
-    return text if len(text) < 300 else text[:300] + "..."
-
-
-def _check_size(size: tuple[int, int], max_pixels: int, min_side: int, label: str) -> None:
-    w, h = size
-    if max_pixels and w * h > max_pixels:
-        raise ImageDecodeError(
-            "too_large",
-            f"{label}: {w}x{h} = {w * h} pixels is more than max_pixels={max_pixels} "
-            "(decompression-bomb guard); raise max_pixels if the image is genuine",
-        )
-    if min(w, h) < min_side:
-        raise ImageDecodeError(
-            "too_small", f"{label}: {w}x{h} is smaller than {min_side} px on a side; no face can be found"
-        )
-
-
-def normalize_image(img: Image.Image, *, name: str | None = None) -> Image.Image:
-    """Upright 8-bit RGB version of a decoded PIL image (may return `img` itself when already so).
-
-    - EXIF orientation (tag 0x0112) is applied with `ImageOps.exif_transpose`.
-    - Transparency (RGBA, LA, PA, P with a transparent index) is composited on white: transparent
-      pixels become white, as an image viewer shows them, so a cut-out face sits on a plain
-      background rather than on whatever colour the hidden pixels happen to hold.
-    - 16-bit ('I;16*') is scaled by 255/65535 with rounding (not clipped at 255). 32-bit 'I' is taken
-      as 8-bit if it fits in 0..255, as 16-bit if it fits in 0..65535, else min-max scaled; 'F' as
-      0..1 if it fits there, 0..255 if it fits there, else min-max scaled.
-    - CMYK, YCbCr, L, 1, P go through Pillow's RGB conversion.
-    """
-    label = name or f"<{type(img).__name__}>"
-    try:
-        orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block must not reject an otherwise fine image
-        orientation = 1
-    if orientation in (2, 3, 4, 5, 6, 7, 8):
-        img = ImageOps.exif_transpose(img)
-    mode = img.mode
-    try:
-        if mode == "RGB":
-            return img
-        if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            return Image.alpha_composite(Image.new("RGBA", img.size, _WHITE + (255,)), rgba).convert("RGB")
-        if mode.startswith("I;16"):
-            a = np.asarray(img).astype(np.float32)
-            return _gray_to_rgb(np.rint(a * (255.0 / 65535.0)))
-        if mode in ("I", "F"):
-            return _gray_to_rgb(_scale_wide(np.asarray(img), mode))
-        return img.convert("RGB")
-    except ImageDecodeError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise ImageDecodeError("decode_error", f"{label}: cannot convert mode {mode!r} to RGB: {_short(e)}") from None
-
-
-def _scale_wide(a: np.ndarray, mode: str) -> np.ndarray:
-    a = a.astype(np.float64)
-    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
-    if mode == "F" and lo >= 0.0 and hi <= 1.0:
-        return np.rint(a * 255.0)
-    if lo >= 0.0 and hi <= 255.0:
-        return np.rint(a)
-    if mode == "I" and lo >= 0.0 and hi <= 65535.0:
-        return np.rint(a * (255.0 / 65535.0))
-    if hi == lo:
-        return np.zeros_like(a)
-    return np.rint((a - lo) * (255.0 / (hi - lo)))
-
-
-def _gray_to_rgb(a: np.ndarray) -> Image.Image:
-    g = np.clip(a, 0, 255).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(np.repeat(g[:, :, None], 3, axis=2)), "RGB")
-
-
-def _array_to_rgb(a: np.ndarray) -> np.ndarray:
-    """HxW, HxWx1, HxWx3 or HxWx4 uint8/uint16 array -> C-contiguous HxWx3 uint8 (no copy if already so)."""
-    if a.dtype == np.uint16:
-        a = np.rint(a.astype(np.float32) * (255.0 / 65535.0)).astype(np.uint8)
-    elif a.dtype == np.bool_:
-        a = a.astype(np.uint8) * 255
-    elif a.dtype != np.uint8:
-        raise ImageDecodeError(
-            "decode_error", f"array of dtype {a.dtype}: expected uint8 (or uint16) pixels; convert with np.uint8"
-        )
-    if a.ndim == 3 and a.shape[2] == 1:
-        a = a[:, :, 0]
-    if a.ndim == 2:
-        return np.ascontiguousarray(np.repeat(a[:, :, None], 3, axis=2))
-    if a.ndim == 3 and a.shape[2] == 4:
-        alpha = a[:, :, 3:4].astype(np.float32) / 255.0
-        return np.rint(a[:, :, :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-    if a.ndim == 3 and a.shape[2] == 3:
-        return np.ascontiguousarray(a)
-    raise ImageDecodeError("decode_error", f"array of shape {a.shape}: expected HxW, HxWx1, HxWx3 or HxWx4")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ import importlib
 _EXPORTS = {
     "SCHEMA_VERSION": "schemas.outputs",
     "COLUMNS": "schemas.outputs",
-    "STATUSES": "schemas.outputs",
+    "STATUSES": "schemas.status",
+    "FINAL_STATUSES": "schemas.status",
+    "is_final": "schemas.status",
     "output_schema": "schemas.outputs",
     "rows_to_table": "schemas.outputs",
     "columns_to_table": "schemas.outputs",

@@ -19,21 +19,14 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+# The status vocabulary (and which statuses a rerun skips) lives in schemas.status.
+from schemas.status import OK as STATUS_OK
+from schemas.status import STATUSES
+
 SCHEMA_VERSION = "1"
 STYLE_DIM = 512
 N_LANDMARKS = 68
 
-STATUS_OK = "ok"
-# Known statuses; others may be added by stages (the column is a free string).
-STATUSES = (
-    "ok",
-    "read_error",
-    "decode_error",
-    "too_large",
-    "too_small",
-    "no_face",
-    "invert_error",
-)
 IMAGE_FORMATS = ("png", "jpeg", "none")
 
 META_VERSION = b"psp.schema_version"

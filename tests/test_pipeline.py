@@ -128,3 +128,62 @@ def test_local_folder_and_tar_shard(ray_cluster, tiny_checkpoint, tmp_path):
         row = rows[f"file://{shard}#{m.name}"]
         assert row["status"] == m.expected_status, row
     assert Counter(r["status"] for r in rows.values()) == {"ok": 3, "decode_error": 6, "no_face": 2}
+
+
+def test_hostile_folder_one_row_per_input_no_hang_and_a_rerun_leaves_permanent_rows(
+    ray_cluster, tiny_checkpoint, tmp_path
+):
+    """A folder mixing good photos with every hostile category: the run finishes, every input gets
+    exactly one row (or a counted skip), and a rerun has nothing left that could succeed."""
+    import os
+    import socket
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image, PngImagePlugin
+
+    files = dict((n, b) for n, b, _ in sample_files(6))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "_DSC0001.JPG").write_bytes(files["face_full.jpg"])  # camera name
+    (folder / "IMG_0002").write_bytes(files["face_flip.jpg"])  # no extension
+    (folder / "odd::name#1 %41.jpg").write_bytes(files["face_384.jpg"])  # fsspec/URI syntax in a name
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", "x" * (3 << 20), zip=True)
+    face = Image.open(io.BytesIO(files["face_full.png"]))
+    face.save(folder / "xmp_heavy.png", pnginfo=info)
+    os.mkfifo(folder / "pipe.jpg")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(folder / "sock.jpg"))
+    (folder / "dangling.jpg").symlink_to(folder / "nowhere.jpg")
+    (folder / "corrupt.tar").write_bytes(b"\x01" * 3000)
+    with tarfile.open(folder / "good.tar", "w") as tar:
+        ti = tarfile.TarInfo("m#1.jpg")
+        ti.size = len(files["bad_text.jpg"])
+        tar.addfile(ti, io.BytesIO(files["bad_text.jpg"]))
+    pq.write_table(pa.table({"caption": ["x"]}), folder / "captions.parquet")
+    (folder / "notes.txt").write_text("not an input")
+    (folder / ".hidden.jpg").write_bytes(files["face_full.jpg"])
+    out = folder / "out"  # the output inside the input: left out of the listing
+
+    config = InvertConfig(input=str(folder), output=str(out), checkpoint=tiny_checkpoint, read_timeout=20)
+    summary = run_invert(config)
+    table = read_outputs(str(out), dedup=False)
+    rows = {r["source_uri"]: r for r in table.select(["source_uri", "status", "error"]).to_pylist()}
+    root = f"file://{folder}"
+    expected = {
+        "_DSC0001.JPG": "ok", "IMG_0002": "ok", "odd::name#1 %2541.jpg": "ok", "xmp_heavy.png": "ok",
+        "pipe.jpg": "not_a_file", "sock.jpg": "not_a_file", "dangling.jpg": "not_a_file",
+        "corrupt.tar": "container_error", "captions.parquet": "container_error",
+        "good.tar#m%231.jpg": "decode_error",
+    }
+    assert table.num_rows == len(rows) == summary.processed == len(expected)
+    assert {u.removeprefix(root + "/"): r["status"] for u, r in rows.items()} == expected, rows
+    assert summary.not_inputs == {"hidden": 1, "not_an_image": 1}
+    assert "not inputs" in summary.format() and "hidden=1" in summary.format()
+
+    rerun = run_invert(config)  # everything left is permanent: nothing is redone
+    assert (rerun.processed, rerun.skipped) == (0, len(expected))
+    assert read_outputs(str(out), dedup=False).num_rows == len(expected)
+    sock.close()

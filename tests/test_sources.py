@@ -52,12 +52,12 @@ def test_missing_input_and_unreadable_object_fail_differently(tmp_path):
 def test_tar_shard_expands_to_one_item_per_image_member(tmp_path):
     shard = tmp_path / "shard-00000.tar"
     with tarfile.open(shard, "w") as tar:
-        for name, blob in [("0001.jpg", b"jpeg-1"), ("0001.json", b"{}"), ("0002.png", b"png-2")]:
+        for name, blob in [("0001.jpg", b"jpeg-1"), ("0001.json", b"{}"), ("./0002.png", b"png-2")]:
             info = tarfile.TarInfo(name)
             info.size = len(blob)
             tar.addfile(info, io.BytesIO(blob))
     items = list_inputs(str(shard))
-    assert [i.uri for i in items] == [f"file://{shard}#0001.jpg", f"file://{shard}#0002.png"]
+    assert [i.uri for i in items] == [f"file://{shard}#0001.jpg", f"file://{shard}#./0002.png"]
     assert {i.kind for i in items} == {"tar_member"}
     missing = SourceItem(uri=f"file://{shard}#0003.jpg", kind="tar_member")
     got = _read(items + [missing])
@@ -81,8 +81,11 @@ def test_parquet_rows_with_image_bytes_and_img2dataset_urls(tmp_path):
     assert list(got["data"]) == [b"A", b"C"] and list(got["source_uri"]) == ["http://x/a.jpg", "http://x/c.jpg"]
 
     pq.write_table(pa.table({"pixels": [b"P"]}), tmp_path / "other.parquet")
-    with pytest.raises(InputError, match="--image-column"):
-        list_inputs(str(tmp_path / "other.parquet"))
+    # No image column: the file is one row whose status says what to do (the run goes on).
+    [whole] = list_inputs(str(tmp_path / "other.parquet"))
+    got = _read([whole])
+    assert (whole.kind, got["status"][0]) == ("container", "container_error")
+    assert "other.parquet" in got["error"][0] and "--image-column" in got["error"][0]
     other = list_inputs(str(tmp_path / "other.parquet"), image_column="pixels")
     assert list(_read(other)["data"]) == [b"P"]
 

@@ -416,7 +416,14 @@ class RedactingStream(io.TextIOBase):
         self.target.flush()
 
     def isatty(self) -> bool:
-        return bool(getattr(self.target, "isatty", lambda: False)())
+        try:
+            return bool(self.target.isatty())
+        except (AttributeError, ValueError):  # no such method, or the target was closed
+            return False
+
+    @property
+    def closed(self) -> bool:  # type: ignore[override]
+        return bool(getattr(self.target, "closed", False))
 
     def fileno(self) -> int:
         return self.target.fileno()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import logging
 
-import pytest
-
 from jobs.cli import main as psp
 from pipelines.secrets import (
     command_line_secrets,

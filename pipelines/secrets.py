@@ -60,11 +60,11 @@ _QUERY_SECRET = re.compile(
     r"|secret)=)[^&\s'\"#]+",
     re.IGNORECASE,
 )
-# 'secret': 'value' / "secret": "value" (dict reprs, JSON) and secret=value (kwargs, env, CLI).
-# The bare name `key` only in lower case: 'Key' is an object key in botocore's messages.
-_NAME = rf"(?:(?i:(?:[A-Za-z0-9]+[_-])*(?:{_SECRET_WORDS}))|key)"
-_QUOTED_PAIR = re.compile(rf"""(["'])({_NAME})\1(\s*[:=]\s*)(["'])((?:(?!\4)[^\\]|\\.)*)\4""")
-_ASSIGNMENT = re.compile(rf"""(?<![\w.])({_NAME})=(?!["'])([^\s&,;'")\]}}]+)""")
+# 'secret': 'value' / "secret": "value" (dict reprs, JSON) and secret=value (kwargs, env, CLI); the
+# name is checked by `_is_secret_text_name` (cheaper than spelling every name into the pattern).
+_QUOTED_PAIR = re.compile(r"""(["'])([A-Za-z][\w-]*)\1(\s*[:=]\s*)(["'])((?:(?!\4)[^\\]|\\.)*)\4""")
+_ASSIGNMENT = re.compile(r"""(?<![\w.])([A-Za-z][\w-]*)=(?!["'])([^\s&,;'")\]}]+)""")
+_HINT = re.compile(r"secret|token|passw|credential|key|sas|sig", re.IGNORECASE)
 
 _remembered: set[str] = set()
 
@@ -145,24 +145,33 @@ def known_secrets(storage_options: Any = None) -> list[str]:
 # The redaction function
 
 
+def _is_secret_text_name(name: str) -> bool:
+    # The bare name `key` only in lower case: 'Key' is an object key in botocore's messages.
+    return name == "key" or (name.lower() != "key" and is_secret_name(name))
+
+
 def _mask_pair(m: re.Match) -> str:
     value = m.group(5)
-    if not value or is_env_ref(value):
+    if not value or is_env_ref(value) or not _is_secret_text_name(m.group(2)):
         return m.group(0)
     q = m.group(4)
     return f"{m.group(1)}{m.group(2)}{m.group(1)}{m.group(3)}{q}{MASK}{q}"
 
 
 def _mask_assignment(m: re.Match) -> str:
-    return m.group(0) if is_env_ref(m.group(2)) else f"{m.group(1)}={MASK}"
+    if is_env_ref(m.group(2)) or not _is_secret_text_name(m.group(1)):
+        return m.group(0)
+    return f"{m.group(1)}={MASK}"
 
 
 def _redact_text(text: str, secrets: Iterable[str]) -> str:
     for s in secrets:
         if s in text:
             text = text.replace(s, MASK)
-    if "://" in text:
+    if "://" in text and "@" in text:
         text = _URL_USERINFO.sub(rf"\1{MASK}:{MASK}@", text)
+    if not _HINT.search(text):
+        return text
     if "=" in text:
         text = _QUERY_SECRET.sub(rf"\1{MASK}", text)
         text = _ASSIGNMENT.sub(_mask_assignment, text)

@@ -220,3 +220,14 @@ def test_submit_refuses_credentials_and_sends_env_references_instead(ray_head, t
     logs = client.get_job_logs("psp-env-ref")
     assert status == "FAILED" and "PSP_SUBMIT_KEY_ID" in logs and "is not set" in logs, logs[-2000:]
     assert secret not in logs
+
+    # A job that carried credentials before this check existed (submitted with the bare SDK):
+    # `psp jobs` shows its entrypoint, status and logs with them masked.
+    leaky = f"""echo 'https://psp:{secret}@minio.local/x' '{{"secret": "{secret}"}}'"""
+    client.submit_job(entrypoint=leaky, submission_id="psp-old-leaky")
+    _wait_status(url, "psp-old-leaky", {"SUCCEEDED", "FAILED", "STOPPED"})
+    for action in (["list"], ["status", "psp-old-leaky"], ["logs", "psp-old-leaky"]):
+        assert psp(["jobs", *action, "--address", url]) == 0
+        out = capsys.readouterr().out
+        assert "psp-old-leaky" in out or "https://***:***@minio.local/x" in out
+        assert secret not in out, (action, out)

@@ -69,13 +69,30 @@ def config_from_args(args: argparse.Namespace) -> InvertConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `psp` console script; returns the exit code."""
+    """Entry point of the `psp` console script; returns the exit code.
+
+    Everything it prints, logs or lets escape is redacted (`pipelines.secrets`), and `env:NAME`
+    values in --storage-options are resolved here, where the command runs.
+    """
+    from pipelines import secrets
+
+    secrets.install_log_redaction()
+    sys.excepthook = secrets.redacting_excepthook
+    with secrets.redacted_output():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from pipelines import secrets
     from pipelines.config import ConfigError
     from pipelines.sources import InputError
 
     try:
+        if getattr(args, "storage_options", None):
+            args.storage_options = secrets.resolve_env_refs(args.storage_options)
+            secrets.remember(args.storage_options)
         if args.command in ("invert", "frontalize"):
             from pipelines.graph import run_invert
 
@@ -94,10 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if hasattr(args, "func"):  # subcommands registered by other modules
             return int(args.func(args) or 0)
     except (ConfigError, InputError) as e:
-        print(f"psp {args.command}: {e}", file=sys.stderr)
+        print(f"psp {args.command}: {secrets.redact(str(e))}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:
-        print(f"psp {args.command}: {e}", file=sys.stderr)
+        print(f"psp {args.command}: {secrets.redact(str(e))}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command!r}")
     return 2

@@ -25,6 +25,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from pipelines.secrets import (
+    HOW_TO_PASS_CREDENTIALS,
+    WORKER_SETUP_HOOK,
+    command_line_secrets,
+    env_var_secrets,
+)
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RUNTIME_ENV = PROJECT_ROOT / "infra" / "runtime_env.yaml"
 # Never shipped with the job: weights (any format), environments, VCS, caches, outputs.
@@ -71,9 +78,16 @@ def build_runtime_env(
                 "(infra/Dockerfile); remove it, or build a new image"
             )
     env["working_dir"] = str(working_dir)
+    env.setdefault("worker_process_setup_hook", WORKER_SETUP_HOOK)  # workers' log records redacted
     env["excludes"] = list(dict.fromkeys([*env.get("excludes", []), *EXCLUDES]))
     if env_vars:
         env["env_vars"] = {**env.get("env_vars", {}), **env_vars}
+    carried = env_var_secrets(env.get("env_vars"))
+    if carried:
+        raise SubmitError(
+            f"refusing to submit: the job's environment would carry credentials ({', '.join(carried)}; "
+            f"from --env or the runtime_env file). {HOW_TO_PASS_CREDENTIALS}"
+        )
     return env
 
 
@@ -168,10 +182,18 @@ def submit(
     A freshly started head answers "No available agent" until its job agent is up: the submission
     is retried for up to `agent_wait_s` seconds.
 
-    Raises SubmitError if the command does not parse, the server is unreachable, or the
-    submission id was already used on this cluster (a duplicate nightly is refused).
+    Raises SubmitError if the command does not parse, carries credentials (storage-option
+    secrets, URLs with user:password; also in `env_vars`: they would be readable in the job's
+    description), the server is unreachable, or the submission id was already used on this
+    cluster (a duplicate nightly is refused).
     """
     check_entrypoint(args)
+    carried = command_line_secrets(args)
+    if carried:
+        raise SubmitError(
+            f"refusing to submit: the command line carries credentials ({'; '.join(carried)}). "
+            f"{HOW_TO_PASS_CREDENTIALS}"
+        )
     submission_id = submission_id or default_submission_id(args)
     runtime_env = build_runtime_env(working_dir, load_runtime_env(runtime_env_file), env_vars)
     client = _client(address)

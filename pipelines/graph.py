@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipelines.config import ConfigError, InvertConfig, ResolvedConfig, code_version, resolve_config
+from pipelines.secrets import WORKER_SETUP_HOOK, redact, redacted_rows
 from pipelines.sources import SourceItem, list_inputs
 from schemas.status import FINAL_STATUSES  # what a rerun skips: properties of the input itself
 
@@ -240,7 +241,10 @@ def ensure_ray() -> None:
     address = os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address=address, log_to_driver=False, include_dashboard=False if address == "local" else None)
+    # Worker log records are redacted too (a Ray Job's own runtime_env carries the same hook).
+    runtime_env = {"worker_process_setup_hook": WORKER_SETUP_HOOK} if address == "local" else None
+    ray.init(address=address, log_to_driver=False, include_dashboard=False if address == "local" else None,
+             runtime_env=runtime_env)
 
 
 def select_items(
@@ -335,7 +339,8 @@ def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) 
             ray.get_runtime_context().get_node_id(), soft=False)).remote()
         clock = StageClock(clock_actor)
         try:
-            ds = build_dataset(todo, resolved, resources, clock)
+            # Credentials are masked in the rows' free text right before they are written.
+            ds = redacted_rows(build_dataset(todo, resolved, resources, clock), config.storage_options)
             write_outputs(
                 ds, config.output, resolved.run_id,
                 n_styles=resolved.checkpoint.n_styles, storage_options=config.storage_options,
@@ -371,7 +376,7 @@ def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) 
         code_version=code_version(),
         not_inputs=dict(sorted(not_inputs.items())),
     )
-    doc = asdict(summary)
+    doc = redact(asdict(summary), config.storage_options)
     doc["counts_per_status"] = doc["counts"]
     write_success(config.output, doc, config.storage_options)
     return summary

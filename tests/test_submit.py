@@ -171,3 +171,63 @@ def test_jobs_stop_stops_a_running_job(ray_head, tiny_checkpoint, tmp_path, caps
     assert status == "STOPPED"
     assert not os.path.exists(tmp_path / "out" / "_manifests" / "_CURRENT.json")  # nothing committed
     assert psp(["jobs", "status", "no-such-job", "--address", url]) == 2
+
+
+@pytest.mark.slow
+def test_submit_refuses_credentials_and_sends_env_references_instead(ray_head, tmp_path, capsys, monkeypatch):
+    """A command line, --env or runtime_env file carrying a credential creates no job; `env:NAME`
+    options travel as names and are resolved (or fail fast, naming the variable) on the cluster."""
+    import json
+    import uuid
+
+    from ray.job_submission import JobSubmissionClient
+
+    url, _ = ray_head
+    client = JobSubmissionClient(url)
+    before = {j.submission_id for j in client.list_jobs()}
+    secret = f"psp-submit-secret-{uuid.uuid4().hex[:12]}"
+    base = ["invert", "s3://faces/in/", "s3://faces/out/", "--checkpoint", "s3://models/psp.pt"]
+    refused = [
+        ["--", *base, "--storage-options", json.dumps({"key": "AKIAEXAMPLE", "secret": secret})],
+        ["--", *base, "--storage-options=" + json.dumps(
+            {"client_kwargs": {"endpoint_url": f"https://psp:{secret}@minio.local:9000"}})],
+        ["--", "invert", f"https://psp:{secret}@images.local/in/", *base[2:]],
+        ["--env", f"AWS_SECRET_ACCESS_KEY={secret}", "--", *base],
+    ]
+    runtime_env = tmp_path / "runtime_env.yaml"
+    runtime_env.write_text(f"env_vars:\n  AZURE_STORAGE_KEY: {secret}\n")
+    refused.append(["--runtime-env", str(runtime_env), "--", *base])
+    for argv in refused:
+        assert psp(["submit", "--address", url, *argv]) == 2
+        err = capsys.readouterr().err
+        assert "refusing to submit" in err and "Kubernetes Secret" in err, err
+        assert 'env:AWS_SECRET_ACCESS_KEY' in err and secret not in err
+    jobs = client.list_jobs()
+    assert {j.submission_id for j in jobs} == before
+    assert secret not in repr([(j.entrypoint, j.runtime_env, j.metadata) for j in jobs])
+
+    # The reference is sent, never the value (set here, not on the cluster).
+    monkeypatch.setenv("PSP_SUBMIT_SECRET", secret)
+    wd = _project_copy(tmp_path / "wd")
+    options = json.dumps({"key": "env:PSP_SUBMIT_KEY_ID", "secret": "env:PSP_SUBMIT_SECRET"})
+    assert psp(["submit", "--address", url, "--submission-id", "psp-env-ref", "--working-dir", str(wd),
+                "--", *base, "--storage-options", options]) == 0
+    capsys.readouterr()
+    status, client = _wait_status(url, "psp-env-ref", {"SUCCEEDED", "FAILED", "STOPPED"})
+    info = client.get_job_info("psp-env-ref")
+    assert "env:PSP_SUBMIT_SECRET" in info.entrypoint and secret not in repr(info)
+    # The cluster has no PSP_SUBMIT_KEY_ID: the job stops before any work, naming it.
+    logs = client.get_job_logs("psp-env-ref")
+    assert status == "FAILED" and "PSP_SUBMIT_KEY_ID" in logs and "is not set" in logs, logs[-2000:]
+    assert secret not in logs
+
+    # A job that carried credentials before this check existed (submitted with the bare SDK):
+    # `psp jobs` shows its entrypoint, status and logs with them masked.
+    leaky = f"""echo 'https://psp:{secret}@minio.local/x' '{{"secret": "{secret}"}}'"""
+    client.submit_job(entrypoint=leaky, submission_id="psp-old-leaky")
+    _wait_status(url, "psp-old-leaky", {"SUCCEEDED", "FAILED", "STOPPED"})
+    for action in (["list"], ["status", "psp-old-leaky"], ["logs", "psp-old-leaky"]):
+        assert psp(["jobs", *action, "--address", url]) == 0
+        out = capsys.readouterr().out
+        assert "psp-old-leaky" in out or "https://***:***@minio.local/x" in out
+        assert secret not in out, (action, out)

@@ -4,6 +4,11 @@ No model weights can be downloaded here, so tests build small pSp models whose *
 and buffer is random (BN statistics, noise maps, even the blur kernels, which are made asymmetric
 so that a wrong kernel flip cannot go unnoticed), scaled so that activations stay finite and
 images stay roughly in [-1, 1].
+
+Every value comes from numpy's PCG64 (:func:`seeded_rng`) through float64 elementwise arithmetic
+and one rounding to float32: no torch RNG (``torch.randn`` takes a different vectorised path per
+CPU capability) and no BLAS reduction, so a seed writes the same bytes on every machine, which
+the golden-output tests pin.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import math
 import os
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -27,10 +33,23 @@ from psp_core.stylegan2 import (
     Upsample,
 )
 
-__all__ = ["random_checkpoint", "random_stylegan2_checkpoint", "randomize_", "psp_opts"]
+__all__ = [
+    "normal",
+    "psp_opts",
+    "random_checkpoint",
+    "random_latent_avg",
+    "random_stylegan2_checkpoint",
+    "randomize_",
+    "seeded_rng",
+    "uniform",
+]
 
 # Gain of the random ToRGB weights: keeps the summed RGB skip path near [-1, 1].
 _TO_RGB_GAIN = 0.35
+_SQRT6 = math.sqrt(6.0)
+# Spread of the random average W: the mean W of random mapping networks (positive-skewed by the
+# leaky ReLUs) has about this mean and std per dimension.
+_W_AVG_MEAN, _W_AVG_STD = 0.45, 0.8
 
 
 def psp_opts(
@@ -88,12 +107,37 @@ def psp_opts(
     return opts
 
 
-def _normal(gen: torch.Generator, shape, std: float = 1.0, mean: float = 0.0) -> torch.Tensor:
-    return torch.randn(shape, generator=gen).mul_(std).add_(mean)
+def seeded_rng(seed: int) -> np.random.Generator:
+    """numpy's PCG64 stream for ``seed``: the same numbers on every platform and CPU."""
+    return np.random.Generator(np.random.PCG64(seed))
 
 
-def _uniform(gen: torch.Generator, shape, low: float, high: float) -> torch.Tensor:
-    return torch.rand(shape, generator=gen).mul_(high - low).add_(low)
+def _uniform_np(rng: np.random.Generator, shape, low: float = 0.0, high: float = 1.0) -> np.ndarray:
+    return low + (high - low) * rng.random(tuple(shape))
+
+
+def _normal_np(rng: np.random.Generator, shape, std: float = 1.0, mean: float = 0.0) -> np.ndarray:
+    # Zero mean, unit variance (triangular: the sum of two uniforms), from float64 additions and
+    # multiplications only: exactly rounded, so the bytes cannot depend on the CPU (numpy's
+    # standard_normal calls libm's exp/log in its tail, torch.randn vectorises per CPU capability).
+    shape = tuple(shape)
+    x = rng.random(shape)
+    x += rng.random(shape)
+    x -= 1.0
+    x *= _SQRT6 * std
+    x += mean
+    return x
+
+
+def uniform(rng: np.random.Generator, shape, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """float32 tensor of ``shape``, uniform in ``[low, high)``, drawn from ``rng`` (platform-independent)."""
+    return torch.from_numpy(_uniform_np(rng, shape, low, high).astype(np.float32))
+
+
+def normal(rng: np.random.Generator, shape, std: float = 1.0, mean: float = 0.0) -> torch.Tensor:
+    """float32 tensor of ``shape`` with the given mean and std (a bounded, bell-shaped stand-in for
+    a Gaussian: the sum of two uniforms), drawn from ``rng`` (platform-independent)."""
+    return torch.from_numpy(_normal_np(rng, shape, std, mean).astype(np.float32))
 
 
 @torch.no_grad()
@@ -101,53 +145,66 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
     """Overwrite every parameter and buffer of a pSp / StyleGAN2 module with seeded random values
     (in place), scaled to keep activations finite. Returns ``module``.
     """
-    gen = torch.Generator().manual_seed(seed)
+    gen = seeded_rng(seed)
     for name, m in module.named_modules():
         if isinstance(m, nn.Conv2d):
             fan_in = m.weight[0].numel()
             # Leaky heads lose half the variance per layer; other convs are variance preserving.
             gain = math.sqrt(2) if ".styles." in f".{name}." else 1.0
-            m.weight.copy_(_normal(gen, m.weight.shape, gain / math.sqrt(fan_in)))
+            m.weight.copy_(normal(gen, m.weight.shape, gain / math.sqrt(fan_in)))
             if m.bias is not None:
-                m.bias.copy_(_normal(gen, m.bias.shape, 0.05))
+                m.bias.copy_(normal(gen, m.bias.shape, 0.05))
         elif isinstance(m, nn.BatchNorm2d):
             # The BN closing a residual branch (res_layer.4) is damped so 24 units do not explode.
             damp = name.endswith("res_layer.4")
-            m.weight.copy_(_uniform(gen, m.weight.shape, 0.1, 0.4) if damp else _uniform(gen, m.weight.shape, 0.5, 1.5))
-            m.bias.copy_(_normal(gen, m.bias.shape, 0.1))
-            m.running_mean.copy_(_normal(gen, m.running_mean.shape, 0.1))
-            m.running_var.copy_(_uniform(gen, m.running_var.shape, 0.5, 2.0))
-            m.num_batches_tracked.fill_(int(torch.randint(1, 1_000_000, (1,), generator=gen)))
+            m.weight.copy_(uniform(gen, m.weight.shape, 0.1, 0.4) if damp else uniform(gen, m.weight.shape, 0.5, 1.5))
+            m.bias.copy_(normal(gen, m.bias.shape, 0.1))
+            m.running_mean.copy_(normal(gen, m.running_mean.shape, 0.1))
+            m.running_var.copy_(uniform(gen, m.running_var.shape, 0.5, 2.0))
+            m.num_batches_tracked.fill_(int(gen.integers(1, 1_000_000)))
         elif isinstance(m, nn.PReLU):
-            m.weight.copy_(_uniform(gen, m.weight.shape, 0.0, 0.5))
+            m.weight.copy_(uniform(gen, m.weight.shape, 0.0, 0.5))
         elif isinstance(m, nn.Linear):
-            m.weight.copy_(_normal(gen, m.weight.shape, 1 / math.sqrt(m.in_features)))
-            m.bias.copy_(_normal(gen, m.bias.shape, 0.05))
+            m.weight.copy_(normal(gen, m.weight.shape, 1 / math.sqrt(m.in_features)))
+            m.bias.copy_(normal(gen, m.bias.shape, 0.05))
         elif isinstance(m, EqualLinear):
-            m.weight.copy_(_normal(gen, m.weight.shape, 1 / m.lr_mul))
+            m.weight.copy_(normal(gen, m.weight.shape, 1 / m.lr_mul))
             if m.bias is not None:
                 bias_init = 1.0 if name.endswith("modulation") else 0.0
-                m.bias.copy_(_normal(gen, m.bias.shape, 0.1 / m.lr_mul, bias_init / m.lr_mul))
+                m.bias.copy_(normal(gen, m.bias.shape, 0.1 / m.lr_mul, bias_init / m.lr_mul))
         elif isinstance(m, ModulatedConv2d):
             gain = _TO_RGB_GAIN if not m.demodulate else 1.0
-            m.weight.copy_(_normal(gen, m.weight.shape, gain))
+            m.weight.copy_(normal(gen, m.weight.shape, gain))
         elif isinstance(m, (Blur, Upsample)):
             # A random positive, asymmetric kernel with the original's sum (factor**2 = 4).
-            total = float(m.kernel.sum())
-            k = _uniform(gen, m.kernel.shape, 0.2, 1.0)
-            m.kernel.copy_(k / k.sum() * total)
+            total = math.fsum(m.kernel.flatten().tolist())
+            k = _uniform_np(gen, m.kernel.shape, 0.2, 1.0)
+            m.kernel.copy_(torch.from_numpy((k / math.fsum(k.flat) * total).astype(np.float32)))
         elif isinstance(m, NoiseInjection):
-            m.weight.copy_(_uniform(gen, m.weight.shape, 0.02, 0.2))
+            m.weight.copy_(uniform(gen, m.weight.shape, 0.02, 0.2))
         elif isinstance(m, FusedLeakyReLU):
-            m.bias.copy_(_normal(gen, m.bias.shape, 0.1))
+            m.bias.copy_(normal(gen, m.bias.shape, 0.1))
         elif isinstance(m, ToRGB):
-            m.bias.copy_(_normal(gen, m.bias.shape, 0.1))
+            m.bias.copy_(normal(gen, m.bias.shape, 0.1))
         elif isinstance(m, ConstantInput):
-            m.input.copy_(_normal(gen, m.input.shape))
+            m.input.copy_(normal(gen, m.input.shape))
         elif isinstance(m, Generator):
             for buf_name, buf in m.noises.named_buffers():
-                buf.copy_(_normal(gen, buf.shape))
+                buf.copy_(normal(gen, buf.shape))
     return module
+
+
+def random_latent_avg(seed: int, rows: int = 1) -> torch.Tensor:
+    """A seeded stand-in for the generator's average W, ``[rows, 512]`` float32: one base vector
+    with the spread of a random mapping network's mean W (mean 0.45, std 0.8 per dimension); with
+    ``rows > 1`` each row is the base plus its own perturbation (std 0.2), as the per-style averages
+    drift apart in training. Platform-independent (PCG64, no mapping-network matmuls).
+    """
+    rng = seeded_rng(seed)
+    base = _normal_np(rng, (1, 512), _W_AVG_STD, _W_AVG_MEAN)
+    if rows > 1:
+        base = base + _normal_np(rng, (rows, 512), 0.25 * _W_AVG_STD)
+    return torch.from_numpy(base.astype(np.float32))
 
 
 def _save(obj: Any, path: str | os.PathLike) -> str:
@@ -179,9 +236,10 @@ def random_checkpoint(
     """Write a seeded random-weight pSp checkpoint in the official format and return ``path``.
 
     The file is ``{'state_dict': encoder.* + decoder.*, 'opts': dict, 'latent_avg': tensor}``,
-    with ``latent_avg`` (only when ``start_from_latent_avg``) the mean W of 4096 seeded z,
-    ``[1, 512]`` with ``learn_in_w``, else ``[n_styles, 512]`` with each row perturbed by its own
-    seeded noise (0.25 x the std of the mean W), so the rows differ as they would after training.
+    with ``latent_avg`` (only when ``start_from_latent_avg``) from :func:`random_latent_avg`:
+    ``[1, 512]`` with ``learn_in_w``, else ``[n_styles, 512]`` with distinct rows, as after
+    training. Every tensor comes from numpy's PCG64 with float64 elementwise arithmetic (no torch
+    RNG, no BLAS), so the bytes are the same on every CPU (tests/test_fidelity_golden.py pins them).
 
     Args:
         path: local path or fsspec URI.
@@ -207,31 +265,24 @@ def random_checkpoint(
     if device == "meta":
         with torch.device("meta"):
             net = PSP(full_opts)
-            latent = torch.zeros(1, 512)
     else:
         # The encoder (most of the weights) skips PyTorch's default init: randomize_ overwrites
         # every encoder tensor. The decoder is built normally (randomize_ keeps its blur kernels'
-        # sums). tests/test_fidelity_golden.py pins the resulting bytes.
+        # sums).
         with torch.device("meta"):
             net = PSP(full_opts)
         net.encoder.to_empty(device="cpu")
         net.decoder = Generator(output_size, 512, 8)
         net = randomize_(net, seed)
         net.eval()
-        with torch.no_grad():
-            latent = net.decoder.mean_latent(4096, generator=torch.Generator().manual_seed(seed + 1))
     ckpt: dict[str, Any] = {"state_dict": net.state_dict(), "opts": opts}
     if start_from_latent_avg and latent_avg_shape != "none":
         if latent_avg_shape == "flat":
-            ckpt["latent_avg"] = latent[0].clone()
+            ckpt["latent_avg"] = random_latent_avg(seed + 1)[0]
         elif latent_avg_shape == "official":
-            rows = 1 if learn_in_w else net.n_styles
-            # Distinct rows (a seeded perturbation of the mean W per row), so that a loader or
-            # forward that used row 0 for every style could not pass the tests.
-            ckpt["latent_avg"] = latent.repeat(rows, 1)
-            if device != "meta":
-                noise = torch.randn(rows, latent.shape[1], generator=torch.Generator().manual_seed(seed + 2))
-                ckpt["latent_avg"] = ckpt["latent_avg"] + 0.25 * float(latent.std()) * noise
+            # Distinct rows, so that a loader or forward that used row 0 for every style could not
+            # pass the tests.
+            ckpt["latent_avg"] = random_latent_avg(seed + 1, 1 if learn_in_w else net.n_styles)
         else:
             raise ValueError(f"latent_avg_shape={latent_avg_shape!r}: expected 'official', 'flat' or 'none'")
     return _save(ckpt, path)
@@ -246,6 +297,5 @@ def random_stylegan2_checkpoint(
     gen = randomize_(Generator(size, 512, 8), seed).eval()
     ckpt: dict[str, Any] = {"g_ema": gen.state_dict()}
     if with_latent_avg:
-        with torch.no_grad():
-            ckpt["latent_avg"] = gen.mean_latent(4096, generator=torch.Generator().manual_seed(seed + 1))[0]
+        ckpt["latent_avg"] = random_latent_avg(seed + 1)[0]
     return _save(ckpt, path)

@@ -13,29 +13,40 @@ randomize_noise=False, return_latents=True)`` (images [B, 3, 32, 32] and W+ [B, 
 latent_mask case (on the first input) per checkpoint but the seg one with the golden values at
 atol 1e-4. Kept to about ten encoder passes in all: the encoder is full size at any output size.
 
+Everything pinned here is platform-independent: ``random_checkpoint`` and the inputs draw from
+numpy's PCG64 through float64 elementwise arithmetic (no torch RNG, no BLAS), so the weights' and
+inputs' sha256 are the same on every CPU (CI runs this file again under
+``ATEN_CPU_CAPABILITY=default``); only the forward passes differ by float rounding, far below atol.
+
 Regenerating (only needed when ``random_checkpoint``'s init or the inputs change -- the tests
 say so): the generator script is deliberately NOT in the repo, because it imports the original
-code. Recipe, with a scratch copy of the original under /tmp/audit_ref (``models/psp.py``,
-``models/encoders``, ``models/stylegan2`` with ``op/`` replaced by pure-PyTorch upfirdn2d and
-fused_leaky_relu), loading a checkpoint like its ``scripts/inference.py`` (opts from the file,
-``checkpoint_path`` = the file, ``device='cpu'``):
+code. Recipe: a scratch copy of the original under /tmp/audit_ref (``git archive`` of
+eladrich/pixel2style2pixel's ``models``, ``configs`` and ``utils``), with the CUDA sources in
+``models/stylegan2/op/`` deleted and ``upfirdn2d.py`` / ``fused_act.py`` replaced by pure-PyTorch
+CPU versions: ``upfirdn2d(input, kernel, up, down, pad)`` = rosinality's ``upfirdn2d_native`` (its
+current CPU path, output reshaped to ``[B, C, H', W']``), ``fused_leaky_relu(input, bias,
+negative_slope, scale)`` = ``leaky_relu(input + bias.view(1, C, 1, ...), negative_slope) * scale``
+and ``FusedLeakyReLU`` owning ``bias``. Then, with REPO the repository root:
 
-    cd /work/main && . .venv/bin/activate && cd /tmp/audit_ref && \\
-        python /tmp/golden_G/make_golden_32.py /work/main/tests/data/psp_golden_32.npz
+    cd /tmp/audit_ref && REPO=/work/main PYTHONPATH=/tmp/audit_ref:/work/main \\
+        /work/main/.venv/bin/python /tmp/golden_G/make_golden_32.py /work/main/tests/data/psp_golden_32.npz
 
-For every case in ``CASES`` the script imports this module, writes
-``random_checkpoint(path, output_size=32, seed=case['seed'], **case['kwargs'])``, records
-``weights_sha256(path)``, builds the inputs with ``make_input`` (and their sha256), runs the
-ORIGINAL pSp: ``net(x, resize=False, randomize_noise=False, return_latents=True)`` -> ``image``,
-``latents``; for cases with a ``mask`` and inject: ``inject`` = latents of
-``net(z, input_code=True, return_latents=True, randomize_noise=False)`` with
-``z = randn(1, 512, Generator().manual_seed(seed + 7))``, then ``net(x[:1], latent_mask=mask,
+For every case in ``CASES`` the script imports this file (``CASES``, ``make_input``,
+``inject_z``, ``latent_avg_rows``, ``weights_sha256``, ``tensor_sha256``) and
+``psp_core.testing.random_checkpoint``, writes ``random_checkpoint(path, output_size=32,
+seed=case['seed'], **case['kwargs'])``, records ``weights_sha256(path)``, loads the ORIGINAL pSp
+like its ``scripts/inference.py`` (opts from the file, ``checkpoint_path`` = the file,
+``device='cpu'``, ``learn_in_w`` default False, ``output_size`` default 1024), records the
+inputs' sha256 and runs it under ``torch.no_grad()``: ``net(x, resize=False,
+randomize_noise=False, return_latents=True)`` -> ``image``, ``latents``; for cases with a
+``mask`` and inject: ``inject`` = latents of ``net(inject_z(case), input_code=True,
+return_latents=True, randomize_noise=False)``, then ``net(x[:1], latent_mask=mask,
 inject_latent=inject, alpha=alpha, resize=False, randomize_noise=False, return_latents=True)`` ->
 ``mask_image``, ``mask_latents`` (without inject: the same call without ``inject_latent``); for
-the W case also ``latent_avg_rows`` = ``randn(8, 512, Generator().manual_seed(seed + 9)) * 0.3 +
-latent_avg`` set as ``net.latent_avg`` with ``net.opts.learn_in_w = False``, run on ``x[:1]`` ->
-``nolearn_image``, ``nolearn_latents``. All saved float32 under ``<case>/<name>`` with
-``np.savez_compressed``, plus ``<case>/weights_sha256`` and ``<case>/input_sha256``.
+the W case also ``latent_avg_rows`` = ``latent_avg_rows(case, net.latent_avg)`` set as
+``net.latent_avg`` with ``net.opts.learn_in_w = False``, run on ``x[:1]`` -> ``nolearn_image``,
+``nolearn_latents``. All saved float32 under ``<case>/<name>`` with ``np.savez_compressed``, plus
+``<case>/weights_sha256`` and ``<case>/input_sha256``.
 """
 from __future__ import annotations
 
@@ -48,12 +59,12 @@ import pytest
 import torch
 
 from psp_core.psp import load_psp
-from psp_core.testing import random_checkpoint
+from psp_core.testing import normal, random_checkpoint, seeded_rng, uniform
 
 GOLDEN = Path(__file__).parent / "data" / "psp_golden_32.npz"
 REGENERATE = (
-    "cd /work/main && . .venv/bin/activate && cd /tmp/audit_ref && "
-    "python /tmp/golden_G/make_golden_32.py /work/main/tests/data/psp_golden_32.npz "
+    "cd /tmp/audit_ref && REPO=/work/main PYTHONPATH=/tmp/audit_ref:/work/main "
+    "/work/main/.venv/bin/python /tmp/golden_G/make_golden_32.py /work/main/tests/data/psp_golden_32.npz "
     "(recipe in the docstring of tests/test_fidelity_golden.py)"
 )
 ATOL = 1e-4
@@ -84,17 +95,24 @@ CASES: dict[str, dict] = {
 
 def make_input(case: dict) -> torch.Tensor:
     """The case's seeded input ``[B, input_nc, 256, 256]`` float32: uniform in [-1, 1], or a
-    one-hot map of uniformly random labels (as the seg task's ToOneHot + ``.float()``)."""
-    gen = torch.Generator().manual_seed(1000 + case["seed"])
+    one-hot map of uniformly random labels (as the seg task's ToOneHot + ``.float()``).
+    Drawn from PCG64, like the weights, so the bytes do not depend on the CPU."""
+    rng = seeded_rng(1000 + case["seed"])
     nc = case["kwargs"]["input_nc"]
     if case["input"] == "onehot":
-        labels = torch.randint(0, nc, (case["batch"], 256, 256), generator=gen)
+        labels = torch.from_numpy(rng.integers(0, nc, (case["batch"], 256, 256)))
         return torch.nn.functional.one_hot(labels, nc).permute(0, 3, 1, 2).float().contiguous()
-    return torch.rand(case["batch"], nc, 256, 256, generator=gen) * 2 - 1
+    return uniform(rng, (case["batch"], nc, 256, 256), -1.0, 1.0)
 
 
 def inject_z(case: dict) -> torch.Tensor:
-    return torch.randn(1, 512, generator=torch.Generator().manual_seed(case["seed"] + 7))
+    """The Z code ``[1, 512]`` whose W is injected in the latent_mask cases."""
+    return normal(seeded_rng(case["seed"] + 7), (1, 512))
+
+
+def latent_avg_rows(case: dict, latent_avg: torch.Tensor) -> torch.Tensor:
+    """A per-style ``latent_avg [8, 512]`` for the W encoder case trained without --learn_in_w."""
+    return normal(seeded_rng(case["seed"] + 9), (8, 512), 0.3) + latent_avg.reshape(1, 512)
 
 
 def tensor_sha256(t: torch.Tensor) -> str:
@@ -147,7 +165,7 @@ def test_outputs_match_the_original(tmp_path, golden, name):
         os.remove(path)  # up to 0.6 GB; the model holds its own copy
     x = make_input(case)
     assert tensor_sha256(x) == str(golden[f"{name}/input_sha256"]), (
-        f"{name}: the seeded inputs changed (torch RNG?); regenerate the golden file with: {REGENERATE}"
+        f"{name}: the seeded inputs changed; regenerate the golden file with: {REGENERATE}"
     )
     g = {k.split("/", 1)[1]: v for k, v in golden.items() if k.startswith(name + "/")}
     diffs = {}
@@ -171,7 +189,9 @@ def test_outputs_match_the_original(tmp_path, golden, name):
     if "nolearn_image" in g:
         # The same W encoder with a per-style latent_avg [8, 512] (trained without --learn_in_w).
         net.opts["learn_in_w"] = False
-        net.latent_avg = torch.from_numpy(g["latent_avg_rows"])
+        rows = latent_avg_rows(case, net.latent_avg)
+        diffs["latent_avg_rows"] = _close(f"{name} latent_avg rows", rows, g["latent_avg_rows"])
+        net.latent_avg = rows
         images, latents = net(x[:1], resize=False, randomize_noise=False, return_latents=True)
         diffs["nolearn_image"] = _close(f"{name} W + latent_avg[8,512] image", images, g["nolearn_image"])
         diffs["nolearn_latents"] = _close(f"{name} W + latent_avg[8,512] latents", latents, g["nolearn_latents"])

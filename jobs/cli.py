@@ -3,7 +3,8 @@
     psp invert INPUT OUTPUT --checkpoint CKPT [--task T] [--align dlib|none] [--device auto|cpu|cuda]
                [--batch-size N] [--gpus N] [--align-actors N] [--images png|jpeg|none]
                [--image-size 256|full] [--metrics] [--mix N --latent-mask 8-17 --mix-alpha A --seed S]
-               [--resize-factor F] [--limit N] [--storage-options JSON]
+               [--resize-factor F] [--precision fp32|tf32|bf16|fp16] [--output-actors N]
+               [--limit N] [--storage-options JSON]
     psp demo [--output DIR]
     psp inspect OUTPUT [--storage-options JSON]
 
@@ -71,6 +72,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resize-factor", type=int, default=None, help="super-resolution downsampling factor")
     p.add_argument("--image-column", default=None, help="Parquet inputs: the image-bytes column")
     p.add_argument("--save-aligned", action="store_true", help="also store the aligned input crop (PNG)")
+    p.add_argument("--precision", choices=("fp32", "tf32", "bf16", "fp16"), default="fp32",
+                   help="model arithmetic: fp32 (default, TF32 off: equals the original within 1e-4), "
+                        "tf32, bf16 or fp16 autocast (GPU; on CPU only fp32 and bf16)")
+    p.add_argument("--output-actors", type=int, default=None,
+                   help="at most this many CPU actors for PNG/JPEG encoding and metrics (default: half the CPUs)")
     p.add_argument("--storage-options", type=_storage_options, default=None,
                    help="JSON passed to fsspec for input, output and checkpoint")
 
@@ -126,6 +132,8 @@ def run_config(args: argparse.Namespace, input, output: str, **extra):
         storage_options=args.storage_options,
         image_column=args.image_column,
         save_aligned=args.save_aligned,
+        precision=args.precision,
+        output_actors=args.output_actors,
         **extra,
     )
 

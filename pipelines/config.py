@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pipelines.invert import PRECISIONS, check_precision
 from schemas.outputs import IMAGE_FORMATS
 
 ALIGN_MODES = ("dlib", "none")
@@ -55,6 +56,10 @@ class InvertConfig:
     image_column: Parquet inputs: the column holding image bytes (None = autodetect).
     save_aligned: also store the aligned 256x256 input crop (PNG) in `aligned_image`.
     cpu_threads: torch threads in a CPU invert actor (None = the node's core count).
+    precision: model arithmetic: 'fp32' (TF32 off; equals the original within 1e-4), 'tf32', 'bf16'
+        or 'fp16' (autocast). On CPU only fp32 and bf16 run; tf32/fp16 there fail before any work.
+    output_actors: at most this many actors for PNG/JPEG encoding and metrics (None = half the
+        cluster's CPUs).
     align_detect_size: opt-in fast alignment: run the face detector on a copy whose longest side is
         at most this many pixels (landmarks stay full resolution). None = the original's exact
         detection. See `psp_core.align.FaceAligner(detect_size=...)` for the measured deviation.
@@ -84,6 +89,8 @@ class InvertConfig:
     save_aligned: bool = False
     cpu_threads: int | None = None
     align_detect_size: int | None = None
+    precision: str = "fp32"
+    output_actors: int | None = None
     progress: bool | None = None  # Ray progress bars; None = when stderr is a terminal
 
 
@@ -97,6 +104,7 @@ class CheckpointInfo:
     label_nc: int
     output_size: int
     n_styles: int
+    size_bytes: int | None = None  # the checkpoint file's size (sizes the model actor's memory request)
 
 
 @dataclass(frozen=True)
@@ -211,6 +219,10 @@ def read_checkpoint_info(uri: str, storage_options: Mapping[str, Any] | None = N
             f"checkpoint {uri!r} does not exist: pass --checkpoint a pSp .pt file "
             "(e.g. psp_ffhq_encode.pt from the pSp release), a path or s3://... URI"
         )
+    try:
+        size_bytes = int(fs.size(path))
+    except Exception:  # informative only (the memory request): a store without sizes still works
+        size_bytes = None
     ckpt = None
     try:
         with fs.open(path, "rb") as f:
@@ -245,6 +257,7 @@ def read_checkpoint_info(uri: str, storage_options: Mapping[str, Any] | None = N
         label_nc=int(opts.get("label_nc", 0)),
         output_size=output_size,
         n_styles=n_styles_for(output_size),
+        size_bytes=size_bytes,
     )
 
 
@@ -292,7 +305,13 @@ def resolve_config(config: InvertConfig, check_output: bool = True) -> ResolvedC
     _check_choice(str(config.image_size), IMAGE_SIZES, "--image-size")
     if config.align is not None:
         _check_choice(config.align, ALIGN_MODES, "--align")
-    for name in ("batch_size", "gpus", "limit", "cpu_threads"):
+    _check_choice(config.precision, PRECISIONS, "--precision")
+    if config.device == "cpu":
+        try:
+            check_precision(config.precision, "cpu")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    for name in ("batch_size", "gpus", "limit", "cpu_threads", "output_actors"):
         value = getattr(config, name)
         if value is not None and (not isinstance(value, int) or value < (0 if name in ("gpus", "limit") else 1)):
             raise ConfigError(f"--{name.replace('_', '-')} {value!r}: expected a positive integer")

@@ -117,7 +117,9 @@ def invert_resources(
 class InvertFaces:
     """Batch dict stage: the align stage's columns -> model outputs (see the module docstring).
 
-    checkpoint: path or fsspec URI of the pSp checkpoint (loaded once, here).
+    checkpoint: path or fsspec URI of the pSp checkpoint (loaded once, here), or an already loaded
+    `PSP` (any object with its encode/decode/mix/face_pool, output_size, n_styles, checkpoint_sha256:
+    bench/gpu_feed.py passes one whose outputs are precomputed).
     task: dataset_type (its `to_model_input`). device: 'auto' (cuda if this process sees one),
     'cpu', 'cuda'. images: 'png' | 'jpeg' | 'none' (with 'none' no reconstruction is decoded unless
     metrics need it). image_size: '256' | 'full'. metrics: also hand on the 256x256 reconstruction
@@ -128,7 +130,7 @@ class InvertFaces:
 
     def __init__(
         self,
-        checkpoint: str,
+        checkpoint: Any,
         task: str,
         device: str = "auto",
         storage_options: Mapping[str, Any] | None = None,
@@ -162,7 +164,10 @@ class InvertFaces:
         self.device = torch.device(device)
         self.precision = precision
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.model = load_psp(checkpoint, device=device, storage_options=storage_options)
+        if isinstance(checkpoint, (str, os.PathLike)):
+            self.model = load_psp(checkpoint, device=device, storage_options=storage_options)
+        else:
+            self.model = checkpoint
         self.task = get_task(task)
         self.images = images
         self.full_size = str(image_size) == "full"

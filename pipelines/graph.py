@@ -76,12 +76,13 @@ class RunSummary:
             f"run {self.run_id}: {self.processed} processed, {self.skipped} skipped (already in "
             f"{self.output}), {self.listed} listed, {self.wall_s:.1f}s",
             "  status counts: " + (", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"),
-            f"  {'stage':<8} {'rows':>7} {'rows/s':>9} {'busy s':>9}",
+            f"  {'stage':<8} {'rows':>7} {'rows/s':>9} {'busy s':>9} {'ms/row':>9}",
         ]
         for name in STAGES:
             s = self.stages.get(name)
             if s:
-                lines.append(f"  {name:<8} {s['rows']:>7} {s['rows_per_s']:>9.2f} {s['busy_s']:>9.2f}")
+                per_row = 1e3 * s["busy_s"] / s["rows"] if s["rows"] else 0.0
+                lines.append(f"  {name:<8} {s['rows']:>7} {s['rows_per_s']:>9.2f} {s['busy_s']:>9.2f} {per_row:>9.1f}")
         if self.operators:
             lines.append("  ray operators: " + " | ".join(self.operators))
         return "\n".join(lines)

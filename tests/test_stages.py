@@ -197,3 +197,16 @@ def test_a_bad_row_fails_alone_in_the_model_stage(tiny_checkpoint, aligned, mode
     assert "face_full.png" in out["error"][0]
     np.testing.assert_allclose(out["w_plus"][1], model_out["w_plus"][1], atol=1e-5)
     assert not out["w_plus"][0].any() and out["image"].shape == model_out["image"].shape
+
+
+def test_bf16_on_cpu_runs_and_stays_close_to_fp32(tiny_checkpoint, aligned, model_out):
+    """--precision bf16 is autocast arithmetic: not the original's bytes, but close to them."""
+    from psp_core.metrics import psnr
+
+    out = InvertFaces(tiny_checkpoint, "ffhq_encode", device="cpu", cpu_threads=2, precision="bf16")(aligned)
+    assert list(out["status"]) == list(model_out["status"])
+    ok = [0, 1]
+    dw = np.abs(out["w_plus"][ok] - model_out["w_plus"][ok]).max()
+    assert 0 < dw < 0.1
+    assert out["w_plus"].dtype == np.float32 and out["image"].dtype == np.uint8
+    assert min(psnr(out["image"][ok], model_out["image"][ok])) > 35

@@ -187,7 +187,7 @@ class InvertFaces:
         shape = (len(rows), *model_input.shape[1:])
         if self.device.type == "cuda":
             host = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
-            np.take(model_input, rows, axis=0, out=host.numpy())
+            np.take(model_input, rows, axis=0, out=host.numpy(), mode="clip")  # "raise" would buffer
             return host.to(self.device, non_blocking=True)
         return torch.from_numpy(np.take(model_input, rows, axis=0))
 

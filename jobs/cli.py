@@ -3,7 +3,8 @@
     psp invert INPUT OUTPUT --checkpoint CKPT [--task T] [--align dlib|none] [--device auto|cpu|cuda]
                [--batch-size N] [--gpus N] [--align-actors N] [--images png|jpeg|none]
                [--image-size 256|full] [--metrics] [--mix N --latent-mask 8-17 --mix-alpha A --seed S]
-               [--resize-factor F] [--limit N] [--storage-options JSON]
+               [--resize-factor F] [--precision fp32|tf32|bf16|fp16] [--output-actors N]
+               [--limit N] [--storage-options JSON]
     psp demo [--output DIR]
     psp inspect OUTPUT [--storage-options JSON]
 

@@ -1,15 +1,19 @@
-"""Align stage: decoded pixels -> the 256x256 crop the pSp encoder expects.
+"""Align stage: decoded pixels -> the 256x256 crop, and the PIL part of the task transform.
 
 `AlignFaces` is a plain callable class on a batch dict; the pipeline runs it in a CPU actor pool so
 the dlib models load once per actor. It runs `DecodeImages` first (in the same actor, so only
 compressed bytes travel between Ray operators) and then, per row:
 - mode 'dlib': `psp_core.align.FaceAligner` (FFHQ alignment; 'no_face' etc. become row statuses);
 - mode 'none': resize to 256x256 exactly as the task transform would (sketches, segmentation maps,
-  pre-aligned faces), no detection.
+  pre-aligned faces), no detection;
+- with a `task`: `Task.prepare` on the crop (convert, resize, super-resolution degradation, seg label
+  check), so the model actor gets uint8 pixels and does only tensor work on its device. A row whose
+  prepare fails gets status 'invert_error' ("input transform failed"), as before the split.
 
 Output columns are fixed-shape so Ray stores them as tensor columns: `aligned` uint8 [B,256,256,3]
-(zeros when the row failed), `landmarks` float32 [B,68,2] and `quad` [B,4,2] (NaN when absent),
-`face_score` float32 [B] (NaN when absent).
+(the crop; zeros when the row failed; left out with keep_aligned=False), `model_input` uint8
+[B, *Task.prepared_shape] (with a task), `landmarks` float32 [B,68,2] and `quad` [B,4,2] (NaN when
+absent), `face_score` float32 [B] (NaN when absent).
 """
 from __future__ import annotations
 
@@ -45,11 +49,15 @@ class AlignFaces:
 
     In: columns source_uri, data, source_sha256, status, error (from the read stage).
     Out: source_uri, source_sha256, source_width, source_height, status, error, face_score,
-    landmarks, quad, aligned (see module docstring). Rows that failed upstream pass through.
+    landmarks, quad, aligned, model_input (see module docstring). Rows that failed upstream pass
+    through.
 
     mode: 'dlib' or 'none'. gray: sketch/seg task (only used with mode 'none').
     aligner_kwargs: passed to `FaceAligner` (e.g. detect_size).
     decode_timeout_s: time limit of one image's decode (`DecodeImages`).
+    task: dataset_type whose `prepare` fills `model_input` (None: no model_input column).
+    resize_factor: super-resolution factor for `prepare`. keep_aligned: also hand on the crop
+    (`--metrics` and `--save-aligned` need it after the model; otherwise it would only travel).
     """
 
     def __init__(
@@ -59,6 +67,9 @@ class AlignFaces:
         aligner_kwargs: Mapping[str, Any] | None = None,
         stage_clock: Any = None,
         decode_timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S,
+        task: str | None = None,
+        resize_factor: int | None = None,
+        keep_aligned: bool = True,
     ):
         if mode not in ("dlib", "none"):
             raise ValueError(f"align mode {mode!r}: expected 'dlib' or 'none'")
@@ -66,6 +77,13 @@ class AlignFaces:
         self.gray = gray
         self.stage_clock = stage_clock
         self.decode = DecodeImages(stage_clock=stage_clock, timeout_s=decode_timeout_s)
+        self.task = None
+        if task is not None:
+            from psp_core.tasks import get_task
+
+            self.task = get_task(task)
+        self.resize_factor = resize_factor
+        self.keep_aligned = keep_aligned or self.task is None
         self.aligner = None
         if mode == "dlib":
             from psp_core.align import FaceAligner
@@ -102,14 +120,30 @@ class AlignFaces:
                 status[i] = "align_error"
                 error[i] = f"{uri}: alignment failed ({type(e).__name__}: {e})"
         out = {k: v for k, v in decoded.items() if k != "image"}
+        if self.task is not None:
+            out["model_input"] = self._prepare(aligned, status, error, decoded["source_uri"])
         out.update(
             status=object_column(status),
             error=object_column(error),
-            aligned=aligned,
             landmarks=landmarks,
             quad=quad,
             face_score=score,
         )
+        if self.keep_aligned:
+            out["aligned"] = aligned
         if self.stage_clock is not None:
             self.stage_clock.record("align", n, time.perf_counter() - start)
         return out
+
+    def _prepare(self, aligned: np.ndarray, status: list, error: list, uris) -> np.ndarray:
+        """The PIL part of the task transform per ok row (a failing row fails alone)."""
+        prepared = np.zeros((len(aligned), *self.task.prepared_shape), dtype=np.uint8)
+        for i in range(len(aligned)):
+            if status[i] != "ok":
+                continue
+            try:
+                prepared[i] = self.task.prepare(aligned[i], self.resize_factor)
+            except Exception as e:
+                status[i] = "invert_error"
+                error[i] = f"{uris[i]}: input transform failed ({type(e).__name__}: {e})"
+        return prepared

@@ -18,6 +18,7 @@ from typing import Any
 from pipelines.options import ConfigError, check_options, option, parse_json_object
 from pipelines.sources import DEFAULT_READ_TIMEOUT_S
 from psp_core.images import DEFAULT_DECODE_TIMEOUT_S
+from pipelines.invert import PRECISIONS, check_precision
 from schemas.outputs import IMAGE_FORMATS
 
 ALIGN_MODES = ("dlib", "none")
@@ -128,6 +129,12 @@ class InvertConfig:
     decode_timeout: float | None = option(
         DEFAULT_DECODE_TIMEOUT_S, "seconds one image's decode may take; over it the row is a decode_timeout, "
         f"retried by a rerun (default {DEFAULT_DECODE_TIMEOUT_S:g})", parse=float, minimum=0.001, metavar="S")
+    precision: str = option(
+        "fp32", "model arithmetic: fp32 (default, TF32 off: equals the original within 1e-4), tf32, bf16 or "
+        "fp16 autocast (GPU; on CPU only fp32 and bf16)", choices=PRECISIONS)
+    output_actors: int | None = option(
+        None, "at most this many CPU actors for PNG/JPEG encoding and metrics (default: half the CPUs)",
+        parse=int, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,7 @@ class CheckpointInfo:
     label_nc: int
     output_size: int
     n_styles: int
+    size_bytes: int | None = None  # the checkpoint file's size (sizes the model actor's memory request)
 
 
 @dataclass(frozen=True)
@@ -254,6 +262,10 @@ def read_checkpoint_info(uri: str, storage_options: Mapping[str, Any] | None = N
             f"checkpoint {uri!r} does not exist: pass --checkpoint a pSp .pt file "
             "(e.g. psp_ffhq_encode.pt from the pSp release), a path or s3://... URI"
         )
+    try:
+        size_bytes = int(fs.size(path))
+    except Exception:  # informative only (the memory request): a store without sizes still works
+        size_bytes = None
     ckpt = None
     try:
         with fs.open(path, "rb") as f:
@@ -288,6 +300,7 @@ def read_checkpoint_info(uri: str, storage_options: Mapping[str, Any] | None = N
         label_nc=int(opts.get("label_nc", 0)),
         output_size=output_size,
         n_styles=n_styles_for(output_size),
+        size_bytes=size_bytes,
     )
 
 
@@ -327,6 +340,11 @@ def resolve_config(config: InvertConfig, check_output: bool = True) -> ResolvedC
 
     config = replace(config, image_size=str(config.image_size))
     check_options(config)  # the declared choices, bounds and the stages' own checks
+    if config.device == "cpu":
+        try:
+            check_precision(config.precision, "cpu")
+        except ValueError as e:
+            raise ConfigError(f"--precision {config.precision}: {e}") from None
     if not config.input or not config.output:
         raise ConfigError("psp invert needs an INPUT and an OUTPUT location")
 

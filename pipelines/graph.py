@@ -1,4 +1,5 @@
-"""The Ray wiring: list -> read -> decode+align (CPU actors) -> invert (GPU or CPU actors) -> Parquet.
+"""The Ray wiring: list -> read -> decode+align (CPU actors) -> invert (GPU or CPU actors) -> outputs
+(CPU actors) -> Parquet.
 
 `run_invert(config)` is the whole run: validate on the driver (fail fast), list the inputs, skip what
 the output already holds, build the dataset with `build_dataset` (the one short function that
@@ -8,6 +9,7 @@ rows and rows/s per stage). Stages report their time to a small `StageClock` act
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import math
 import os
 import sys
@@ -22,7 +24,8 @@ from pipelines.secrets import WORKER_SETUP_HOOK, redact, redacted_rows
 from pipelines.sources import SourceItem, list_inputs
 from schemas.status import FINAL_STATUSES  # what a rerun skips: properties of the input itself
 
-STAGES = ("read", "decode", "align", "invert")
+STAGES = ("read", "decode", "align", "invert", "outputs")
+FINAL_STAGE = "outputs"  # the stage that reports each row's final status
 ALIGN_BATCH = 4
 READ_BATCH = 16
 
@@ -77,12 +80,14 @@ class RunSummary:
             "  status counts: " + (", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"),
             "  not inputs (skipped while listing): "
             + (", ".join(f"{k}={v}" for k, v in sorted(self.not_inputs.items())) or "none"),
-            f"  {'stage':<8} {'rows':>7} {'rows/s':>9} {'busy s':>9}",
+            
+            f"  {'stage':<8} {'rows':>7} {'rows/s':>9} {'busy s':>9} {'ms/row':>9}",
         ]
         for name in STAGES:
             s = self.stages.get(name)
             if s:
-                lines.append(f"  {name:<8} {s['rows']:>7} {s['rows_per_s']:>9.2f} {s['busy_s']:>9.2f}")
+                per_row = 1e3 * s["busy_s"] / s["rows"] if s["rows"] else 0.0
+                lines.append(f"  {name:<8} {s['rows']:>7} {s['rows_per_s']:>9.2f} {s['busy_s']:>9.2f} {per_row:>9.1f}")
         if self.operators:
             lines.append("  ray operators: " + " | ".join(self.operators))
         return "\n".join(lines)
@@ -135,14 +140,14 @@ class StageClock:
         self.actor.record.remote(stage, int(rows), float(seconds), time.time(), dict(statuses or {}), dict(meta or {}))
 
     def collect(self, expected_rows: int, timeout_s: float = 10.0) -> tuple[dict[str, StageTiming], dict[str, int], dict]:
-        """Stage timings, status counts and meta, waiting until the invert stage reported
+        """Stage timings, status counts and meta, waiting until the final stage reported
         `expected_rows` (records are fire-and-forget and may still be in flight after the write)."""
         import ray
 
         deadline = time.time() + timeout_s
         while True:
             stages, statuses, meta = ray.get(self.actor.snapshot.remote())
-            done = stages.get("invert", [0])[0]
+            done = stages.get(FINAL_STAGE, [0])[0]
             if done >= expected_rows or time.time() > deadline:
                 break
             time.sleep(0.1)
@@ -158,22 +163,26 @@ class StageClock:
 
 
 def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resources: Mapping[str, Any], clock=None):
-    """The Ray Data graph for `items` (not executed): read -> decode+align -> invert.
+    """The Ray Data graph for `items` (not executed): read -> decode+align -> invert -> outputs.
 
-    Read is a task operator (fractional CPU, I/O bound); align and invert are separate actor
-    pools (different compute and resources, so Ray does not fuse them): dlib never competes
-    with the model inside one process, and each pool scales on its own.
+    Read is a task operator (fractional CPU, I/O bound); align, invert and outputs are separate
+    actor pools (different compute and resources, so Ray does not fuse them): the align actors do
+    detection and the PIL part of the task transform, the model actors only tensor work on their
+    device, the outputs actors PNG/JPEG encoding, metrics and the table. Each pool scales on its own.
+    resources: `{"model": invert_resources(...), "outputs": outputs_resources(...)}`.
     """
     import ray
     from ray.data import ActorPoolStrategy
 
     from pipelines.align import AlignFaces
     from pipelines.invert import DEFAULT_CPU_BATCH, DEFAULT_GPU_BATCH, InvertFaces
+    from pipelines.outputs import DEFAULT_OUTPUT_BATCH, EncodeOutputs
     from pipelines.sources import read_batch
     from psp_core.tasks import get_task
 
     config = resolved.config
-    on_gpu = resources["device"] == "cuda"
+    model, outputs = resources["model"], resources["outputs"]
+    on_gpu = model["device"] == "cuda"
     batch_size = config.batch_size or (DEFAULT_GPU_BATCH if on_gpu else DEFAULT_CPU_BATCH)
     rows = [item.to_row() for item in items]
     # Small blocks so alignment and inversion overlap from the start; capped for huge listings.
@@ -194,19 +203,22 @@ def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resourc
             "aligner_kwargs": {"detect_size": config.align_detect_size} if config.align_detect_size else None,
             "stage_clock": clock,
             "decode_timeout_s": config.decode_timeout,
+            "task": resolved.task,
+            "resize_factor": config.resize_factor,
+            "keep_aligned": config.metrics or config.save_aligned,
         },
         compute=ActorPoolStrategy(min_size=1, max_size=config.align_actors),
         batch_size=ALIGN_BATCH,
         batch_format="numpy",
         num_cpus=0.5,
     )
-    return ds.map_batches(
+    memory = {"memory": model["memory"]} if model.get("memory") else {}
+    ds = ds.map_batches(
         InvertFaces,
         fn_constructor_kwargs={
             "checkpoint": config.checkpoint,
             "task": resolved.task,
-            "run_id": resolved.run_id,
-            "device": resources["device"],
+            "device": model["device"],
             "storage_options": config.storage_options,
             "images": config.images,
             "image_size": config.image_size,
@@ -215,18 +227,53 @@ def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resourc
             "latent_mask": resolved.latent_mask,
             "mix_alpha": config.mix_alpha,
             "seed": config.seed,
-            "resize_factor": config.resize_factor,
-            "save_aligned": config.save_aligned,
+            "precision": config.precision,
             "cpu_threads": config.cpu_threads,
+            "stage_clock": clock,
+        },
+        compute=ActorPoolStrategy(min_size=1, max_size=model["actors"]),
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_gpus=model["num_gpus"],
+        num_cpus=model["num_cpus"],
+        **memory,
+    )
+    return ds.map_batches(
+        EncodeOutputs,
+        fn_constructor_kwargs={
+            "task": resolved.task,
+            "run_id": resolved.run_id,
+            "n_styles": resolved.checkpoint.n_styles,
+            "images": config.images,
+            "metrics": config.metrics,
+            "save_aligned": config.save_aligned,
             "code_version": code_version(),
             "stage_clock": clock,
         },
-        compute=ActorPoolStrategy(min_size=1, max_size=resources["actors"]),
-        batch_size=batch_size,
+        compute=ActorPoolStrategy(min_size=1, max_size=outputs["actors"]),
+        batch_size=DEFAULT_OUTPUT_BATCH,
         batch_format="numpy",
-        num_gpus=resources["num_gpus"],
-        num_cpus=resources["num_cpus"],
+        num_cpus=outputs["num_cpus"],
     )
+
+
+def pipeline_resources(cluster_resources: Mapping[str, Any], resolved: ResolvedConfig) -> dict[str, dict[str, Any]]:
+    """What the model and outputs actors request on this cluster (pure; ValueError when the config
+    cannot run there, e.g. --precision fp16 without GPUs). The model actor requests the host
+    memory it uses (`model_actor_memory`, from the checkpoint's size)."""
+    from pipelines.invert import DEFAULT_CPU_BATCH, DEFAULT_GPU_BATCH, invert_resources, model_actor_memory
+    from pipelines.outputs import outputs_resources
+
+    config = resolved.config
+    model = invert_resources(cluster_resources, config.device, config.gpus, precision=config.precision)
+    batch = config.batch_size or (DEFAULT_GPU_BATCH if model["device"] == "cuda" else DEFAULT_CPU_BATCH)
+    memory = model_actor_memory(
+        resolved.checkpoint.size_bytes or 0, resolved.checkpoint.output_size, batch, model["device"], config.mix
+    )
+    # Never more than half the cluster's memory: an unschedulable actor would hang the run.
+    cluster_memory = float(cluster_resources.get("memory", 0) or 0)
+    model["memory"] = int(min(memory, cluster_memory / 2)) if cluster_memory else memory
+    return {"model": model, "outputs": outputs_resources(cluster_resources, config.output_actors)}
 
 
 def ensure_ray() -> None:
@@ -301,7 +348,6 @@ def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) 
     """
     import ray
 
-    from pipelines.invert import invert_resources
     from pipelines.sink import existing_image_ids, write_outputs, write_success
 
     started = _dt.datetime.now(_dt.timezone.utc)
@@ -325,13 +371,15 @@ def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) 
     if todo:  # nothing new: no Ray at all
         ensure_ray()
         try:
-            resources = invert_resources(ray.cluster_resources(), config.device, config.gpus)
+            resources = pipeline_resources(ray.cluster_resources(), resolved)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        device = resources["device"]
+        device = resources["model"]["device"]
         ctx = ray.data.DataContext.get_current()
         ctx.max_errored_blocks = 0  # a failed write must fail the run, not lose rows
         ctx.enable_progress_bars = sys.stderr.isatty() if config.progress is None else bool(config.progress)
+        if not ctx.enable_progress_bars:  # asked for (or no terminal): not worth a warning line
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
         # Pinned to the driver's node: a lost worker node must not take the run's stats with it.
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

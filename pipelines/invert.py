@@ -1,28 +1,75 @@
-"""Invert stage: aligned crops -> W+ -> reconstructed image, as output-schema-v1 tables.
+"""Model stage: uint8 model inputs -> W+ and uint8 reconstructions, with only tensor work per batch.
 
-`InvertFaces` is a plain callable class on a batch dict that loads `psp_core.load_psp(checkpoint)`
-once (per Ray actor). Per batch it applies the task transform, runs `PSP.encode` / `PSP.decode`
-(or `PSP.mix` with `--mix`), encodes the output image (PNG/JPEG, 256 or full size), computes metrics
-when asked and returns a pyarrow table built by `schemas.columns_to_table`, so every output file has
-the same schema. Rows that failed upstream keep their status; a failure here becomes
-'invert_error' for the rows concerned (a failing batch is retried row by row to isolate them).
+`InvertFaces` is the thin model actor (one per GPU, or a CPU actor). It loads
+`psp_core.load_psp(checkpoint)` once; per batch it copies the ok rows' `model_input` (the uint8 output
+of `Task.prepare`, made by the align actors) to the device in one copy (pinned host memory and a
+non-blocking copy on CUDA), runs `Task.to_model_input`, `PSP.encode`, `PSP.decode` (and `PSP.mix`
+with `--mix`), converts the images to uint8 on the device with `images_to_uint8` (the original
+`tensor2im` rounding) and copies W+ and the uint8 images back in one copy each. No PIL, no codec,
+no dlib and no per-row pixel loop here: PNG/JPEG, metrics and the output table are made by
+`pipelines.outputs.EncodeOutputs` in a CPU pool after this stage.
 
-`invert_resources` is the (pure) decision of what the invert actors ask Ray for.
+Column contract (B rows; failed rows keep their status and get zeros in the array columns):
+    in:  source_uri, source_sha256, source_width, source_height, status, error, face_score,
+         landmarks, quad, [aligned], model_input uint8 [B, *Task.prepared_shape]
+    out: every input column except model_input, plus
+         w_plus float32 [B, n_styles, 512]
+         image uint8 [B, H, W, 3]              (images != 'none'; H = 256 or the full size)
+         image256 uint8 [B, 256, 256, 3]        (metrics on a photo task, when `image` is not 256)
+         mix_w_plus float32 [B, N, n_styles, 512] and mix_images uint8 [B, N, H, W, 3] (--mix N)
+         checkpoint_sha256 (one string per row)
+A failing batch is retried row by row, so a bad row becomes 'invert_error' alone.
+
+`invert_resources` is the (pure) decision of what the model actors ask Ray for, memory included.
 """
 from __future__ import annotations
 
-import io
 import math
 import os
 import time
-from collections import Counter
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 
 DEFAULT_GPU_BATCH = 32
 DEFAULT_CPU_BATCH = 8
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+# On CPU: fp32, or bf16 autocast (runs everywhere, slow without AMX/AVX512-BF16). TF32 and fp16 are
+# GPU arithmetic: asked for on a CPU actor they are a misconfiguration.
+CPU_PRECISIONS = ("fp32", "bf16")
+GIB = 1024**3
+
+
+def check_precision(precision: str, device: str) -> None:
+    """ValueError unless `precision` is one of PRECISIONS and runs on `device` ('cpu' or 'cuda')."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if device == "cpu" and precision not in CPU_PRECISIONS:
+        raise ValueError(
+            f"--precision {precision} needs a GPU but the model runs on CPU: use --precision fp32 "
+            "(or bf16) on CPU, or run on a cluster with GPUs (--device cuda)"
+        )
+
+
+def model_actor_memory(
+    checkpoint_bytes: int, output_size: int, batch_size: int, device: str, mix: int = 0
+) -> int:
+    """Bytes of host memory one model actor uses, as it asks Ray for them (rounded up to 1/4 GiB).
+
+    Process (Python, torch, Ray worker; on CUDA the driver's host side) + the weights twice (the
+    checkpoint as read and the model) + on CPU the activations of a batch (the generator's widest
+    layers: about 512 bytes per output pixel per image; mixes are decoded as extra images) + the
+    uint8 inputs and outputs of a batch.
+    """
+    images = batch_size * (1 + max(0, int(mix)))
+    base = (2.5 if device == "cuda" else 1.25) * GIB
+    activations = images * output_size * output_size * 512 if device == "cpu" else 0
+    buffers = 2 * batch_size * 256 * 256 * 3 + 2 * images * output_size * output_size * 3
+    total = base + 2 * checkpoint_bytes + activations + buffers
+    quarter = GIB // 4
+    return int(math.ceil(total / quarter) * quarter)
 
 
 def invert_resources(
@@ -30,12 +77,17 @@ def invert_resources(
     device: str = "auto",
     gpus: int | None = None,
     cpu_actors: int = 1,
+    precision: str = "fp32",
+    memory: int | None = None,
 ) -> dict[str, Any]:
-    """What each invert actor requests, and how many there may be.
+    """What each model actor requests, and how many there may be.
 
     cluster_resources: `ray.cluster_resources()` (e.g. {"CPU": 16.0, "GPU": 2.0}).
     device: 'auto' | 'cpu' | 'cuda'. gpus: at most this many GPU actors (None: every GPU).
-    Returns {"device": 'cuda'|'cpu', "num_gpus": 1 or 0, "num_cpus": float, "actors": int}.
+    precision: checked against the chosen device (`check_precision`).
+    memory: bytes each actor requests (`model_actor_memory`; None: no request).
+    Returns {"device": 'cuda'|'cpu', "num_gpus": 1 or 0, "num_cpus": float, "actors": int,
+    "memory": bytes or None}.
     GPU actors (one GPU each) when the cluster has GPUs and device is not 'cpu'; otherwise CPU
     actors with a fractional CPU request (the actor sets its own torch thread count), so read and
     align tasks are not starved on small machines. `--device cuda` with `--gpus N` asks for N GPUs
@@ -48,53 +100,38 @@ def invert_resources(
     if gpus is not None and gpus < 0:
         raise ValueError(f"gpus={gpus}: expected >= 0")
     if device == "cpu" or gpus == 0 or (device == "auto" and n_gpus == 0):
-        return {"device": "cpu", "num_gpus": 0, "num_cpus": 0.5, "actors": max(1, int(cpu_actors))}
+        check_precision(precision, "cpu")
+        return {"device": "cpu", "num_gpus": 0, "num_cpus": 0.5, "actors": max(1, int(cpu_actors)), "memory": memory}
     if n_gpus == 0 and gpus is None:
         raise ValueError(
             "--device cuda but the Ray cluster has no GPUs: use --device auto/cpu, connect to a cluster "
             "with GPU nodes, or pass --gpus N to wait for an autoscaler to add them"
         )
+    check_precision(precision, "cuda")
     actors = gpus if gpus is not None else n_gpus
     if n_gpus and gpus is not None:
         actors = min(gpus, n_gpus)
-    return {"device": "cuda", "num_gpus": 1, "num_cpus": 1, "actors": max(1, actors)}
-
-
-def encode_image(rgb: np.ndarray, fmt: str) -> bytes | None:
-    """uint8 HxWx3 -> PNG/JPEG bytes (None for 'none')."""
-    if fmt == "none":
-        return None
-    from PIL import Image
-
-    buf = io.BytesIO()
-    if fmt == "png":
-        Image.fromarray(rgb, "RGB").save(buf, format="PNG", compress_level=1)
-    else:
-        Image.fromarray(rgb, "RGB").save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
-def _nan_to_none(value: float) -> float | None:
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+    return {"device": "cuda", "num_gpus": 1, "num_cpus": 1, "actors": max(1, actors), "memory": memory}
 
 
 class InvertFaces:
-    """Batch dict stage: the align stage's columns -> a v1 output table (one row per input row).
+    """Batch dict stage: the align stage's columns -> model outputs (see the module docstring).
 
-    checkpoint: path or fsspec URI of the pSp checkpoint (loaded once, here).
-    task: dataset_type (transform). device: 'auto' (cuda if this process sees one), 'cpu', 'cuda'.
-    images: 'png' | 'jpeg' | 'none'. image_size: '256' | 'full'. metrics: mse/psnr/ssim (and
-    identity distance when `psp_core.identity` is available) between the aligned crop and the
-    256x256 reconstruction, for photo tasks. mix/latent_mask/mix_alpha/seed: style mixing, seeds
-    per row from (seed, image_id). resize_factor: super-resolution factor. save_aligned: store the
-    aligned crop (PNG). cpu_threads: torch threads on CPU (None: all cores of the node).
+    checkpoint: path or fsspec URI of the pSp checkpoint (loaded once, here), or an already loaded
+    `PSP` (any object with its encode/decode/mix/face_pool, output_size, n_styles, checkpoint_sha256:
+    bench/gpu_feed.py passes one whose outputs are precomputed).
+    task: dataset_type (its `to_model_input`). device: 'auto' (cuda if this process sees one),
+    'cpu', 'cuda'. images: 'png' | 'jpeg' | 'none' (with 'none' no reconstruction is decoded unless
+    metrics need it). image_size: '256' | 'full'. metrics: also hand on the 256x256 reconstruction
+    for photo tasks. mix/latent_mask/mix_alpha/seed: style mixing, seeds per row from
+    (seed, image_id). precision: 'fp32' (TF32 off: equals the original within 1e-4), 'tf32',
+    'bf16' or 'fp16' (autocast). cpu_threads: torch threads on CPU (None: all cores of the node).
     """
 
     def __init__(
         self,
-        checkpoint: str,
+        checkpoint: Any,
         task: str,
-        run_id: str,
         device: str = "auto",
         storage_options: Mapping[str, Any] | None = None,
         images: str = "png",
@@ -104,204 +141,165 @@ class InvertFaces:
         latent_mask: Sequence[int] | None = None,
         mix_alpha: float | None = None,
         seed: int = 0,
-        resize_factor: int | None = None,
-        save_aligned: bool = False,
+        precision: str = "fp32",
         cpu_threads: int | None = None,
-        code_version: str | None = None,
         stage_clock: Any = None,
     ):
         import torch
 
-        from pipelines.config import code_version as _code_version
         from psp_core import load_psp
         from psp_core.tasks import get_task
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        check_precision(precision, device)
         if device == "cpu":
             # Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors; the model is the bottleneck here.
             torch.set_num_threads(cpu_threads or max(1, os.cpu_count() or 1))
         if device == "cuda":
-            # Fidelity: fp32 convolutions and matmuls in full precision (TF32 would move outputs by
-            # ~1e-3, past the 1e-4 promise of matching the original).
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-        self.device = device
-        self.model = load_psp(checkpoint, device=device, storage_options=storage_options)
+            # fp32: convolutions and matmuls in full precision (TF32 would move outputs by ~1e-3,
+            # past the 1e-4 promise of matching the original). tf32 opts in.
+            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+            torch.backends.cudnn.allow_tf32 = precision == "tf32"
+        self.device = torch.device(device)
+        self.precision = precision
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        if isinstance(checkpoint, (str, os.PathLike)):
+            self.model = load_psp(checkpoint, device=device, storage_options=storage_options)
+        else:
+            self.model = checkpoint
         self.task = get_task(task)
-        self.run_id = run_id
         self.images = images
         self.full_size = str(image_size) == "full"
-        self.metrics = metrics
+        self.metrics = bool(metrics) and self.task.label_nc == 0
         self.mix = int(mix or 0)
         self.latent_mask = list(latent_mask) if latent_mask is not None else None
         self.mix_alpha = mix_alpha
         self.seed = int(seed)
-        self.resize_factor = resize_factor
-        self.save_aligned = save_aligned
-        self.code_version = code_version or _code_version()
         self.stage_clock = stage_clock
-        self._identity = None
-        self._identity_error: str | None = None
 
-    # -- per-row helpers ------------------------------------------------------------------------
-    def _transform(self, crop: np.ndarray):
-        from PIL import Image
-
-        return self.task.transform(Image.fromarray(crop, "RGB"), factor=self.resize_factor)
-
-    def _run_model(self, x, seeds: list[int]) -> dict[str, Any]:
-        """x [B,C,256,256] -> numpy results: w_plus [B,n,512], images [B,3,H,W], images256,
-        mix_w_plus [B,N,n,512], mix_images [B,N,3,H,W]."""
+    # -- host <-> device ------------------------------------------------------------------------
+    def _to_device(self, model_input: np.ndarray, rows: np.ndarray):
+        """uint8 rows of `model_input` -> a uint8 tensor on the device, in one host copy (into
+        pinned memory on CUDA, then a non-blocking copy to the GPU)."""
         import torch
 
+        shape = (len(rows), *model_input.shape[1:])
+        if self.device.type == "cuda":
+            host = torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+            np.take(model_input, rows, axis=0, out=host.numpy(), mode="clip")  # "raise" would buffer
+            return host.to(self.device, non_blocking=True)
+        return torch.from_numpy(np.take(model_input, rows, axis=0))
+
+    def _to_host(self, tensors: dict) -> dict[str, np.ndarray]:
+        """Device tensors -> numpy arrays; on CUDA one non-blocking copy each into pinned memory,
+        then one synchronisation."""
+        import torch
+
+        if self.device.type != "cuda":
+            return {k: t.numpy() for k, t in tensors.items()}
+        out = {}
+        for k, t in tensors.items():
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host.copy_(t, non_blocking=True)
+            out[k] = host
+        torch.cuda.current_stream(self.device).synchronize()
+        return {k: t.numpy() for k, t in out.items()}
+
+    # -- the model ------------------------------------------------------------------------------
+    def _run_model(self, model_input: np.ndarray, rows: np.ndarray, n: int, seeds: list[int]) -> dict[str, np.ndarray]:
+        """The rows `rows` of `model_input` -> numpy outputs for a batch of `n` rows (rows not in
+        `rows` are zeros), scattered on the device so the host copies each output once."""
+        import torch
+
+        from psp_core.tasks import images_to_uint8
+
         model = self.model
-        with torch.inference_mode():
-            x = x.to(model.device)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            x = self.task.to_model_input(self._to_device(model_input, rows))
             w_plus = model.encode(x)
-            images = model.decode(w_plus, resize=not self.full_size)
-            out = {"w_plus": w_plus.float().cpu().numpy(), "images": images.float().cpu().numpy()}
-            if self.metrics and self.task.label_nc == 0:
-                small = model.face_pool(images) if self.full_size else images
-                out["images256"] = small.float().cpu().numpy()
+            out = {"w_plus": w_plus.float()}
+            need_256 = self.metrics and (self.full_size or self.images == "none")
+            if self.images != "none" or need_256:
+                images = model.decode(w_plus, resize=not self.full_size)
+                if self.images != "none":
+                    out["image"] = images_to_uint8(images)
+                if need_256:
+                    out["image256"] = images_to_uint8(model.face_pool(images) if self.full_size else images)
             if self.mix:
                 mix_images, mix_w = model.mix(
                     None, self.mix, self.latent_mask, mix_alpha=self.mix_alpha, seed=seeds,
                     resize=not self.full_size, w_plus=w_plus,
                 )
-                out["mix_images"] = mix_images.float().cpu().numpy()
-                out["mix_w_plus"] = mix_w.float().cpu().numpy()
-        return out
-
-    def _identity_distance(self, a: np.ndarray, b: np.ndarray) -> float | None:
-        """dlib face-descriptor distance between two uint8 crops (None if unavailable)."""
-        if self._identity_error is not None:
-            return None
-        try:
-            from psp_core.identity import identity_distance
-
-            if self._identity is None:
-                from psp_core.identity import FaceDescriptor
-
-                self._identity = FaceDescriptor()
-            value = identity_distance(a, b, self._identity, aligned=True)  # both are aligned crops
-        except Exception as e:  # identity is optional: record why once, keep going
-            self._identity_error = f"{type(e).__name__}: {e}"
-            return None
-        return _nan_to_none(value)
+                out["mix_w_plus"] = mix_w.float()
+                if self.images != "none":
+                    flat = images_to_uint8(mix_images.reshape(-1, *mix_images.shape[2:]))
+                    out["mix_images"] = flat.reshape(len(rows), self.mix, *flat.shape[1:])
+            if len(rows) != n:  # scatter into the full batch on the device
+                index = torch.as_tensor(rows, device=self.device)
+                for k, t in out.items():
+                    full = torch.zeros((n, *t.shape[1:]), dtype=t.dtype, device=self.device)
+                    out[k] = full.index_copy_(0, index, t)
+        return self._to_host(out)
 
     # -- the stage --------------------------------------------------------------------------------
-    def __call__(self, batch: Mapping[str, np.ndarray]):
-        import torch
-
-        from psp_core.tasks import tensor2im
-        from schemas import columns_to_table, image_id_for
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipelines.config import row_seed
+        from pipelines.sources import object_column
+        from schemas import image_id_for
 
         start = time.perf_counter()
-        uris = [str(u) for u in batch["source_uri"]]
-        n = len(uris)
-        ids = [image_id_for(u) for u in uris]
+        n = len(batch["source_uri"])
         status = [str(s) for s in batch["status"]]
         error = [str(e) if e else None for e in batch["error"]]
-        aligned = np.asarray(batch["aligned"])
-        cols: dict[str, list] = {
-            name: [None] * n
-            for name in ("w_plus", "output_image", "image_format", "aligned_image", "mix_w_plus",
-                         "mix_images", "mse", "psnr", "ssim", "identity_distance")
-        }
-
-        # Transform per row (a bad crop fails only its row).
-        todo, tensors = [], []
-        for i in range(n):
-            if status[i] != "ok":
-                continue
+        model_input = np.asarray(batch["model_input"])
+        rows = np.array([i for i in range(n) if status[i] == "ok"], dtype=np.int64)
+        seeds = [row_seed(self.seed, image_id_for(str(batch["source_uri"][i]))) for i in rows] if self.mix else []
+        if not len(rows):
+            results = self._zeros(n)
+        else:
             try:
-                tensors.append(self._transform(aligned[i]))
-                todo.append(i)
-            except Exception as e:
-                status[i], error[i] = "invert_error", f"{uris[i]}: input transform failed ({type(e).__name__}: {e})"
-
-        from pipelines.config import row_seed
-
-        results: dict[int, dict[str, Any]] = {}
-        if todo:
-            seeds = [row_seed(self.seed, ids[i]) for i in todo]
-            try:
-                out = self._run_model(torch.stack(tensors), seeds)
-                for k, i in enumerate(todo):
-                    results[i] = {name: v[k] for name, v in out.items()}
+                results = self._run_model(model_input, rows, n, seeds)
             except Exception:
-                for k, i in enumerate(todo):  # isolate the failing row(s)
-                    try:
-                        out = self._run_model(tensors[k][None], [seeds[k]])
-                        results[i] = {name: v[0] for name, v in out.items()}
-                    except Exception as e:
-                        status[i] = "invert_error"
-                        error[i] = f"{uris[i]}: inversion failed ({type(e).__name__}: {e})"
+                results = self._run_rows(model_input, rows, n, seeds, status, error, batch["source_uri"])
+        out = {k: v for k, v in batch.items() if k != "model_input"}
+        out.update(results)
+        out["status"] = object_column(status)
+        out["error"] = object_column(error)
+        out["checkpoint_sha256"] = object_column([self.model.checkpoint_sha256] * n)
+        if self.stage_clock is not None:
+            self.stage_clock.record("invert", n, time.perf_counter() - start)
+        return out
 
-        fmt = self.images
-        for i, r in results.items():
+    def _run_rows(self, model_input, rows, n, seeds, status, error, uris) -> dict[str, np.ndarray]:
+        """The batch failed: run each row alone, so only the failing row(s) get 'invert_error'."""
+        results = self._zeros(n)
+        for k, i in enumerate(rows):
             try:
-                cols["w_plus"][i] = r["w_plus"]
-                if fmt != "none":
-                    cols["output_image"][i] = encode_image(tensor2im(r["images"]), fmt)
-                cols["image_format"][i] = fmt
-                if self.save_aligned:
-                    cols["aligned_image"][i] = encode_image(aligned[i], "png")
-                if self.mix:
-                    cols["mix_w_plus"][i] = r["mix_w_plus"]
-                    cols["mix_images"][i] = (
-                        None if fmt == "none" else [encode_image(tensor2im(m), fmt) for m in r["mix_images"]]
-                    )
-                if "images256" in r:
-                    from psp_core import metrics
-
-                    recon = tensor2im(r["images256"])
-                    cols["mse"][i] = _nan_to_none(metrics.mse(aligned[i], recon))
-                    cols["psnr"][i] = _nan_to_none(metrics.psnr(aligned[i], recon))
-                    cols["ssim"][i] = _nan_to_none(metrics.ssim(aligned[i], recon))
-                    cols["identity_distance"][i] = self._identity_distance(aligned[i], recon)
+                one = self._run_model(model_input, np.array([i]), 1, seeds[k : k + 1])
             except Exception as e:
                 status[i] = "invert_error"
-                error[i] = f"{uris[i]}: output encoding failed ({type(e).__name__}: {e})"
-                for name in cols:
-                    cols[name][i] = None
+                error[i] = f"{uris[i]}: inversion failed ({type(e).__name__}: {e})"
+                continue
+            for name, value in one.items():
+                results[name][i] = value[0]
+        return results
 
-        ok = [s == "ok" for s in status]
-        has_face = [not np.isnan(np.asarray(batch["quad"][i])).any() for i in range(n)]
-        columns = {
-            "image_id": ids,
-            "source_uri": uris,
-            "source_sha256": [str(v) if v else None for v in batch["source_sha256"]],
-            "source_width": _ints(batch["source_width"]),
-            "source_height": _ints(batch["source_height"]),
-            "status": status,
-            "error": [None if ok[i] else error[i] or status[i] for i in range(n)],
-            "face_score": [_nan_to_none(float(batch["face_score"][i])) for i in range(n)],
-            "landmarks": [np.asarray(batch["landmarks"][i]) if has_face[i] else None for i in range(n)],
-            "quad": [np.asarray(batch["quad"][i]) if has_face[i] else None for i in range(n)],
-            "task": [self.task.name] * n,
-            **cols,
-            "checkpoint_sha256": [self.model.checkpoint_sha256] * n,
-            "code_version": [self.code_version] * n,
-            "run_id": [self.run_id] * n,
-        }
-        table = columns_to_table(columns, self.model.n_styles)
-        if self.stage_clock is not None:
-            self.stage_clock.record(
-                "invert", n, time.perf_counter() - start, statuses=Counter(status),
-                meta={"checkpoint_sha256": self.model.checkpoint_sha256},
-            )
-        return table
-
-
-def _ints(values) -> list[int | None]:
-    """-1 / None / NaN -> None (the stages use -1 for 'unknown')."""
-    out = []
-    for v in values:
-        try:
-            v = int(v)
-        except (TypeError, ValueError):
-            v = -1
-        out.append(v if v >= 0 else None)
-    return out
+    def _zeros(self, n: int) -> dict[str, np.ndarray]:
+        """The output columns for `n` rows, all zeros: every batch has the same columns and shapes,
+        whichever of its rows fail."""
+        side = self.model.output_size if self.full_size else 256
+        styles = (self.model.n_styles, 512)
+        shapes = {"w_plus": (styles, np.float32)}
+        if self.images != "none":
+            shapes["image"] = ((side, side, 3), np.uint8)
+        if self.metrics and (self.full_size or self.images == "none"):
+            shapes["image256"] = ((256, 256, 3), np.uint8)
+        if self.mix:
+            shapes["mix_w_plus"] = ((self.mix, *styles), np.float32)
+            if self.images != "none":
+                shapes["mix_images"] = ((self.mix, side, side, 3), np.uint8)
+        return {k: np.zeros((n, *shape), dtype=dtype) for k, (shape, dtype) in shapes.items()}

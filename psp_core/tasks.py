@@ -20,6 +20,7 @@ NumPy >= 2 crash of the original `ToOneHot`.
 """
 from __future__ import annotations
 
+import functools
 import operator
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ __all__ = [
     "known_tasks",
     "bicubic_downsample",
     "tensor2im",
+    "images_to_uint8",
     "tensor2sketch",
     "tensor2map",
     "CELEBA_MASK_COLORS",
@@ -89,6 +91,16 @@ def _tensor_to_pil_rgb(x: torch.Tensor) -> Image.Image:
     """torchvision `ToPILImage` on a float [3,H,W] tensor: `mul(255).byte()` truncates."""
     arr = x.mul(255).byte().permute(1, 2, 0).contiguous().numpy()
     return Image.fromarray(arr)
+
+
+@functools.lru_cache(maxsize=16)
+def _byte_table(normalized: bool, device: torch.device) -> torch.Tensor:
+    """float32 [256]: ToTensor's k/255 (then Normalize(.5, .5) when `normalized`) for every byte k,
+    computed on the CPU exactly as torchvision does, then moved to `device`."""
+    table = torch.arange(256, dtype=torch.uint8).float().div(255)
+    if normalized:
+        table = _normalize_half(table)
+    return table.to(device)
 
 
 def _as_pil(image: Image.Image | np.ndarray, name: str = "image") -> Image.Image:
@@ -192,11 +204,12 @@ def _degrade(img: Image.Image, factor: int) -> Image.Image:
 
 
 # ----------------------------------------------------------------------------------------------
-# Seg one-hot (the original `ToOneHot`, without its NumPy >= 2 crash)
+# Seg labels (the original `ToOneHot`, without its NumPy >= 2 crash: one-hot in `to_model_input`)
 
 
-def _one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """uint8 label map [H,W] -> int64 one-hot [H,W,n_classes]; labels >= n_classes are an error."""
+def _check_labels(labels: np.ndarray, n_classes: int) -> None:
+    """uint8 label map [H,W]: labels >= n_classes are an error (the original `ToOneHot` would index
+    past its one-hot)."""
     top = int(labels.max()) if labels.size else 0
     if top >= n_classes:
         bad = np.unique(labels[labels >= n_classes])
@@ -205,9 +218,6 @@ def _one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
             f"{n_classes} classes (0..{n_classes - 1}): pass a grayscale map whose pixel values are "
             "class indices (CelebAMask-HQ layout), not a colour visualisation"
         )
-    out = np.zeros(labels.shape + (n_classes,), dtype=np.int64)
-    np.put_along_axis(out, labels[..., None].astype(np.intp), 1, axis=-1)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,6 +253,21 @@ def tensor2im(t: torch.Tensor | np.ndarray) -> np.ndarray:
     arr = (arr + 1) / 2
     arr = np.clip(np.nan_to_num(arr, nan=0.0), 0, 1) * 255
     return arr.astype(np.uint8)
+
+
+def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """`tensor2im` for a batch, on the images' device: [B,3,H,W] float -> uint8 [B,H,W,3] (contiguous).
+
+    The same float32 operations in the same order as `tensor2im` ((x + 1) / 2, NaN -> 0, clip to
+    [0,1], times 255, truncating cast), so every byte equals `tensor2im(images[i])`; half and
+    bfloat16 inputs are widened to float32 first, as `tensor2im` does.
+    """
+    if images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+        raise ValueError(f"images_to_uint8: expected float images [B,3,H,W], got {images.dtype} {tuple(images.shape)}")
+    x = images if images.dtype in (torch.float32, torch.float64) else images.float()
+    x = (x + 1) / 2
+    x = torch.nan_to_num(x, nan=0.0).clamp(0, 1) * 255
+    return x.to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 def tensor2sketch(t: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -304,6 +329,61 @@ class Task:
             return "photo"
         return "sketch" if self.label_nc == 1 else "seg"
 
+    @property
+    def prepared_shape(self) -> tuple[int, ...]:
+        """Shape of one `prepare` result: (256, 256, 3) uint8 RGB for photos, (256, 256) gray/labels."""
+        return (INPUT_SIZE, INPUT_SIZE, 3) if self.label_nc == 0 else (INPUT_SIZE, INPUT_SIZE)
+
+    def prepare(self, image: Image.Image | np.ndarray, factor: int | None = None) -> np.ndarray:
+        """The PIL part of `transform`: a PIL image (any mode, any size) -> uint8 `prepared_shape`.
+
+        Photos: convert('RGB'), bilinear resize to 256 (a 256x256 RGB uint8 array passes as a copy:
+        both steps are the identity on it). Super-resolution: also the degradation (bicubic down by
+        `factor`, clamp, truncate to uint8, bilinear back to 256). Sketch / seg: convert('L') and
+        resize; seg label values are checked here (ValueError naming the bad labels), so a bad map
+        fails on the CPU side, alone. `to_model_input` does the rest on any device.
+        """
+        kind = self.kind
+        if (
+            kind == "photo" and isinstance(image, np.ndarray) and image.dtype == np.uint8
+            and image.shape == (INPUT_SIZE, INPUT_SIZE, 3)
+        ):
+            return np.array(image, copy=True)  # convert('RGB') and a same-size resize are copies
+        img = _as_pil(image)
+        img = img.convert("RGB") if self.label_nc == 0 else img.convert("L")
+        if kind == "super_resolution":
+            f = check_resize_factor(factor)
+            img = _resize_256(_degrade(_resize_256(img), f))
+        else:
+            img = _resize_256(img)
+        arr = np.array(img, dtype=np.uint8, copy=True)
+        if kind == "seg":
+            _check_labels(arr, self.label_nc)
+        return arr
+
+    def to_model_input(self, prepared: torch.Tensor) -> torch.Tensor:
+        """The tensor part of `transform`, batched, on `prepared`'s device (no PIL, no loop).
+
+        prepared: uint8 [B, *prepared_shape] (what `prepare` gives, stacked). Returns float32
+        [B, input_nc, 256, 256], contiguous: photos (x/255 - 0.5)/0.5, sketches x/255, seg maps the
+        one-hot of the labels. Each byte is looked up in a 256-entry table computed on the CPU with
+        torchvision's ToTensor/Normalize operations, so the result is bit-identical on any device
+        (CUDA divides by a scalar as a multiplication by its reciprocal: 126 of the 256 values of
+        x/255 would differ in the last bit).
+        """
+        if prepared.dtype != torch.uint8 or tuple(prepared.shape[1:]) != self.prepared_shape:
+            raise ValueError(
+                f"to_model_input: expected uint8 [B, {', '.join(map(str, self.prepared_shape))}] "
+                f"(Task.prepare's output), got {prepared.dtype} {tuple(prepared.shape)}"
+            )
+        if self.label_nc == 0:
+            x = _byte_table(True, prepared.device)[prepared.long()]
+            return x.permute(0, 3, 1, 2).contiguous()
+        if self.label_nc == 1:
+            return _byte_table(False, prepared.device)[prepared.long()].unsqueeze(1)
+        classes = torch.arange(self.label_nc, device=prepared.device, dtype=torch.uint8)
+        return (prepared.unsqueeze(1) == classes.view(1, -1, 1, 1)).float()
+
     def transform(self, image: Image.Image | np.ndarray, factor: int | None = None) -> torch.Tensor:
         """A PIL image (any mode, any size) -> float32 tensor [input_nc,256,256], as the original.
 
@@ -314,22 +394,10 @@ class Task:
         Super-resolution: as photos, but after the first resize the image is bicubic-downsampled by
                 `factor`, clamped, truncated to uint8 and resized back to 256 bilinearly. `factor` is
                 required (ValueError without it); other tasks ignore it.
+        `to_model_input(prepare(image))` in two parts: the pipeline runs `prepare` on CPU workers
+        and `to_model_input` on the model's device.
         """
-        img = _as_pil(image)
-        img = img.convert("RGB") if self.label_nc == 0 else img.convert("L")
-        kind = self.kind
-        if kind == "super_resolution":
-            f = check_resize_factor(factor)
-            img = _resize_256(_degrade(_resize_256(img), f))
-            return _normalize_half(_pil_to_tensor(img))
-        img = _resize_256(img)
-        if kind == "photo":
-            return _normalize_half(_pil_to_tensor(img))
-        if kind == "sketch":
-            return _pil_to_tensor(img)
-        labels = np.asarray(img, dtype=np.uint8)
-        one_hot = _one_hot(labels, self.label_nc)
-        return torch.from_numpy(one_hot.transpose(2, 0, 1).copy()).float()
+        return self.to_model_input(torch.from_numpy(self.prepare(image, factor))[None])[0]
 
     def visualize_input(self, tensor: torch.Tensor | np.ndarray) -> np.ndarray:
         """A transformed input [input_nc,H,W] -> uint8 HxWx3 for display (the original

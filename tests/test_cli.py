@@ -48,6 +48,12 @@ def test_latent_mask_outside_the_model(capsys, inputs, tmp_path, tiny_checkpoint
                     "--mix", "2", "--latent-mask", "8-17"], "outside 0-7")
 
 
+def test_gpu_precision_on_cpu_fails_before_any_work(capsys, inputs, tmp_path, tiny_checkpoint):
+    _fails(capsys, ["invert", inputs, str(tmp_path / "out"), "--checkpoint", tiny_checkpoint,
+                    "--device", "cpu", "--precision", "fp16"], "--precision fp16 needs a GPU", "fp32")
+    assert not (tmp_path / "out").exists()
+
+
 def test_unwritable_output_and_missing_input(capsys, inputs, tmp_path, tiny_checkpoint):
     blocker = tmp_path / "file"
     blocker.write_text("x")

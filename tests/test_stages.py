@@ -1,5 +1,5 @@
-"""The stages as plain callables on batch dicts (no Ray): decode, align, invert, and the invert
-stage's resource decision."""
+"""The stages as plain callables on batch dicts (no Ray): decode, align (+ the PIL part of the task
+transform), the model stage, the outputs stage, and the resource decisions."""
 from __future__ import annotations
 
 import io
@@ -10,7 +10,8 @@ from PIL import Image
 
 from jobs.demo import sample_files
 from pipelines.align import AlignFaces
-from pipelines.invert import InvertFaces, invert_resources
+from pipelines.invert import InvertFaces, invert_resources, model_actor_memory
+from pipelines.outputs import EncodeOutputs, outputs_resources
 
 
 def _read_batch(named_blobs: list[tuple[str, bytes]]) -> dict[str, np.ndarray]:
@@ -44,7 +45,7 @@ def aligned(files):
     batch = _read_batch([(n, files[n]) for n in names] + [("unreadable.jpg", b"")])
     batch["status"][-1] = "read_error"
     batch["error"][-1] = "cannot read mem://unreadable.jpg: FileNotFoundError"
-    return AlignFaces(mode="dlib")(batch)
+    return AlignFaces(mode="dlib", task="ffhq_encode")(batch)
 
 
 def test_align_stage_statuses_and_geometry(aligned):
@@ -74,12 +75,17 @@ def test_align_none_matches_the_task_transform(files):
 
 @pytest.fixture(scope="module")
 def inverter(tiny_checkpoint):
-    return InvertFaces(tiny_checkpoint, "ffhq_encode", run_id="test-run", device="cpu", cpu_threads=2)
+    return InvertFaces(tiny_checkpoint, "ffhq_encode", device="cpu", cpu_threads=2)
 
 
 @pytest.fixture(scope="module")
-def inverted(inverter, aligned):
+def model_out(inverter, aligned):
     return inverter(aligned)
+
+
+@pytest.fixture(scope="module")
+def inverted(model_out):
+    return EncodeOutputs("ffhq_encode", run_id="test-run", n_styles=8)(model_out)
 
 
 def test_invert_stage_one_row_per_input_and_direct_encode(inverted, aligned, tiny_checkpoint):
@@ -106,10 +112,15 @@ def test_invert_stage_one_row_per_input_and_direct_encode(inverted, aligned, tin
 
 def test_invert_mix_is_per_row_seeded_and_full_size_jpeg(tiny_checkpoint, aligned):
     """--mix: one row per input with N mixes; a row's mixes do not depend on its batch."""
-    stage = InvertFaces(
-        tiny_checkpoint, "ffhq_encode", run_id="mix", device="cpu", images="jpeg", image_size="full",
-        mix=2, latent_mask=[4, 5, 6, 7], seed=7, metrics=True,
+    model = InvertFaces(
+        tiny_checkpoint, "ffhq_encode", device="cpu", image_size="full", mix=2, latent_mask=[4, 5, 6, 7],
+        seed=7, metrics=True,
     )
+    outputs = EncodeOutputs("ffhq_encode", run_id="mix", n_styles=8, images="jpeg", metrics=True)
+
+    def stage(batch):
+        return outputs(model(batch))
+
     both = stage(aligned).to_pylist()  # rows 0 and 1 in one batch
     alone = stage({k: v[1:2] for k, v in aligned.items()}).to_pylist()
     assert len(both[1]["mix_w_plus"]) == 2 and len(both[1]["mix_images"]) == 2
@@ -121,8 +132,8 @@ def test_invert_mix_is_per_row_seeded_and_full_size_jpeg(tiny_checkpoint, aligne
 
 
 def test_invert_resources_requests_a_gpu_when_the_cluster_has_one():
-    gpu = invert_resources({"CPU": 16.0, "GPU": 4.0}, "auto", None)
-    assert gpu == {"device": "cuda", "num_gpus": 1, "num_cpus": 1, "actors": 4}
+    gpu = invert_resources({"CPU": 16.0, "GPU": 4.0}, "auto", None, memory=5 * 2**30)
+    assert gpu == {"device": "cuda", "num_gpus": 1, "num_cpus": 1, "actors": 4, "memory": 5 * 2**30}
     assert invert_resources({"CPU": 16.0, "GPU": 4.0}, "cuda", 2)["actors"] == 2
     cpu = invert_resources({"CPU": 2.0}, "auto", None)
     assert cpu["device"] == "cpu" and cpu["num_gpus"] == 0 and 0 < cpu["num_cpus"] < 1
@@ -131,3 +142,71 @@ def test_invert_resources_requests_a_gpu_when_the_cluster_has_one():
     assert invert_resources({"CPU": 2.0}, "cuda", 1)["num_gpus"] == 1
     with pytest.raises(ValueError, match="no GPUs"):
         invert_resources({"CPU": 2.0}, "cuda", None)
+
+
+def test_precision_fails_fast_where_it_cannot_run():
+    with pytest.raises(ValueError, match="needs a GPU"):
+        invert_resources({"CPU": 2.0}, "auto", None, precision="fp16")
+    with pytest.raises(ValueError, match="needs a GPU"):
+        invert_resources({"CPU": 16.0, "GPU": 4.0}, "cpu", None, precision="tf32")
+    with pytest.raises(ValueError, match="expected one of"):
+        invert_resources({"CPU": 16.0, "GPU": 4.0}, "auto", None, precision="fp8")
+    assert invert_resources({"CPU": 2.0}, "auto", None, precision="bf16")["device"] == "cpu"
+    assert invert_resources({"CPU": 2.0, "GPU": 1.0}, "auto", None, precision="fp16")["device"] == "cuda"
+
+
+def test_model_actor_memory_grows_with_the_model_and_the_batch():
+    small = model_actor_memory(50 * 2**20, 64, 8, "cpu")
+    assert 1.25 * 2**30 < small <= 2 * 2**30 and small % (2**28) == 0
+    released_cpu = model_actor_memory(1_200_000_000, 1024, 8, "cpu")
+    assert released_cpu > 2 * 1_200_000_000 + 8 * 1024 * 1024 * 512  # weights twice + activations
+    # on a GPU the activations live in GPU memory: the host keeps weights, driver and buffers
+    assert model_actor_memory(1_200_000_000, 1024, 8, "cuda") < released_cpu
+    assert model_actor_memory(1_200_000_000, 1024, 8, "cpu", mix=4) > released_cpu
+
+
+def test_outputs_resources_scale_with_the_cluster():
+    assert outputs_resources({"CPU": 64.0, "GPU": 8.0}) == {"num_cpus": 1, "actors": 32}
+    assert outputs_resources({"CPU": 64.0}, actors=5)["actors"] == 5
+    assert outputs_resources({"CPU": 2.0}) == {"num_cpus": 0.25, "actors": 1}
+
+
+def test_model_stage_hands_uint8_images_and_w_plus_to_the_outputs_stage(model_out, aligned):
+    """The column contract: no model_input after the model, uint8 images equal to tensor2im of the
+    model's own decode, zeros on failed rows, one checkpoint sha per row."""
+    assert "model_input" not in model_out and np.array_equal(model_out["aligned"], aligned["aligned"])
+    assert model_out["image"].dtype == np.uint8 and model_out["image"].shape == (7, 256, 256, 3)
+    assert model_out["w_plus"].dtype == np.float32 and model_out["w_plus"].shape == (7, 8, 512)
+    assert not model_out["w_plus"][2:5].any() and not model_out["image"][2:5].any()
+    assert len(set(model_out["checkpoint_sha256"])) == 1
+
+
+def test_a_bad_row_fails_alone_in_the_model_stage(tiny_checkpoint, aligned, model_out):
+    """A batch that fails is retried row by row: only the failing row gets invert_error, the
+    others get exactly what the whole batch would have given."""
+
+    class FailsOnRow0(InvertFaces):  # an injected fault (e.g. an OOM caused by one input)
+        def _run_model(self, model_input, rows, n, seeds):
+            if 0 in rows:
+                raise RuntimeError("injected failure")
+            return super()._run_model(model_input, rows, n, seeds)
+
+    out = FailsOnRow0(tiny_checkpoint, "ffhq_encode", device="cpu", cpu_threads=2)(aligned)
+    assert list(out["status"][:2]) == ["invert_error", "ok"]
+    assert "inversion failed (RuntimeError: injected failure)" in out["error"][0]
+    assert "face_full.png" in out["error"][0]
+    np.testing.assert_allclose(out["w_plus"][1], model_out["w_plus"][1], atol=1e-5)
+    assert not out["w_plus"][0].any() and out["image"].shape == model_out["image"].shape
+
+
+def test_bf16_on_cpu_runs_and_stays_close_to_fp32(tiny_checkpoint, aligned, model_out):
+    """--precision bf16 is autocast arithmetic: not the original's bytes, but close to them."""
+    from psp_core.metrics import psnr
+
+    out = InvertFaces(tiny_checkpoint, "ffhq_encode", device="cpu", cpu_threads=2, precision="bf16")(aligned)
+    assert list(out["status"]) == list(model_out["status"])
+    ok = [0, 1]
+    dw = np.abs(out["w_plus"][ok] - model_out["w_plus"][ok]).max()
+    assert 0 < dw < 0.1
+    assert out["w_plus"].dtype == np.float32 and out["image"].dtype == np.uint8
+    assert min(psnr(out["image"][ok], model_out["image"][ok])) > 35

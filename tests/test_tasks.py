@@ -302,3 +302,70 @@ def test_visualize_input_per_task():
 
     photo = torch.zeros(3, 4, 4)
     np.testing.assert_array_equal(get_task("ffhq_encode").visualize_input(photo), tensor2im(photo))
+
+
+# ---------------------------------------------------------------------------------------------
+# The two halves the pipeline runs apart: prepare (PIL, CPU workers) and to_model_input (device)
+
+
+def _old_transform_tensor_part(task, prepared: np.ndarray) -> torch.Tensor:
+    """The single-image ToTensor/Normalize/one-hot as written before the split (torchvision's ops)."""
+    if task.label_nc == 0:
+        x = torch.from_numpy(prepared).permute(2, 0, 1).contiguous().float().div(255)
+        return x.sub(0.5).div(0.5)
+    if task.label_nc == 1:
+        return torch.from_numpy(prepared[:, :, None]).permute(2, 0, 1).contiguous().float().div(255)
+    one_hot = np.zeros(prepared.shape + (task.label_nc,), dtype=np.int64)
+    np.put_along_axis(one_hot, prepared[..., None].astype(np.intp), 1, axis=-1)
+    return torch.from_numpy(one_hot.transpose(2, 0, 1).copy()).float()
+
+
+@pytest.mark.parametrize("name", ALL_TASKS)
+def test_prepare_then_to_model_input_is_bit_identical_to_the_torchvision_ops(name):
+    """Every byte value, batched: the device half equals ToTensor/Normalize/one-hot exactly."""
+    task = get_task(name)
+    rng = np.random.default_rng(3)
+    high = 256 if task.label_nc in (0, 1) else task.label_nc
+    images = [rng.integers(0, high, size=(300, 280, 3) if task.label_nc == 0 else (300, 280), dtype=np.uint8)
+              for _ in range(2)]
+    images.append(np.arange(256 * 256 * 3, dtype=np.int64).reshape(256, 256, 3).astype(np.uint8)
+                  if task.label_nc == 0 else (np.arange(256 * 256) % high).reshape(256, 256).astype(np.uint8))
+    factor = 4 if task.needs_factor else None
+    prepared = np.stack([task.prepare(Image.fromarray(im), factor) for im in images])
+    assert prepared.dtype == np.uint8 and prepared.shape[1:] == task.prepared_shape
+    batch = task.to_model_input(torch.from_numpy(prepared))
+    assert batch.dtype == torch.float32 and batch.shape == (3, task.input_nc, 256, 256) and batch.is_contiguous()
+    for i, im in enumerate(images):
+        expected = _old_transform_tensor_part(task, prepared[i])
+        assert torch.equal(batch[i], expected)
+        assert torch.equal(task.transform(Image.fromarray(im), factor), expected)
+
+
+def test_prepare_passes_an_aligned_crop_through_and_rejects_bad_labels():
+    crop = np.asarray(_random_rgb(256, 256, seed=4))
+    out = get_task("ffhq_encode").prepare(crop)
+    assert np.array_equal(out, np.asarray(Image.fromarray(crop).convert("RGB").resize((256, 256), Image.Resampling.BILINEAR)))
+    assert out is not crop
+    labels = np.zeros((256, 256), dtype=np.uint8)
+    labels[0, 0] = 25
+    with pytest.raises(ValueError, match="label values \\[25\\]"):
+        get_task("celebs_seg_to_face").prepare(labels)
+    with pytest.raises(ValueError, match="uint8"):
+        get_task("ffhq_encode").to_model_input(torch.zeros(1, 256, 256, 3))
+
+
+def test_images_to_uint8_equals_tensor2im_byte_for_byte():
+    from psp_core.tasks import images_to_uint8
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 16, 16, generator=gen) * 1.2
+    # exact level boundaries, the clip edges, NaN and infinities
+    levels = torch.arange(256, dtype=torch.float32) / 127.5 - 1
+    x[0, 0] = levels.reshape(16, 16)
+    x[1, 1, 0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, -1.0])
+    out = images_to_uint8(x)
+    assert out.dtype == torch.uint8 and out.shape == (3, 16, 16, 3) and out.is_contiguous()
+    for i in range(3):
+        np.testing.assert_array_equal(out[i].numpy(), tensor2im(x[i]))
+    half = x.to(torch.bfloat16)
+    np.testing.assert_array_equal(images_to_uint8(half)[2].numpy(), tensor2im(half[2]))

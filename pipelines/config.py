@@ -223,7 +223,7 @@ def read_checkpoint_info(uri: str, storage_options: Mapping[str, Any] | None = N
     except Exception as e:
         raise ConfigError(f"checkpoint {uri!r} could not be read ({e}): is it a pSp .pt file?") from None
     if ckpt is None:  # legacy (pre-zip) torch format: load it whole
-        from psp_core.psp import read_checkpoint
+        from psp_core.checkpoint import read_checkpoint
 
         try:
             ckpt, _ = read_checkpoint(uri, storage_options)

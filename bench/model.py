@@ -1,7 +1,12 @@
-"""Throughput of PSP.forward, and the batched vs grouped modulated convolution, in one run.
+"""Throughput of PSP.forward, of each model family's encode + decode, and the batched vs grouped
+modulated convolution, in one run.
 
-    python bench/model.py --quick          # CPU: 256 (batch 1, 4) and 1024 (batch 1)
+    python bench/model.py --quick          # CPU: 256 (batch 1, 4) and 1024 (batch 1); families at 256, batch 1
     python bench/model.py                  # 256 and 1024 at batch 1, 4, 8 (+ CUDA autocast if present)
+
+Families (pSp, e4e, ReStyle over pSp and over e4e): ``encode(x)`` then ``decode(w_plus)``, the
+work the pipeline's model stage does per image; ReStyle runs its default 5 iterations (each an
+encoder and a decoder pass), so its figure is expected near 1/5 of the one-pass families'.
 
 Random weights (psp_core.testing.randomize_), randomize_noise=False, torch.inference_mode.
 Numbers are medians of the repeats; compare ratios from the same run, not absolute times.
@@ -21,9 +26,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from psp_core.checkpoint import model_opts  # noqa: E402
+from psp_core.e4e import E4E  # noqa: E402
 from psp_core.psp import PSP  # noqa: E402
+from psp_core.restyle import ReStyle  # noqa: E402
 from psp_core.stylegan2 import Generator, set_modulated_conv_impl  # noqa: E402
-from psp_core.testing import psp_opts, randomize_  # noqa: E402
+from psp_core.testing import e4e_opts, psp_opts, random_latent_avg, randomize_, restyle_opts  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -46,7 +54,7 @@ def _median_seconds(fn, repeats: int, warmup: int, device: torch.device) -> floa
 
 def build_psp(output_size: int, device: torch.device, channels_last: bool) -> PSP:
     net = randomize_(PSP(psp_opts(output_size)), seed=0).eval()
-    net.latent_avg = net.decoder.mean_latent(1024, generator=torch.Generator().manual_seed(1)).repeat(net.n_styles, 1)
+    net.latent_avg = random_latent_avg(1, net.n_styles)
     net = net.to(device)
     if channels_last:
         net.encoder.to(memory_format=torch.channels_last)
@@ -71,6 +79,38 @@ def bench_forward(net: PSP, batches, repeats, warmup, device, autocast_dtype, ch
             f"{batch / sec:8.2f} img/s  ({sec:.3f} s/batch, median of {repeats})",
             flush=True,
         )
+
+
+FAMILY_MODELS = {
+    "psp": lambda size: PSP(model_opts(psp_opts(size))),
+    "e4e": lambda size: E4E(model_opts(e4e_opts(size))),
+    "restyle_psp": lambda size: ReStyle(model_opts(restyle_opts(size, "BackboneEncoder"))),
+    "restyle_e4e": lambda size: ReStyle(model_opts(restyle_opts(size, "ResNetProgressiveBackboneEncoder"))),
+}
+
+
+def bench_families(size: int, batches, repeats: int, warmup: int, device: torch.device) -> None:
+    """encode + decode per family (random weights), images/s; ReStyle at its default n_iters."""
+    for family, build in FAMILY_MODELS.items():
+        net = randomize_(build(size), seed=0).eval()
+        net.latent_avg = random_latent_avg(1, net.n_styles)
+        net = net.to(device)
+        if isinstance(net, ReStyle):
+            net.set_avg_image()  # done once at load time
+        for batch in batches:
+            x = torch.rand(batch, 3, *net.input_size, device=device) * 2 - 1
+
+            def run():
+                with torch.inference_mode():
+                    net.decode(net.encode(x), resize=True)
+
+            sec = _median_seconds(run, repeats, warmup, device)
+            print(
+                f"family   {family:12s} {net.encoder_type:34s} output {size:4d}  batch {batch:2d}  n_iters "
+                f"{net.n_iters}: {batch / sec:8.2f} img/s  ({sec:.3f} s/batch, median of {repeats})",
+                flush=True,
+            )
+        del net
 
 
 def bench_modconv(size: int, batch: int, repeats: int, warmup: int, device: torch.device) -> None:
@@ -123,6 +163,7 @@ def main(argv=None) -> None:
         batches = [1] if (args.quick and size >= 1024 and not args.batches) else cpu_batches
         bench_forward(net, batches, repeats, warmup, cpu, None, channels_last)
         del net
+    bench_families(256, [1] if args.quick else cpu_batches, repeats, warmup if not args.quick else 0, cpu)
     bench_modconv(128 if args.quick else 256, 4, max(repeats, 2), warmup, cpu)
 
     if torch.cuda.is_available() and not args.no_cuda:

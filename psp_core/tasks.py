@@ -282,6 +282,7 @@ class Task:
     needs_factor: whether `transform` requires a super-resolution factor.
     default_latent_mask: the README's style-mixing mask for this task, or None.
     trained_factors: super-resolution factors the released model was trained with (else empty).
+    input_size: (height, width) of the transformed photo: (192, 256) for cars, else (256, 256).
     """
 
     name: str
@@ -293,6 +294,7 @@ class Task:
     default_latent_mask: tuple[int, ...] | None = None
     trained_factors: tuple[int, ...] = ()
     description: str = ""
+    input_size: tuple[int, int] = (INPUT_SIZE, INPUT_SIZE)
 
     @property
     def kind(self) -> str:
@@ -321,6 +323,10 @@ class Task:
             f = _check_factor(factor)
             img = _resize_256(_degrade(_resize_256(img), f))
             return _normalize_half(_pil_to_tensor(img))
+        if kind == "photo" and self.input_size != (INPUT_SIZE, INPUT_SIZE):
+            # torchvision Resize((h, w)) on PIL: bilinear (the cars transforms use (192, 256)).
+            img = img.resize((self.input_size[1], self.input_size[0]), Image.Resampling.BILINEAR)
+            return _normalize_half(_pil_to_tensor(img))
         img = _resize_256(img)
         if kind == "photo":
             return _normalize_half(_pil_to_tensor(img))
@@ -341,6 +347,8 @@ class Task:
 
 
 _PHOTO = dict(input_nc=3, label_nc=0, needs_alignment=True, normalized=True)
+# e4e / ReStyle domains other than faces: photos, no alignment.
+_SCENE = dict(input_nc=3, label_nc=0, needs_alignment=False, normalized=True)
 _FINE_STYLES = tuple(range(8, 18))
 
 _TASKS: dict[str, Task] = {
@@ -360,6 +368,11 @@ _TASKS: dict[str, Task] = {
             "celebs_super_resolution", **_PHOTO, needs_factor=True,
             trained_factors=SUPER_RESOLUTION_FACTORS, description="low-resolution face -> face",
         ),
+        Task("toonify", **_PHOTO, description="face photo -> toon (ReStyle's toonify checkpoint)"),
+        Task("cars_encode", **_SCENE, input_size=(192, 256), description="car photo (4:3) -> W+ (512 px generator)"),
+        Task("church_encode", **_SCENE, description="church photo -> W+ (256 px generator)"),
+        Task("horse_encode", **_SCENE, description="horse photo -> W+ (256 px generator)"),
+        Task("afhq_wild_encode", **_SCENE, description="wild animal face -> W+ (512 px generator)"),
     )
 }
 

@@ -33,7 +33,7 @@ from torch import nn
 from psp_core.e4e import E4E
 from psp_core.encoders import ENCODER_TYPES
 from psp_core.psp import PSP, STYLE_DIM, encoder_input_size, n_styles_for
-from psp_core.restyle import DEFAULT_N_ITERS, ReStyle
+from psp_core.restyle import DEFAULT_N_ITERS, ReStyle, check_n_iters
 from psp_core.stylegan2 import Generator
 
 __all__ = [
@@ -429,6 +429,8 @@ def load_psp(
             f"n_iters={n_iters}: only ReStyle checkpoints refine iteratively; {uri!r} is a {family} "
             "checkpoint (one encoder pass): leave n_iters unset"
         )
+    if n_iters is not None:
+        check_n_iters(n_iters)
     n_styles = n_styles_for(int(opts["output_size"]))
     if restyle:
         # ReStyle's first iteration always starts from latent_avg, whatever start_from_latent_avg says.

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from psp_core.encoders import ENCODER_TYPES
 from psp_core.psp import PSP, STYLE_DIM
 
-__all__ = ["DEFAULT_N_ITERS", "ReStyle", "restyle_family"]
+__all__ = ["DEFAULT_N_ITERS", "ReStyle", "check_n_iters", "restyle_family"]
 
 # scripts/inference_iterative.py's --n_iters_per_batch default.
 DEFAULT_N_ITERS = 5
@@ -47,7 +47,7 @@ class ReStyle(PSP):
         super().__init__(opts, latent_avg)
         self.encoder_input_nc = int(self.opts["input_nc"])
         self.input_nc = self.encoder_input_nc - 3
-        self.n_iters = _check_n_iters(n_iters)
+        self.n_iters = check_n_iters(n_iters)
         self.avg_image: torch.Tensor | None = None
 
     @property
@@ -122,7 +122,7 @@ class ReStyle(PSP):
             ``(w_plus, images)``: one entry per iteration, ``[B, n_styles, 512]`` and
             ``[B, 3, H, W]`` (cars cropped to H*3/4 x H).
         """
-        n_iters = self.n_iters if n_iters is None else _check_n_iters(n_iters)
+        n_iters = self.n_iters if n_iters is None else check_n_iters(n_iters)
         self._check_input(x)
         if self.avg_image is None:
             self.set_avg_image()
@@ -152,7 +152,8 @@ class ReStyle(PSP):
         return self.encode(x)
 
 
-def _check_n_iters(n_iters: Any) -> int:
+def check_n_iters(n_iters: Any) -> int:
+    """``n_iters`` if it is a positive int, else ValueError."""
     if isinstance(n_iters, bool) or not isinstance(n_iters, int) or n_iters < 1:
         raise ValueError(f"n_iters={n_iters!r}: expected a positive integer (ReStyle's default is {DEFAULT_N_ITERS})")
     return n_iters

@@ -110,7 +110,6 @@ def bench_families(size: int, batches, repeats: int, warmup: int, device: torch.
                 f"{net.n_iters}: {batch / sec:8.2f} img/s  ({sec:.3f} s/batch, median of {repeats})",
                 flush=True,
             )
-        del net
 
 
 def bench_modconv(size: int, batch: int, repeats: int, warmup: int, device: torch.device) -> None:

@@ -1,6 +1,7 @@
 """pSp throughput and reduced-precision deviation: the model actor's device work, in one run.
 
-    python bench/model.py --quick                     # CPU: forward at 256 / 1024 (batch 1, 4)
+    python bench/model.py --quick                     # CPU: forward at 256 / 1024 (batch 1, 4), and each
+                                                      # family's encode + decode (pSp, e4e, ReStyle x2)
     python bench/model.py                             # CPU as above, then the CUDA grid if a GPU is present
     python bench/model.py --cuda-only --json out.json # the CUDA grid only (what to run on a GPU machine)
     python bench/model.py --grid-device cpu --sizes 32 --batches 2 --modes eager   # smoke test of the grid
@@ -39,10 +40,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from psp_core.psp import PSP, load_psp  # noqa: E402
+from psp_core.checkpoint import load_psp, model_opts  # noqa: E402
+from psp_core.e4e import E4E  # noqa: E402
+from psp_core.psp import PSP  # noqa: E402
+from psp_core.restyle import ReStyle  # noqa: E402
 from psp_core.stylegan2 import Generator, set_modulated_conv_impl  # noqa: E402
 from psp_core.tasks import get_task, images_to_uint8  # noqa: E402
-from psp_core.testing import psp_opts, randomize_  # noqa: E402
+from psp_core.testing import e4e_opts, psp_opts, random_latent_avg, randomize_, restyle_opts  # noqa: E402
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -72,7 +76,7 @@ def build_psp(output_size: int, device: torch.device, checkpoint: str | None = N
     if checkpoint:
         return load_psp(checkpoint, device=device)
     net = randomize_(PSP(psp_opts(output_size)), seed=0).eval()
-    net.latent_avg = net.decoder.mean_latent(1024, generator=torch.Generator().manual_seed(1)).repeat(net.n_styles, 1)
+    net.latent_avg = random_latent_avg(1, net.n_styles)
     return net.to(device)
 
 
@@ -101,6 +105,37 @@ def bench_forward_cpu(net: PSP, batches, repeats, warmup, channels_last) -> None
         sec = _median_seconds(run, repeats, warmup, device)
         print(f"forward  cpu fp32  output {net.output_size:4d}  batch {batch:2d}: {batch / sec:8.2f} img/s "
               f"({sec:.3f} s/batch, median of {repeats})", flush=True)
+
+
+FAMILY_MODELS = {
+    "psp": lambda size: PSP(model_opts(psp_opts(size))),
+    "e4e": lambda size: E4E(model_opts(e4e_opts(size))),
+    "restyle_psp": lambda size: ReStyle(model_opts(restyle_opts(size, "BackboneEncoder"))),
+    "restyle_e4e": lambda size: ReStyle(model_opts(restyle_opts(size, "ResNetProgressiveBackboneEncoder"))),
+}
+
+
+def bench_families(size: int, batches, repeats: int, warmup: int, device: torch.device) -> None:
+    """encode + decode per family (random weights), images/s; ReStyle at its default n_iters."""
+    for family, build in FAMILY_MODELS.items():
+        net = randomize_(build(size), seed=0).eval()
+        net.latent_avg = random_latent_avg(1, net.n_styles)
+        net = net.to(device)
+        if isinstance(net, ReStyle):
+            net.set_avg_image()  # done once at load time
+        for batch in batches:
+            x = torch.rand(batch, 3, *net.input_size, device=device) * 2 - 1
+
+            def run():
+                with torch.inference_mode():
+                    net.decode(net.encode(x), resize=True)
+
+            sec = _median_seconds(run, repeats, warmup, device)
+            print(
+                f"family   {family:12s} {net.encoder_type:34s} output {size:4d}  batch {batch:2d}  n_iters "
+                f"{net.n_iters}: {batch / sec:8.2f} img/s  ({sec:.3f} s/batch, median of {repeats})",
+                flush=True,
+            )
 
 
 def bench_modconv(size: int, batch: int, repeats: int, warmup: int, device: torch.device) -> None:
@@ -313,6 +348,8 @@ def main(argv=None) -> int:
             batches = [1] if (args.quick and size >= 1024) else ([1, 4] if args.quick else [1, 4, 8])
             bench_forward_cpu(net, batches, args.repeats or (1 if args.quick else 3), 1, channels_last=True)
             del net
+        bench_families(256, [1] if args.quick else [1, 4], args.repeats or (1 if args.quick else 3),
+                       0 if args.quick else 1, cpu)
         bench_modconv(128 if args.quick else 256, 4, 2, 1, cpu)
 
     grid_device = args.grid_device or ("cuda" if torch.cuda.is_available() and not args.no_cuda else None)

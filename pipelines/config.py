@@ -278,7 +278,7 @@ def read_checkpoint_info(uri: str, storage_options: Mapping[str, Any] | None = N
     except Exception as e:
         raise ConfigError(f"checkpoint {uri!r} could not be read ({e}): is it a pSp .pt file?") from None
     if ckpt is None:  # legacy (pre-zip) torch format: load it whole
-        from psp_core.psp import read_checkpoint
+        from psp_core.checkpoint import read_checkpoint
 
         try:
             ckpt, _ = read_checkpoint(uri, storage_options)
@@ -290,16 +290,19 @@ def read_checkpoint_info(uri: str, storage_options: Mapping[str, Any] | None = N
         raise ConfigError(
             f"checkpoint {uri!r} has no pSp 'opts'{hint}: pass a pSp checkpoint such as psp_ffhq_encode.pt"
         )
-    from psp_core.psp import n_styles_for
+    from psp_core.checkpoint import CheckpointError, model_spec
 
-    output_size = int(opts.get("output_size") or 1024)  # the reference scripts' legacy default
+    try:
+        spec = model_spec(opts)  # the family's legacy defaults (e4e's stylegan_size, ReStyle's 6 channels)
+    except CheckpointError as e:
+        raise ConfigError(f"checkpoint {uri!r}: {e}") from None
     return CheckpointInfo(
         uri=uri,
-        dataset_type=str(opts.get("dataset_type") or "ffhq_encode"),
-        input_nc=int(opts.get("input_nc", 3)),
+        dataset_type=spec.dataset_type,
+        input_nc=spec.input_nc,
         label_nc=int(opts.get("label_nc", 0)),
-        output_size=output_size,
-        n_styles=n_styles_for(output_size),
+        output_size=spec.output_size,
+        n_styles=spec.n_styles,
         size_bytes=size_bytes,
     )
 

@@ -315,7 +315,7 @@ def run_edit(config: EditConfig) -> EditSummary:
     from pipelines.invert import invert_resources
     from pipelines.sink import check_run_id, make_run_id, write_success
     from psp_core.editing import DirectionError, load_decoder, load_direction
-    from psp_core.psp import CheckpointError
+    from psp_core.checkpoint import CheckpointError
     from schemas.edits import read_edits
 
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""psp_core: a faithful pure-PyTorch pSp (pixel2style2pixel) with FFHQ alignment and image metrics.
+"""psp_core: faithful pure-PyTorch pSp, e4e and ReStyle encoders with FFHQ alignment and image metrics.
 
 No Ray here. Names are resolved lazily so that `import psp_core` stays cheap (dlib, scipy and the
 model code load only when used).
@@ -9,9 +9,13 @@ import importlib
 
 _EXPORTS = {
     "PSP": "psp_core.psp",
-    "load_psp": "psp_core.psp",
-    "load_stylegan2": "psp_core.psp",
-    "CheckpointError": "psp_core.psp",
+    "E4E": "psp_core.e4e",
+    "ReStyle": "psp_core.restyle",
+    "load_psp": "psp_core.checkpoint",
+    "load_stylegan2": "psp_core.checkpoint",
+    "CheckpointError": "psp_core.checkpoint",
+    "ModelSpec": "psp_core.checkpoint",
+    "model_spec": "psp_core.checkpoint",
     "Generator": "psp_core.stylegan2",
     "tensor2im": "psp_core.tasks",
     "get_task": "psp_core.tasks",

@@ -450,7 +450,7 @@ def load_decoder(
     """The generator of a pSp checkpoint (its ``decoder``) or of a rosinality StyleGAN2 file
     (``g_ema``), as a :class:`LatentDecoder` in eval mode on ``device``.
     """
-    from psp_core.psp import CheckpointError, load_psp, load_stylegan2
+    from psp_core.checkpoint import CheckpointError, load_psp, load_stylegan2
 
     try:
         net = load_psp(path_or_uri, device="cpu", storage_options=storage_options)

@@ -1,10 +1,18 @@
-"""pSp encoders on an IR-SE50 backbone (TreB1eN InsightFace layout), state-dict compatible with
-the released checkpoints' ``encoder.*`` keys.
+"""The encoders of pSp, e4e and ReStyle, state-dict compatible with the released checkpoints'
+``encoder.*`` keys: an IR-SE50 backbone (TreB1eN InsightFace layout) for all three, and for ReStyle
+also a ResNet-34 backbone with torchvision's parameter names (written here, no torchvision).
 
 The original's numerical quirks are kept on purpose: the map2style heads use ``nn.LeakyReLU()``
 with its default slope 0.01, the FPN upsamples with ``bilinear, align_corners=True``, the heads
-end in an ``EqualLinear``, and the GradualStyleEncoder needs a 256x256 input (its heads reduce
-16/32/64 maps to 1x1).
+end in an ``EqualLinear``. The heads reduce a map to 1x1 with log2(spatial) stride-2 convs, so
+inputs are 256x256 (cars checkpoints of e4e and ReStyle take 192x256: 12x16 maps also reach 1x1).
+
+Families (``ENCODER_TYPES[family]``): pSp's three encoders; e4e's ``Encoder4Editing`` (a base code
+w0 plus per-style deltas over the FPN levels) and ``SingleStyleCodeEncoder`` (one W code repeated
+over the styles); ReStyle's encoders, which take the image concatenated with the current
+reconstruction (6 channels) and take every style from the last 16x16 map: ``BackboneEncoder`` /
+``ResNetBackboneEncoder`` (pSp flavour, one head per style) and ``ProgressiveBackboneEncoder`` /
+``ResNetProgressiveBackboneEncoder`` (e4e flavour, w0 plus deltas).
 """
 from __future__ import annotations
 
@@ -27,6 +35,14 @@ __all__ = [
     "GradualStyleEncoder",
     "BackboneEncoderUsingLastLayerIntoW",
     "BackboneEncoderUsingLastLayerIntoWPlus",
+    "Encoder4Editing",
+    "SingleStyleCodeEncoder",
+    "BackboneEncoder",
+    "ProgressiveBackboneEncoder",
+    "BasicBlock",
+    "ResNetBackboneEncoder",
+    "ResNetProgressiveBackboneEncoder",
+    "INFERENCE_STAGE",
     "ENCODER_TYPES",
     "build_encoder",
 ]
@@ -229,19 +245,201 @@ class BackboneEncoderUsingLastLayerIntoWPlus(nn.Module):
         return x.reshape(-1, self.n_styles, 512)
 
 
-ENCODER_TYPES: dict[str, type[nn.Module]] = {
-    "GradualStyleEncoder": GradualStyleEncoder,
-    "BackboneEncoderUsingLastLayerIntoW": BackboneEncoderUsingLastLayerIntoW,
-    "BackboneEncoderUsingLastLayerIntoWPlus": BackboneEncoderUsingLastLayerIntoWPlus,
+# e4e's ProgressiveStage.Inference: every delta is used. The stage is not stored in checkpoints;
+# the original builds its encoders at this stage for inference.
+INFERENCE_STAGE = 18
+
+
+def _w0_plus_deltas(w0: torch.Tensor, deltas: list[torch.Tensor], n_styles: int) -> torch.Tensor:
+    """e4e's code: w0 ``[B, 512]`` repeated over ``n_styles``, with ``deltas[k]`` added to style k+1."""
+    w = w0.unsqueeze(1).repeat(1, n_styles, 1)
+    for i, delta in enumerate(deltas, start=1):
+        w[:, i] = w[:, i] + delta
+    return w
+
+
+class Encoder4Editing(GradualStyleEncoder):
+    """e4e's encoder: pSp's FPN layout (same keys), but style 0 gives a base code w0 that every
+    style starts from, and head i (from c3, p2 or p1 as in pSp) gives a delta added to style i,
+    for the styles below ``progressive_stage`` + 1. ``x [B, 3, H, W] -> W+ [B, n_styles, 512]``.
+    """
+
+    def __init__(self, num_layers: int = 50, mode: str = "ir_se", input_nc: int = 3, n_styles: int = 18):
+        super().__init__(num_layers, mode, input_nc=input_nc, n_styles=n_styles)
+        self.progressive_stage = INFERENCE_STAGE
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_layer(x)
+        feats = {}
+        for i, unit in enumerate(self.body):
+            x = unit(x)
+            if i in self._taps:
+                feats[i] = x
+        c1, c2, c3 = (feats[i] for i in self._taps)
+        w0 = self.styles[0](c3)
+        features, deltas = c3, []
+        for i in range(1, min(self.progressive_stage + 1, self.style_count)):
+            if i == self.coarse_ind:
+                p2 = self._upsample_add(c3, self.latlayer1(c2))
+                features = p2
+            elif i == self.middle_ind:
+                features = self._upsample_add(p2, self.latlayer2(c1))
+            deltas.append(self.styles[i](features))
+        return _w0_plus_deltas(w0, deltas, self.style_count)
+
+
+class SingleStyleCodeEncoder(BackboneEncoderUsingLastLayerIntoW):
+    """e4e's W encoder: pSp's ``BackboneEncoderUsingLastLayerIntoW`` (same keys), its code
+    repeated over the styles. ``x [B, 3, H, W] -> W+ [B, n_styles, 512]``."""
+
+    def __init__(self, num_layers: int = 50, mode: str = "ir_se", input_nc: int = 3, n_styles: int = 18):
+        super().__init__(num_layers, mode, input_nc=input_nc, n_styles=n_styles)
+        self.style_count = n_styles
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).unsqueeze(1).repeat(1, self.style_count, 1)
+
+
+def _heads_16(n_styles: int) -> nn.ModuleList:
+    return nn.ModuleList(GradualStyleBlock(512, 512, 16) for _ in range(n_styles))
+
+
+class BackboneEncoder(nn.Module):
+    """ReStyle's pSp encoder on IR-SE50: every style from its own head on the last 16x16 map.
+    ``x [B, input_nc (6), H, W] -> residual W+ [B, n_styles, 512]``."""
+
+    def __init__(self, num_layers: int = 50, mode: str = "ir_se", input_nc: int = 6, n_styles: int = 18):
+        super().__init__()
+        self.input_layer = _input_layer(input_nc)
+        self.body = _body(num_layers, mode)
+        self.style_count = n_styles
+        self.styles = _heads_16(n_styles)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.input_layer(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return torch.stack([head(x) for head in self.styles], dim=1)
+
+
+class ProgressiveBackboneEncoder(BackboneEncoder):
+    """ReStyle's e4e encoder on IR-SE50 (same keys as ``BackboneEncoder``): head 0 gives w0, head i
+    a delta for style i (below ``progressive_stage`` + 1), all from the last 16x16 map."""
+
+    def __init__(self, num_layers: int = 50, mode: str = "ir_se", input_nc: int = 6, n_styles: int = 18):
+        super().__init__(num_layers, mode, input_nc=input_nc, n_styles=n_styles)
+        self.progressive_stage = INFERENCE_STAGE
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        stop = min(self.progressive_stage + 1, self.style_count)
+        return _w0_plus_deltas(self.styles[0](x), [self.styles[i](x) for i in range(1, stop)], self.style_count)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet ``BasicBlock`` (same parameter names): conv3x3(stride) -> BN -> ReLU ->
+    conv3x3 -> BN, plus the identity or a 1x1 conv + BN ``downsample``, then ReLU."""
+
+    def __init__(self, in_channel: int, depth: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channel, depth, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(depth)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(depth, depth, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(depth)
+        self.downsample = None
+        if stride != 1 or in_channel != depth:
+            self.downsample = nn.Sequential(nn.Conv2d(in_channel, depth, 1, stride, bias=False), nn.BatchNorm2d(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+def resnet34_body() -> nn.Sequential:
+    """ResNet-34's layer1..layer4 as one Sequential of 16 BasicBlocks (``body.0`` .. ``body.15``:
+    ReStyle's renaming of torchvision's ``layer1.0`` .. ``layer4.2``); strides 1, 2, 2, 2."""
+    blocks, in_channel = [], 64
+    for depth, n_blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for j in range(n_blocks):
+            blocks.append(BasicBlock(in_channel, depth, stride if j == 0 else 1))
+            in_channel = depth
+    return nn.Sequential(*blocks)
+
+
+class ResNetBackboneEncoder(nn.Module):
+    """ReStyle's pSp encoder on ResNet-34: conv7x7 stride 2 -> BN -> PReLU (no max-pool), the 16
+    BasicBlocks, then one head per style on the last 16x16 map.
+    ``x [B, input_nc (6), H, W] -> residual W+ [B, n_styles, 512]``."""
+
+    def __init__(self, input_nc: int = 6, n_styles: int = 18):
+        super().__init__()
+        self.conv1 = nn.Conv2d(input_nc, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.PReLU(64)
+        self.body = resnet34_body()
+        self.style_count = n_styles
+        self.styles = _heads_16(n_styles)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.relu(self.bn1(self.conv1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return torch.stack([head(x) for head in self.styles], dim=1)
+
+
+class ResNetProgressiveBackboneEncoder(ResNetBackboneEncoder):
+    """ReStyle's e4e encoder on ResNet-34 (same keys as ``ResNetBackboneEncoder``): w0 plus deltas."""
+
+    def __init__(self, input_nc: int = 6, n_styles: int = 18):
+        super().__init__(input_nc=input_nc, n_styles=n_styles)
+        self.progressive_stage = INFERENCE_STAGE
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        stop = min(self.progressive_stage + 1, self.style_count)
+        return _w0_plus_deltas(self.styles[0](x), [self.styles[i](x) for i in range(1, stop)], self.style_count)
+
+
+# Encoder classes by model family, under the names the checkpoints' opts['encoder_type'] use.
+ENCODER_TYPES: dict[str, dict[str, type[nn.Module]]] = {
+    "psp": {
+        "GradualStyleEncoder": GradualStyleEncoder,
+        "BackboneEncoderUsingLastLayerIntoW": BackboneEncoderUsingLastLayerIntoW,
+        "BackboneEncoderUsingLastLayerIntoWPlus": BackboneEncoderUsingLastLayerIntoWPlus,
+    },
+    "e4e": {
+        "Encoder4Editing": Encoder4Editing,
+        "SingleStyleCodeEncoder": SingleStyleCodeEncoder,
+        "GradualStyleEncoder": GradualStyleEncoder,
+    },
+    "restyle_psp": {
+        "BackboneEncoder": BackboneEncoder,
+        "ResNetBackboneEncoder": ResNetBackboneEncoder,
+        "GradualStyleEncoder": GradualStyleEncoder,
+    },
+    "restyle_e4e": {
+        "ProgressiveBackboneEncoder": ProgressiveBackboneEncoder,
+        "ResNetProgressiveBackboneEncoder": ResNetProgressiveBackboneEncoder,
+    },
 }
 
 
-def build_encoder(encoder_type: str, input_nc: int = 3, n_styles: int = 18) -> nn.Module:
-    """The IR-SE50 encoder named ``encoder_type`` (one of :data:`ENCODER_TYPES`)."""
+def build_encoder(encoder_type: str, input_nc: int = 3, n_styles: int = 18, family: str = "psp") -> nn.Module:
+    """The encoder named ``encoder_type`` in ``family`` (see :data:`ENCODER_TYPES`)."""
+    types = ENCODER_TYPES.get(family)
+    if types is None:
+        raise ValueError(f"family={family!r}: expected one of {sorted(ENCODER_TYPES)}")
     try:
-        cls = ENCODER_TYPES[encoder_type]
+        cls = types[encoder_type]
     except KeyError:
         raise ValueError(
-            f"encoder_type={encoder_type!r} is not a pSp encoder: expected one of {sorted(ENCODER_TYPES)}"
+            f"encoder_type={encoder_type!r} is not a {family} encoder: expected one of {sorted(types)}"
         ) from None
+    if cls in (ResNetBackboneEncoder, ResNetProgressiveBackboneEncoder):
+        return cls(input_nc=input_nc, n_styles=n_styles)
     return cls(50, "ir_se", input_nc=input_nc, n_styles=n_styles)

@@ -308,6 +308,7 @@ class Task:
     needs_factor: whether `transform` requires a super-resolution factor.
     default_latent_mask: the README's style-mixing mask for this task, or None.
     trained_factors: super-resolution factors the released model was trained with (else empty).
+    input_size: (height, width) of the transformed photo: (192, 256) for cars, else (256, 256).
     """
 
     name: str
@@ -319,6 +320,7 @@ class Task:
     default_latent_mask: tuple[int, ...] | None = None
     trained_factors: tuple[int, ...] = ()
     description: str = ""
+    input_size: tuple[int, int] = (INPUT_SIZE, INPUT_SIZE)
 
     @property
     def kind(self) -> str:
@@ -332,7 +334,8 @@ class Task:
     @property
     def prepared_shape(self) -> tuple[int, ...]:
         """Shape of one `prepare` result: (256, 256, 3) uint8 RGB for photos, (256, 256) gray/labels."""
-        return (INPUT_SIZE, INPUT_SIZE, 3) if self.label_nc == 0 else (INPUT_SIZE, INPUT_SIZE)
+        h, w = self.input_size
+        return (h, w, 3) if self.label_nc == 0 else (h, w)
 
     def prepare(self, image: Image.Image | np.ndarray, factor: int | None = None) -> np.ndarray:
         """The PIL part of `transform`: a PIL image (any mode, any size) -> uint8 `prepared_shape`.
@@ -346,7 +349,7 @@ class Task:
         kind = self.kind
         if (
             kind == "photo" and isinstance(image, np.ndarray) and image.dtype == np.uint8
-            and image.shape == (INPUT_SIZE, INPUT_SIZE, 3)
+            and image.shape == self.prepared_shape
         ):
             return np.array(image, copy=True)  # convert('RGB') and a same-size resize are copies
         img = _as_pil(image)
@@ -354,6 +357,9 @@ class Task:
         if kind == "super_resolution":
             f = check_resize_factor(factor)
             img = _resize_256(_degrade(_resize_256(img), f))
+        elif kind == "photo" and self.input_size != (INPUT_SIZE, INPUT_SIZE):
+            # torchvision Resize((h, w)) on PIL: bilinear (the cars transforms use (192, 256)).
+            img = img.resize((self.input_size[1], self.input_size[0]), Image.Resampling.BILINEAR)
         else:
             img = _resize_256(img)
         arr = np.array(img, dtype=np.uint8, copy=True)
@@ -410,6 +416,8 @@ class Task:
 
 
 _PHOTO = dict(input_nc=3, label_nc=0, needs_alignment=True, normalized=True)
+# e4e / ReStyle domains other than faces: photos, no alignment.
+_SCENE = dict(input_nc=3, label_nc=0, needs_alignment=False, normalized=True)
 _FINE_STYLES = tuple(range(8, 18))
 
 _TASKS: dict[str, Task] = {
@@ -429,6 +437,11 @@ _TASKS: dict[str, Task] = {
             "celebs_super_resolution", **_PHOTO, needs_factor=True,
             trained_factors=SUPER_RESOLUTION_FACTORS, description="low-resolution face -> face",
         ),
+        Task("toonify", **_PHOTO, description="face photo -> toon (ReStyle's toonify checkpoint)"),
+        Task("cars_encode", **_SCENE, input_size=(192, 256), description="car photo (4:3) -> W+ (512 px generator)"),
+        Task("church_encode", **_SCENE, description="church photo -> W+ (256 px generator)"),
+        Task("horse_encode", **_SCENE, description="horse photo -> W+ (256 px generator)"),
+        Task("afhq_wild_encode", **_SCENE, description="wild animal face -> W+ (512 px generator)"),
     )
 }
 

@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from psp_core.ops import FusedLeakyReLU
+from psp_core.e4e import E4E
 from psp_core.psp import PSP, n_styles_for
+from psp_core.restyle import ReStyle
 from psp_core.stylegan2 import (
     Blur,
     ConstantInput,
@@ -34,9 +36,13 @@ from psp_core.stylegan2 import (
 )
 
 __all__ = [
+    "e4e_opts",
     "normal",
     "psp_opts",
     "random_checkpoint",
+    "random_e4e_checkpoint",
+    "random_restyle_checkpoint",
+    "restyle_opts",
     "random_latent_avg",
     "random_stylegan2_checkpoint",
     "randomize_",
@@ -155,8 +161,9 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
             if m.bias is not None:
                 m.bias.copy_(normal(gen, m.bias.shape, 0.05))
         elif isinstance(m, nn.BatchNorm2d):
-            # The BN closing a residual branch (res_layer.4) is damped so 24 units do not explode.
-            damp = name.endswith("res_layer.4")
+            # The BN closing a residual branch (IR's res_layer.4, ResNet's bn2) is damped so 24 (16)
+            # units do not explode.
+            damp = name.endswith(("res_layer.4", ".bn2"))
             m.weight.copy_(uniform(gen, m.weight.shape, 0.1, 0.4) if damp else uniform(gen, m.weight.shape, 0.5, 1.5))
             m.bias.copy_(normal(gen, m.bias.shape, 0.1))
             m.running_mean.copy_(normal(gen, m.running_mean.shape, 0.1))
@@ -286,6 +293,161 @@ def random_checkpoint(
         else:
             raise ValueError(f"latent_avg_shape={latent_avg_shape!r}: expected 'official', 'flat' or 'none'")
     return _save(ckpt, path)
+
+
+def e4e_opts(
+    stylegan_size: int = 64, encoder_type: str = "Encoder4Editing", dataset_type: str = "ffhq_encode"
+) -> dict[str, Any]:
+    """An ``opts`` dict like e4e's ``vars(TrainOptions().parse())`` for a released file: the generator
+    size is ``stylegan_size`` (there is no ``output_size`` or ``input_nc``), progressive training on."""
+    return {
+        "exp_dir": "experiment",
+        "dataset_type": dataset_type,
+        "encoder_type": encoder_type,
+        "batch_size": 8,
+        "test_batch_size": 4,
+        "workers": 8,
+        "test_workers": 4,
+        "learning_rate": 0.0001,
+        "optim_name": "ranger",
+        "train_decoder": False,
+        "start_from_latent_avg": True,
+        "lpips_type": "alex",
+        "lpips_lambda": 0.8,
+        "id_lambda": 0.5,
+        "l2_lambda": 1.0,
+        "stylegan_weights": "pretrained_models/stylegan2-ffhq-config-f.pt",
+        "stylegan_size": stylegan_size,
+        "checkpoint_path": None,
+        "max_steps": 200000,
+        "image_interval": 100,
+        "board_interval": 50,
+        "val_interval": 10000,
+        "save_interval": 200000,
+        "w_discriminator_lambda": 0.1,
+        "w_discriminator_lr": 2e-05,
+        "r1": 10,
+        "d_reg_every": 16,
+        "use_w_pool": True,
+        "w_pool_size": 50,
+        "delta_norm": 2,
+        "delta_norm_lambda": 0.0002,
+        "progressive_steps": [0, *range(20000, 20000 + 2000 * (n_styles_for(stylegan_size) - 1), 2000)],
+        "progressive_start": 20000,
+        "progressive_step_every": 2000,
+        "save_training_data": False,
+        "sub_exp_dir": None,
+        "keep_optimizer": False,
+        "resume_training_from_ckpt": None,
+        "update_param_list": None,
+        "device": "cuda:0",
+    }
+
+
+def restyle_opts(
+    output_size: int = 64, encoder_type: str = "BackboneEncoder", dataset_type: str = "ffhq_encode"
+) -> dict[str, Any]:
+    """An ``opts`` dict like ReStyle's training options for a released file (``input_nc`` 6)."""
+    opts: dict[str, Any] = {
+        "exp_dir": "experiment",
+        "dataset_type": dataset_type,
+        "encoder_type": encoder_type,
+        "input_nc": 6,
+        "output_size": output_size,
+        "batch_size": 8,
+        "test_batch_size": 8,
+        "workers": 8,
+        "test_workers": 8,
+        "learning_rate": 0.0001,
+        "optim_name": "ranger",
+        "train_decoder": False,
+        "start_from_latent_avg": True,
+        "lpips_lambda": 0.8,
+        "id_lambda": 0.1,
+        "l2_lambda": 1.0,
+        "w_norm_lambda": 0.0,
+        "moco_lambda": 0.0,
+        "stylegan_weights": "pretrained_models/stylegan2-ffhq-config-f.pt",
+        "checkpoint_path": None,
+        "max_steps": 500000,
+        "image_interval": 100,
+        "board_interval": 50,
+        "val_interval": 1000,
+        "save_interval": 10000,
+        "n_iters_per_batch": 5,
+        "device": "cuda:0",
+    }
+    if encoder_type in ("ProgressiveBackboneEncoder", "ResNetProgressiveBackboneEncoder"):
+        opts.update(
+            w_discriminator_lambda=0.1, w_discriminator_lr=2e-05, r1=10, d_reg_every=16, use_w_pool=True,
+            w_pool_size=50, delta_norm=2, delta_norm_lambda=0.0002, progressive_steps=None,
+            progressive_start=20000, progressive_step_every=2000, save_training_data=False,
+            sub_exp_dir=None, resume_training_from_ckpt=None, update_param_list=None,
+        )
+    return opts
+
+
+def _random_family_checkpoint(
+    path: str | os.PathLike, cls: type[PSP], opts: dict[str, Any], model_opts: dict[str, Any], seed: int,
+    latent_avg_shape: str,
+) -> str:
+    with torch.device("meta"):
+        net = cls(model_opts)
+    net.encoder.to_empty(device="cpu")
+    net.decoder = Generator(int(model_opts["output_size"]), 512, 8)
+    net = randomize_(net, seed).eval()
+    ckpt: dict[str, Any] = {"state_dict": net.state_dict(), "opts": opts}
+    if latent_avg_shape == "official":
+        ckpt["latent_avg"] = random_latent_avg(seed + 1, net.n_styles)
+    elif latent_avg_shape == "flat":
+        ckpt["latent_avg"] = random_latent_avg(seed + 1)[0]
+    elif latent_avg_shape != "none":
+        raise ValueError(f"latent_avg_shape={latent_avg_shape!r}: expected 'official', 'flat' or 'none'")
+    return _save(ckpt, path)
+
+
+def random_e4e_checkpoint(
+    path: str | os.PathLike,
+    output_size: int = 64,
+    encoder_type: str = "Encoder4Editing",
+    dataset_type: str = "ffhq_encode",
+    seed: int = 0,
+    latent_avg_shape: str = "official",
+) -> str:
+    """Write a seeded random-weight checkpoint in e4e's format and return ``path``:
+    ``{'state_dict': encoder.* + decoder.*, 'opts': e4e_opts(...), 'latent_avg': [n_styles, 512]}``
+    (``latent_avg`` as e4e's coach saves it: repeated over the styles, here with distinct rows).
+
+    Args:
+        output_size: the generator size (stored as ``opts['stylegan_size']``).
+        encoder_type: ``Encoder4Editing``, ``SingleStyleCodeEncoder`` or ``GradualStyleEncoder``.
+        latent_avg_shape: ``"official"``, ``"flat"`` (``[512]``) or ``"none"``.
+    """
+    opts = e4e_opts(output_size, encoder_type, dataset_type)
+    full = dict(opts, output_size=output_size, input_nc=3, learn_in_w=False)
+    return _random_family_checkpoint(path, E4E, opts, full, seed, latent_avg_shape)
+
+
+def random_restyle_checkpoint(
+    path: str | os.PathLike,
+    output_size: int = 64,
+    encoder_type: str = "BackboneEncoder",
+    dataset_type: str = "ffhq_encode",
+    seed: int = 0,
+    latent_avg_shape: str = "official",
+) -> str:
+    """Write a seeded random-weight checkpoint in ReStyle's format and return ``path``:
+    ``{'state_dict': encoder.* + decoder.*, 'opts': restyle_opts(...), 'latent_avg': [n_styles, 512]}``.
+
+    Args:
+        encoder_type: ``BackboneEncoder``, ``ResNetBackboneEncoder`` (ReStyle over pSp),
+            ``ProgressiveBackboneEncoder`` or ``ResNetProgressiveBackboneEncoder`` (over e4e).
+        dataset_type: ``cars_encode`` gives the cars behaviour (192x256 inputs, cropped outputs).
+        latent_avg_shape: ``"official"``, ``"flat"`` (``[512]``) or ``"none"``.
+    """
+    opts = restyle_opts(output_size, encoder_type, dataset_type)
+    full = dict(opts, learn_in_w=False)
+    return _random_family_checkpoint(path, ReStyle, opts, full, seed, latent_avg_shape)
 
 
 def random_stylegan2_checkpoint(

@@ -58,7 +58,7 @@ import numpy as np
 import pytest
 import torch
 
-from psp_core.psp import load_psp
+from psp_core.checkpoint import load_psp
 from psp_core.testing import normal, random_checkpoint, seeded_rng, uniform
 
 GOLDEN = Path(__file__).parent / "data" / "psp_golden_32.npz"

@@ -14,7 +14,8 @@ import fsspec
 import pytest
 import torch
 
-from psp_core.psp import PSP, CheckpointError, load_psp, load_stylegan2
+from psp_core.checkpoint import CheckpointError, load_psp, load_stylegan2
+from psp_core.psp import PSP
 from psp_core.testing import psp_opts, random_checkpoint, random_stylegan2_checkpoint, randomize_
 
 ENCODERS = ["GradualStyleEncoder", "BackboneEncoderUsingLastLayerIntoW", "BackboneEncoderUsingLastLayerIntoWPlus"]

@@ -10,7 +10,9 @@ from PIL import Image
 from psp_core.tasks import bicubic_downsample, get_task, known_tasks, tensor2im
 
 ALL_TASKS = ["ffhq_encode", "ffhq_frontalize", "celebs_sketch_to_face", "celebs_seg_to_face",
-             "celebs_super_resolution"]
+             "celebs_super_resolution",
+             # e4e / ReStyle
+             "toonify", "cars_encode", "church_encode", "horse_encode", "afhq_wild_encode"]
 
 
 def _random_rgb(h: int, w: int, seed: int = 0) -> Image.Image:
@@ -85,6 +87,21 @@ def test_task_channels_alignment_and_mixing_defaults():
         assert task.default_latent_mask is None
     with pytest.raises(Exception):
         sketch.label_nc = 3  # frozen: a shared registry entry must not be mutable
+
+
+def test_e4e_restyle_domains_are_unaligned_photos_and_cars_are_192x256():
+    # Faces (toonify) are FFHQ-aligned; cars, churches, horses and animals are not aligned.
+    assert get_task("toonify").needs_alignment
+    for name in ("cars_encode", "church_encode", "horse_encode", "afhq_wild_encode"):
+        task = get_task(name)
+        assert (task.input_nc, task.label_nc, task.needs_alignment, task.normalized) == (3, 0, False, True)
+    img = _random_rgb(300, 500, seed=3)
+    cars = get_task("cars_encode").transform(img)
+    assert tuple(cars.shape) == (3, 192, 256)
+    # torchvision's Resize((192, 256)) on PIL is a bilinear PIL resize to (w, h) = (256, 192).
+    expected = np.asarray(img.resize((256, 192), Image.Resampling.BILINEAR), dtype=np.float32) / 255 * 2 - 1
+    assert np.abs(cars.permute(1, 2, 0).numpy() - expected).max() < 1e-6
+    assert tuple(get_task("church_encode").transform(img).shape) == (3, 256, 256)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +351,7 @@ def test_prepare_then_to_model_input_is_bit_identical_to_the_torchvision_ops(nam
     prepared = np.stack([task.prepare(Image.fromarray(im), factor) for im in images])
     assert prepared.dtype == np.uint8 and prepared.shape[1:] == task.prepared_shape
     batch = task.to_model_input(torch.from_numpy(prepared))
-    assert batch.dtype == torch.float32 and batch.shape == (3, task.input_nc, 256, 256) and batch.is_contiguous()
+    assert batch.dtype == torch.float32 and batch.shape == (3, task.input_nc, *task.input_size) and batch.is_contiguous()
     for i, im in enumerate(images):
         expected = _old_transform_tensor_part(task, prepared[i])
         assert torch.equal(batch[i], expected)

@@ -5,7 +5,8 @@
                [--image-size 256|full] [--metrics] [--mix N --latent-mask 8-17 --mix-alpha A --seed S]
                [--resize-factor F] [--limit N] [--storage-options JSON]
     psp demo [--output DIR]
-    psp inspect OUTPUT [--storage-options JSON]
+    psp inspect OUTPUT [--as-of VERSION|TIMESTAMP] [--storage-options JSON]
+    psp vacuum OUTPUT [--retention-hours H] [--no-compact] [--dry-run] [--storage-options JSON]
 
 Misconfiguration exits with status 2 and a message that says what to do, before Ray does any work.
 """
@@ -87,11 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--inputs", default=None, help="where to write the sample inputs (default: temporary)")
     demo.add_argument("--checkpoint", default=None, help="use this checkpoint instead of the random demo one")
     demo.add_argument("--faces", type=int, default=20, help="how many astronaut-derived faces to generate (1-24)")
-    ins = sub.add_parser("inspect", help="counts per status, schema, a few rows of an output folder")
+    ins = sub.add_parser("inspect", help="counts per status, runs, schema, a few rows of an output table")
     ins.add_argument("output", metavar="OUTPUT")
     ins.add_argument("--rows", type=int, default=3)
+    ins.add_argument("--as-of", default=None, metavar="VERSION|TIMESTAMP",
+                     help="inspect an earlier version of the table (a number, or e.g. 2026-11-27T02:00:00Z)")
     ins.add_argument("--storage-options", type=_storage_options, default=None)
-    for module in ("jobs.nightly", "jobs.submit"):  # engineer E's subcommands, when present
+    for module in ("jobs.nightly", "jobs.submit", "jobs.vacuum"):  # engineer E's subcommands, when present
         try:
             register = __import__(module, fromlist=["register"]).register
         except (ImportError, AttributeError):
@@ -151,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from pipelines.config import ConfigError
     from pipelines.sources import InputError
+    from pipelines.table import ConcurrentRunError
 
     try:
         if args.command in ("invert", "frontalize"):
@@ -166,14 +170,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "inspect":
             from jobs.inspect import inspect_output
 
-            print(inspect_output(args.output, args.storage_options, n_rows=args.rows))
+            print(inspect_output(args.output, args.storage_options, n_rows=args.rows, as_of=args.as_of))
             return 0
         if hasattr(args, "func"):  # subcommands registered by other modules
             return int(args.func(args) or 0)
     except (ConfigError, InputError) as e:
         print(f"psp {args.command}: {e}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ConcurrentRunError) as e:
         print(f"psp {args.command}: {e}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command!r}")

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from schemas.ids import check_run_id, make_run_id
 from schemas.outputs import IMAGE_FORMATS
 
 ALIGN_MODES = ("dlib", "none")
@@ -32,7 +33,7 @@ class InvertConfig:
 
     input: URI of a folder / object prefix / file / manifest (`.txt`, one URI per line), or a list of
         URIs. Local paths, `s3://`, `gs://` and any other fsspec protocol.
-    output: URI of the output folder (Parquet files + `_SUCCESS.json`).
+    output: URI of the output Delta table (created by the first run; one row per input).
     checkpoint: pSp `.pt` checkpoint, a path or fsspec URI.
     task: dataset_type to use; None = the checkpoint's `opts['dataset_type']`.
     align: 'dlib' (FFHQ alignment) or 'none' (resize only: sketches, seg maps, pre-aligned faces);
@@ -359,8 +360,6 @@ def resolve_config(config: InvertConfig, check_output: bool = True) -> ResolvedC
     align = config.align or ("dlib" if task.needs_alignment else "none")
     if check_output:
         check_output_writable(config.output, config.storage_options)
-    from pipelines.sink import check_run_id, make_run_id
-
     try:
         run_id = check_run_id(config.run_id) if config.run_id else make_run_id()
     except ValueError as e:

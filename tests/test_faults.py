@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from schemas import manifest as mf
+from schemas.table import read_runs, table_exists
 from test_nightly import committed_rows, file_uri, nightly_config, png_bytes, write_images
 
 pytestmark = pytest.mark.slow
@@ -42,9 +42,8 @@ def _wait_for(predicate, timeout=120.0, what="condition"):
 
 
 def _run_files(out, run_id):
-    """Data files a run has written (not its `_plan.parquet`)."""
-    files = glob.glob(os.path.join(str(out), "runs", run_id, "*.parquet"))
-    return [f for f in files if not os.path.basename(f).startswith("_")]
+    """Data files a run has written (under OUTPUT/runs/<run_id>/, committed or not)."""
+    return glob.glob(os.path.join(str(out), "runs", run_id, "*.parquet"))
 
 
 def _finished_run_files(out, run_id):
@@ -74,6 +73,14 @@ def _check_exactly_once(out, paths, storage_options=None):
     assert len(ids) == len(set(ids)) == len(paths) and w.shape[0] == len(paths)
 
 
+def table_files(out) -> set[str]:
+    """Local paths of the data files of the table's current version."""
+    from pipelines.table import OutputTable
+
+    table = OutputTable(str(out))
+    return {os.path.join(str(out), p) for p in table.files(table.load())}
+
+
 def _invert_actors() -> list[dict]:
     """Alive invert actors (Ray Data names the class `MapWorker(MapBatches(InvertFaces))`), from
     the GCS actor table: {"ActorID", "Pid", "NodeID"}. No dashboard needed."""
@@ -89,7 +96,7 @@ def _invert_actors() -> list[dict]:
 # -- (a) an invert actor dies mid-run -----------------------------------------------------------
 
 def test_a_killed_invert_actor_loses_and_duplicates_nothing(ray_cluster, tiny_checkpoint, tmp_path):
-    from jobs.nightly import run_nightly
+    from pipelines.incremental import run_nightly
 
     inp, out = tmp_path / "in", tmp_path / "out"
     paths = write_images(inp, range(N))
@@ -120,7 +127,7 @@ def test_b_removed_worker_node_loses_and_duplicates_nothing(ray_cluster, tiny_ch
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from jobs.nightly import run_nightly
+    from pipelines.incremental import run_nightly
 
     inp, out = tmp_path / "in", tmp_path / "out"
     paths = write_images(inp, range(N))
@@ -172,7 +179,7 @@ def test_b_removed_worker_node_loses_and_duplicates_nothing(ray_cluster, tiny_ch
 def test_c_killed_driver_commits_nothing_and_the_rerun_completes_exactly_once(
     ray_cluster, tiny_checkpoint, tmp_path
 ):
-    from jobs.nightly import run_nightly
+    from pipelines.incremental import run_nightly
 
     inp, out = tmp_path / "in", tmp_path / "out"
     paths = write_images(inp, range(N_DRIVER))
@@ -195,14 +202,23 @@ def test_c_killed_driver_commits_nothing_and_the_rerun_completes_exactly_once(
         driver.wait()
 
     # The crashed run is invisible: nothing committed, readers see no rows from it.
-    assert mf.read_pointer(str(out)) is None
-    assert mf.read_committed(str(out)) is None
+    assert read_runs(str(out)) == [] and committed_rows(out) == {}
 
     rerun = run_nightly(nightly_config(inp, out, tiny_checkpoint))
     assert rerun.committed and rerun.lost == 0
     assert rerun.plan.counts()["new"] == N_DRIVER
     # Rows the dead run had written are adopted, not redone.
     assert rerun.adopted > 0 and rerun.adopted + rerun.processed == N_DRIVER
+    _check_exactly_once(out, paths)
+
+    # `psp vacuum` deletes the dead run's files the rerun did not adopt whole; the table is intact.
+    from pipelines.table import vacuum
+
+    left = set(_run_files(out, run_id))
+    result = vacuum(str(out), retention_hours=0, compact=False)
+    kept = table_files(out)
+    assert set(_run_files(out, run_id)) == left & kept
+    assert {os.path.join(str(out), p) for p in result.deleted_files} == left - kept
     _check_exactly_once(out, paths)
 
 
@@ -311,7 +327,7 @@ def _s3_inputs(s3_server, n):
 
 
 def test_d_s3_throttling_is_retried_and_nothing_is_lost(ray_cluster, s3_server, tiny_checkpoint):
-    from jobs.nightly import run_nightly
+    from pipelines.incremental import run_nightly
 
     bucket, uris = _s3_inputs(s3_server, 8)
     out = f"s3://{bucket}/out"
@@ -328,7 +344,7 @@ def test_d_s3_throttling_is_retried_and_nothing_is_lost(ray_cluster, s3_server, 
 def test_d_s3_errors_past_the_retries_fail_clearly_and_commit_nothing(
     ray_cluster, s3_server, tiny_checkpoint
 ):
-    from jobs.nightly import NightlyError, run_nightly
+    from pipelines.incremental import NightlyError, run_nightly
 
     bucket, uris = _s3_inputs(s3_server, 4)
     out = f"s3://{bucket}/out"
@@ -348,7 +364,7 @@ def test_d_s3_errors_past_the_retries_fail_clearly_and_commit_nothing(
     message = str(err.value)
     assert "fault-d" in message and "Nothing was committed" in message and "rerun" in message
     assert "reduce your request rate" in message or "SlowDown" in message or "503" in message
-    assert mf.read_pointer(out, s3_server.storage_options) is None
+    assert not table_exists(out, s3_server.storage_options) or read_runs(out, s3_server.storage_options) == []
 
     # Once S3 behaves, the same command completes: every row once.
     result = run_nightly(nightly_config(f"s3://{bucket}/in", out, tiny_checkpoint,

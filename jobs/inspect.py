@@ -44,7 +44,7 @@ def inspect_output(
     counts = status_counts(dt)
     history = {c.get("version"): c for c in dt.history()}
     made = history.get(dt.version(), {}).get("timestamp")
-    when = _dt.datetime.fromtimestamp(made / 1000, _dt.timezone.utc).isoformat()[:19] + "Z" if made else "?"
+    when = _dt.datetime.fromtimestamp(made / 1000, _dt.UTC).isoformat()[:19] + "Z" if made else "?"
 
     lines = [f"psp output table: {uri}"]
     lines.append(f"  version {dt.version()} ({when})" + (f", as of {as_of!r}" if as_of is not None else ", current"))

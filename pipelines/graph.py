@@ -22,7 +22,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.config import ConfigError, InvertConfig, ResolvedConfig, code_version, resolve_config
+from pipelines.config import (
+    ConfigError,
+    InvertConfig,
+    ResolvedConfig,
+    code_version,
+    resolve_config,
+)
 from pipelines.sources import SourceItem, list_inputs
 from pipelines.table import (
     ConcurrentRunError,
@@ -369,7 +375,7 @@ def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) 
     `pipelines.config.ConfigError` before any Ray work; a concurrent run that committed some of
     the same inputs first raises `pipelines.table.ConcurrentRunError` (nothing committed).
     """
-    started = _dt.datetime.now(_dt.timezone.utc)
+    started = _dt.datetime.now(_dt.UTC)
     t0 = time.perf_counter()
     resolved = resolve_config(config)
     config = resolved.config
@@ -408,7 +414,7 @@ def commit_summary(table: OutputTable, written: WrittenRun, n_styles: int, summa
                    t0: float, remove_ids: Sequence[str] = (), extra: Mapping[str, Any] | None = None):
     """Commit a run's rows with its summary (`psp.run` of the commit, and ``_runs/<id>.json``
     with the whole table's counts after it); fills `summary.version` / `replaced` / times."""
-    summary.finished_at = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    summary.finished_at = _dt.datetime.now(_dt.UTC).isoformat()
     summary.wall_s = round(time.perf_counter() - t0, 3)
     doc = {**asdict(summary), **run_metadata(), **dict(extra or {})}
     result = commit_run(table, written, n_styles, doc, read_version, remove_ids)
@@ -445,4 +451,4 @@ def checkpoint_sha256(uri: str, storage_options: Mapping[str, Any] | None = None
     return h.hexdigest()
 
 
-__all__ = ["run_invert", "process_items", "build_dataset", "RunSummary", "ConcurrentRunError", "FINAL_STATUSES"]
+__all__ = ["FINAL_STATUSES", "ConcurrentRunError", "RunSummary", "build_dataset", "process_items", "run_invert"]

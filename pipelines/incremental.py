@@ -31,8 +31,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.config import ConfigError, InvertConfig, resolve_config
-from pipelines.graph import RunSummary, checkpoint_sha256, commit_summary, open_output, process_items, stage_dict
-from pipelines.table import ConcurrentRunError, SourceFacts, WrittenRun, adoptable_rows, mtime_us
+from pipelines.graph import (
+    RunSummary,
+    checkpoint_sha256,
+    commit_summary,
+    open_output,
+    process_items,
+    stage_dict,
+)
+from pipelines.table import (
+    ConcurrentRunError,
+    SourceFacts,
+    WrittenRun,
+    adoptable_rows,
+    mtime_us,
+)
 from schemas.ids import image_id_for
 from schemas.outputs import FINAL_STATUSES
 
@@ -227,7 +240,7 @@ def read_listing(input_uri: Any, storage_options: dict | None = None) -> pa.Tabl
         table = listing_table(iter_inputs(input_uri, storage_options=storage_options))
     except FileNotFoundError:
         raise
-    except Exception as exc:  # noqa: BLE001 - surface the storage error with what to do
+    except Exception as exc:
         raise NightlyError(
             f"listing {input_uri!r} failed: {type(exc).__name__}: {exc}. Nothing was committed; "
             "check the URI and credentials, then rerun"
@@ -249,7 +262,7 @@ def _ne(a: pa.ChunkedArray, b: Any) -> pa.ChunkedArray:
 
 def _changed_mask(l_size, l_etag, l_mtime, m_size, m_etag, m_mtime) -> pa.ChunkedArray:
     """`pipelines.table.facts_changed` for every row at once (the same rules, in the same order)."""
-    both = lambda x, y: pc.and_(pc.is_valid(x), pc.is_valid(y))  # noqa: E731
+    both = lambda x, y: pc.and_(pc.is_valid(x), pc.is_valid(y))
     size_diff = pc.and_(both(l_size, m_size), pc.fill_null(pc.not_equal(l_size, m_size), False))
     etag_diff = pc.fill_null(pc.not_equal(l_etag, m_etag), False)
     mtime_diff = pc.fill_null(pc.not_equal(l_mtime, m_mtime), False)
@@ -347,7 +360,7 @@ def run_nightly(
     """One nightly run of `config.input` into the output table at `config.output` (its `run_id`
     is used if set). Raises `NightlyError` (nothing committed) when listing, the pipeline, or the
     commit fails, and `pipelines.config.ConfigError` for a misconfiguration."""
-    t0, started = time.perf_counter(), _dt.datetime.now(_dt.timezone.utc)
+    t0, started = time.perf_counter(), _dt.datetime.now(_dt.UTC)
     clock = _Clock()
     resolved = resolve_config(config)
     config = resolved.config
@@ -383,7 +396,7 @@ def run_nightly(
             processed = process_items(resolved, todo, table)
         except ConfigError:
             raise
-        except Exception as exc:  # noqa: BLE001 - report with what to do; nothing is committed
+        except Exception as exc:
             raise NightlyError(
                 f"nightly run {run_id} failed while processing {len(todo)} inputs into {config.output}: "
                 f"{type(exc).__name__}: {exc}. Nothing was committed; rerun the same command "
@@ -411,7 +424,7 @@ def run_nightly(
         )
     except ConcurrentRunError as exc:
         raise NightlyError(str(exc)) from exc
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise NightlyError(
             f"committing run {run_id} to {config.output} failed: {type(exc).__name__}: {exc}. The "
             "previous version is intact; rerun the same command"
@@ -424,6 +437,14 @@ def run_nightly(
 
 
 __all__ = [
-    "run_nightly", "plan_nightly", "NightlyPlan", "NightlyResult", "NightlyError", "ListedInput",
-    "as_listed", "listing_table", "read_listing", "source_items",
+    "ListedInput",
+    "NightlyError",
+    "NightlyPlan",
+    "NightlyResult",
+    "as_listed",
+    "listing_table",
+    "plan_nightly",
+    "read_listing",
+    "run_nightly",
+    "source_items",
 ]

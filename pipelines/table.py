@@ -102,7 +102,7 @@ class OutputTable:
             try:
                 DeltaTable.create(self.path, output_schema(n_styles), mode="error",
                                   storage_options=self.delta_options, name="psp_outputs")
-            except Exception:  # noqa: BLE001 - another run created it first: check it below
+            except Exception:
                 if self.load() is None:
                     raise
             dt = self.load()
@@ -244,7 +244,7 @@ def mtime_us(value: Any) -> int | None:
     if value is None:
         return None
     if isinstance(value, _dt.datetime):
-        value = (value if value.tzinfo else value.replace(tzinfo=_dt.timezone.utc)).timestamp()
+        value = (value if value.tzinfo else value.replace(tzinfo=_dt.UTC)).timestamp()
     elif isinstance(value, str):
         try:
             value = float(value)
@@ -282,7 +282,10 @@ def _concat(a: pa.Array, b: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 
 def _run_sink_class():
-    from ray.data._internal.datasource.delta_datasink import DeltaDatasink, DeltaWriteResult
+    from ray.data._internal.datasource.delta_datasink import (
+        DeltaDatasink,
+        DeltaWriteResult,
+    )
 
     @dataclass
     class RunWriteResult(DeltaWriteResult):
@@ -667,7 +670,19 @@ def vacuum(
 
 
 __all__ = [
-    "OutputTable", "WrittenRun", "SourceFacts", "CommitResult", "ConcurrentRunError",
-    "TableMismatchError", "write_run", "adoptable_rows", "commit_run", "write_run_summary",
-    "vacuum", "facts_changed", "mtime_us", "STYLE_DIM", "FINAL_STATUSES",
+    "FINAL_STATUSES",
+    "STYLE_DIM",
+    "CommitResult",
+    "ConcurrentRunError",
+    "OutputTable",
+    "SourceFacts",
+    "TableMismatchError",
+    "WrittenRun",
+    "adoptable_rows",
+    "commit_run",
+    "facts_changed",
+    "mtime_us",
+    "vacuum",
+    "write_run",
+    "write_run_summary",
 ]

@@ -21,7 +21,7 @@ def image_id_for(source_uri: str) -> str:
 
 def make_run_id(now: _dt.datetime | None = None) -> str:
     """A fresh, sortable run id: UTC time plus 8 random hex chars, e.g. `20261126T231500Z-1a2b3c4d`."""
-    now = now or _dt.datetime.now(_dt.timezone.utc)
+    now = now or _dt.datetime.now(_dt.UTC)
     return f"{now.strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:8]}"
 
 

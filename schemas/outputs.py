@@ -254,7 +254,7 @@ def columns_to_table(columns: Mapping[str, Sequence[Any]], n_styles: int) -> pa.
         if name == "image_id":
             values: Any = ids
         elif name == "processed_at":
-            now = _dt.datetime.now(_dt.timezone.utc)
+            now = _dt.datetime.now(_dt.UTC)
             given = columns.get(name)
             values = [now if v is None else v for v in given] if given is not None else [now] * n
         else:

@@ -52,7 +52,7 @@ def table_uri(uri: str) -> str:
     import os
 
     if is_local(uri):
-        return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+        return os.path.abspath(uri.removeprefix("file://"))
     return uri.rstrip("/")
 
 
@@ -133,7 +133,7 @@ def parse_as_of(value: AsOf) -> int | str | _dt.datetime:
         raise ValueError(
             f"--as-of {value!r}: expected a table version (e.g. 3) or a time (e.g. 2026-11-27T02:00:00Z)"
         ) from None
-    return when if when.tzinfo else when.replace(tzinfo=_dt.timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=_dt.UTC)
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ def read_runs(uri: str, storage_options: Mapping[str, Any] | None = None, as_of:
             continue
         run = json.loads(commit[COMMIT_RUN]) if isinstance(commit[COMMIT_RUN], str) else dict(commit[COMMIT_RUN])
         run["version"] = commit.get("version")
-        run["committed_at"] = _dt.datetime.fromtimestamp(commit["timestamp"] / 1000, _dt.timezone.utc).isoformat()
+        run["committed_at"] = _dt.datetime.fromtimestamp(commit["timestamp"] / 1000, _dt.UTC).isoformat()
         runs.append(run)
     return sorted(runs, key=lambda r: r["version"])
 

@@ -18,9 +18,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from test_nightly import (
+    committed_rows,
+    file_uri,
+    nightly_config,
+    png_bytes,
+    write_images,
+)
 
 from schemas.table import read_runs, table_exists
-from test_nightly import committed_rows, file_uri, nightly_config, png_bytes, write_images
 
 pytestmark = pytest.mark.slow
 

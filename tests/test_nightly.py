@@ -28,7 +28,7 @@ def state(*rows) -> pa.Table:
         full.append({
             "image_id": image_id_for(r["uri"]), "source_uri": r["uri"], "status": r.get("status", "ok"),
             "checkpoint_sha256": r.get("sha", SHA_A), "source_size": r.get("size", 10),
-            "source_mtime": None if mtime is None else dt.datetime.fromtimestamp(mtime, dt.timezone.utc),
+            "source_mtime": None if mtime is None else dt.datetime.fromtimestamp(mtime, dt.UTC),
             "source_etag": r.get("etag"), "run_id": "r1", "_file": "runs/r1/part-0.parquet",
         })
     return pa.Table.from_pylist(full, schema=schema)
@@ -95,7 +95,7 @@ def test_retry_failed_only_retries_transient_statuses():
 def test_as_listed_normalises_source_items():
     from types import SimpleNamespace
 
-    when = dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2026, 1, 2, tzinfo=dt.UTC)
     item = as_listed(SimpleNamespace(uri="s3://b/k", size="12", etag='"abc"', mtime=when, kind="image"))
     assert item == ListedInput("s3://b/k", 12, "abc", when.timestamp())
 

@@ -134,7 +134,6 @@ def commit_rows(out, rows, run_id, remove=()):
 
 def test_table_reads_back_exactly_with_every_reader(tmp_path):
     import duckdb
-    import pandas as pd
     from deltalake import DeltaTable
 
     out = tmp_path / "out"

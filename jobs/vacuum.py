@@ -17,7 +17,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("vacuum", help="compact small files, delete files of crashed runs and old versions",
                               description=__doc__)
     p.add_argument("output", metavar="OUTPUT")
-    p.add_argument("--retention-hours", type=float, default=168.0,
+    p.add_argument("--retention-hours", type=int, default=168,
                    help="keep files younger than this (default 168 = 7 days): runs still in flight and "
                         "time travel (--as-of) within it keep working; 0 deletes everything unreferenced")
     p.add_argument("--no-compact", dest="compact", action="store_false", help="only delete, do not compact")

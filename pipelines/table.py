@@ -57,6 +57,7 @@ from schemas.table import (
 
 RUN_FILES = "runs"  # OUTPUT/runs/<run_id>/*.parquet: the data files each run writes
 COMMIT_ATTEMPTS = 5
+TABLE_NAME = "psp_outputs"
 # What planning and adoption read of the current rows (never the images or tensors).
 STATE_COLUMNS = ("image_id", "source_uri", "status", "checkpoint_sha256", "source_size",
                  "source_mtime", "source_etag", "run_id")
@@ -101,15 +102,16 @@ class OutputTable:
         if dt is None:
             try:
                 DeltaTable.create(self.path, output_schema(n_styles), mode="error",
-                                  storage_options=self.delta_options, name="psp_outputs")
+                                  storage_options=self.delta_options, name=TABLE_NAME)
             except Exception:
                 if self.load() is None:
                     raise
             dt = self.load()
-            if not (dt.metadata().configuration or {}):
-                # delta-rs rejects custom properties at creation; they go in the next commit.
-                dt.alter.set_table_properties(table_properties(n_styles), raise_if_not_exists=False)
-                dt = self.load()
+        if not (dt.metadata().configuration or {}) and dt.metadata().name == TABLE_NAME:
+            # delta-rs rejects custom properties at creation; they go in the next commit (also
+            # when a run died between the two).
+            dt.alter.set_table_properties(table_properties(n_styles), raise_if_not_exists=False)
+            dt = self.load()
         try:
             info = table_info(dt, self.uri)
         except ValueError as e:
@@ -406,13 +408,13 @@ def adoptable_rows(
             rel = full[len(root) + 1:]
             if rel in live:
                 continue
-            try:
-                rows = table.read_file(rel)
-            except Exception:  # noqa: BLE001 - a file cut short by the crash: nothing to adopt
+            try:  # the small columns first: a file adopted whole is never read further
+                rows = table.read_file(rel, ["image_id", "status", "checkpoint_sha256", "source_size",
+                                             "source_mtime", "source_etag"])
+            except Exception:  # noqa: BLE001, S112 - a file cut short by the crash: nothing to adopt
                 continue
             keep = []
-            for i, r in enumerate(rows.select(["image_id", "status", "checkpoint_sha256", "source_size",
-                                               "source_mtime", "source_etag"]).to_pylist()):
+            for i, r in enumerate(rows.to_pylist()):
                 want = facts.get(r["image_id"])
                 ok = (want is not None and r["image_id"] not in taken
                       and (checkpoint_sha256 is None or r["checkpoint_sha256"] == checkpoint_sha256)
@@ -430,7 +432,7 @@ def adoptable_rows(
                                 json.dumps({"numRecords": rows.num_rows}))
                 picked = rows
             else:
-                picked = rows.take(pa.array(keep, pa.int64()))
+                picked = table.read_file(rel).take(pa.array(keep, pa.int64()))
                 add = table.write_file(f"{RUN_FILES}/{exclude_run}/adopted-{uuid.uuid4().hex}.parquet", picked)
             out.extend([add], picked["image_id"], picked["status"])
     return out
@@ -641,7 +643,7 @@ class VacuumResult:
 def vacuum(
     uri: str,
     storage_options: Mapping[str, Any] | None = None,
-    retention_hours: float = 168.0,
+    retention_hours: int = 168,
     compact: bool = True,
     dry_run: bool = False,
     target_size: int | None = None,

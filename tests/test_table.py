@@ -130,6 +130,23 @@ def test_vacuum_compacts_small_files_and_keeps_history_within_retention(tmp_path
     assert len(table.load().file_uris()) == 1 and schemas.read_outputs(out).num_rows == 9
 
 
+def test_output_of_another_model_or_kind_is_refused_before_any_work(tmp_path):
+    from deltalake import DeltaTable, write_deltalake
+
+    from pipelines.table import TABLE_NAME, OutputTable, TableMismatchError
+
+    OutputTable(str(tmp_path / "a")).ensure(N_STYLES)
+    with pytest.raises(TableMismatchError, match="n_styles=8; this checkpoint has n_styles=18"):
+        OutputTable(str(tmp_path / "a")).ensure(18)
+    write_deltalake(str(tmp_path / "b"), pa.table({"x": [1]}))
+    with pytest.raises(TableMismatchError, match="psp.schema_version=None"):
+        OutputTable(str(tmp_path / "b")).ensure(N_STYLES)
+    # a first run that died between creating the table and setting its properties
+    DeltaTable.create(str(tmp_path / "c"), so.output_schema(N_STYLES), name=TABLE_NAME)
+    dt = OutputTable(str(tmp_path / "c")).ensure(N_STYLES)
+    assert dt.metadata().configuration["psp.n_styles"] == str(N_STYLES)
+
+
 # -- the Ray Delta sink -------------------------------------------------------------------------
 
 pytest_slow = pytest.mark.slow

@@ -230,89 +230,128 @@ def test_c_killed_driver_commits_nothing_and_the_rerun_completes_exactly_once(
 
 # -- (d) S3 throttling and 5xx between the pipeline and the server ------------------------------
 
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+class EveryNth:
+    """A fault rule: every `k`-th request fails."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def __call__(self, method, path, n) -> bool:
+        return n % self.k == 0
+
+
+def data_writes(method, path, n):
+    """A fault rule: S3 keeps refusing the pipeline's data-file writes (under runs/)."""
+    return method in ("PUT", "POST") and "/runs/" in path and "probe" not in path
+
+
+def _serve_proxy(upstream: str, rule, count, failed, port) -> None:
+    """The proxy's process: relay to `upstream`, answer 503 SlowDown where `rule` says."""
+    import threading
+
+    host, up_port = upstream.split("://", 1)[1].split(":")
+    should_fail = rule
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                chunks = []
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0], 16)
+                    if size == 0:
+                        self.rfile.readline()
+                        return b"".join(chunks)
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _handle(self):
+            body = self._body()
+            with lock:
+                count.value += 1
+                fail = should_fail(self.command, self.path, count.value)
+                failed.value += bool(fail)
+            if fail:
+                self.send_response(503)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(SLOW_DOWN)
+                return
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in ("transfer-encoding", "connection")}
+            headers["Content-Length"] = str(len(body))
+            conn = http.client.HTTPConnection(host, int(up_port), timeout=60)
+            try:
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            finally:
+                conn.close()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    self.send_header(k, v)
+            # HEAD: the object's size, as the server said; otherwise the body we relay.
+            length = resp.getheader("Content-Length") if self.command == "HEAD" else len(data)
+            self.send_header("Content-Length", str(length or 0))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    port.value = server.server_address[1]
+    server.serve_forever()
+
+
 class FaultyS3Proxy:
     """An HTTP proxy in front of the S3 server that answers some requests with 503 SlowDown.
 
-    `should_fail(method, path, n)` decides per request (`n` counts requests from 1).
+    It runs in its own process: delta-rs holds the GIL while it waits on the network, so a proxy
+    thread in the test process would never answer the driver's Delta commit. `rule` is a
+    picklable fault rule (`data_writes`, or `EveryNth(4)`): `rule(method, path,
+    n)` with `n` counting requests from 1.
     """
 
-    BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-            b"<Message>Please reduce your request rate.</Message></Error>")
+    def __init__(self, upstream: str, rule):
+        import multiprocessing as mp
 
-    def __init__(self, upstream: str, should_fail):
-        host, port = upstream.split("://", 1)[1].split(":")
-        proxy = self
-        self.count = 0
-        self.failed = 0
-        self._lock = threading.Lock()
+        ctx = mp.get_context("spawn")
+        self._count, self._failed, self._port = ctx.Value("i", 0), ctx.Value("i", 0), ctx.Value("i", 0)
+        self._proc = ctx.Process(target=_serve_proxy, daemon=True,
+                                 args=(upstream, rule, self._count, self._failed, self._port))
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    @property
+    def count(self) -> int:
+        return self._count.value
 
-            def log_message(self, *args):
-                pass
-
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    chunks = []
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0], 16)
-                        if size == 0:
-                            self.rfile.readline()
-                            return b"".join(chunks)
-                        chunks.append(self.rfile.read(size))
-                        self.rfile.readline()
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-            def _handle(self):
-                body = self._body()
-                with proxy._lock:
-                    proxy.count += 1
-                    fail = should_fail(self.command, self.path, proxy.count)
-                    proxy.failed += bool(fail)
-                if fail:
-                    self.send_response(503)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(proxy.BODY)))
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(proxy.BODY)
-                    return
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("transfer-encoding", "connection")}
-                headers["Content-Length"] = str(len(body))
-                conn = http.client.HTTPConnection(host, int(port), timeout=60)
-                try:
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                finally:
-                    conn.close()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                # HEAD: the object's size, as the server said; otherwise the body we relay.
-                length = resp.getheader("Content-Length") if self.command == "HEAD" else len(data)
-                self.send_header("Content-Length", str(length or 0))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.endpoint_url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    @property
+    def failed(self) -> int:
+        return self._failed.value
 
     def __enter__(self):
-        self._thread.start()
+        self._proc.start()
+        _wait_for(lambda: self._port.value, timeout=60, what="the S3 proxy process")
+        self.endpoint_url = f"http://127.0.0.1:{self._port.value}"
         return self
 
     def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        self._proc.terminate()
+        self._proc.join(timeout=10)
 
 
 def _storage_options(endpoint_url, **extra):
@@ -337,8 +376,8 @@ def test_d_s3_throttling_is_retried_and_nothing_is_lost(ray_cluster, s3_server, 
 
     bucket, uris = _s3_inputs(s3_server, 8)
     out = f"s3://{bucket}/out"
-    every = 4  # every 4th request to S3 answers 503 SlowDown
-    with FaultyS3Proxy(s3_server.endpoint_url, lambda m, p, n: n % every == 0) as proxy:
+    # every 4th request to S3 answers 503 SlowDown
+    with FaultyS3Proxy(s3_server.endpoint_url, EveryNth(4)) as proxy:
         so = _storage_options(proxy.endpoint_url)
         result = run_nightly(nightly_config(f"s3://{bucket}/in", out, tiny_checkpoint,
                                             storage_options=so))
@@ -354,10 +393,6 @@ def test_d_s3_errors_past_the_retries_fail_clearly_and_commit_nothing(
 
     bucket, uris = _s3_inputs(s3_server, 4)
     out = f"s3://{bucket}/out"
-
-    def data_writes(method, path, n):  # S3 keeps refusing the pipeline's Parquet writes
-        return method in ("PUT", "POST") and "/runs/" in path and "_plan" not in path \
-            and "probe" not in path
 
     # Few botocore retries so the test spends seconds, not minutes, exhausting them.
     with FaultyS3Proxy(s3_server.endpoint_url, data_writes) as proxy:

@@ -1,21 +1,21 @@
-"""Nightly at scale: the bookkeeping path (list -> diff -> adopt -> collect -> manifest -> commit)
+"""Nightly at scale: the bookkeeping path (list -> read the table's rows -> diff -> adopt -> commit)
 at 10k and 100k inputs, with a small batch of new images through the tiny model.
 
     python bench/scale.py                      # 10k and 100k inputs, 8 new images each
     python bench/scale.py --sizes 1000 10000 --new 8
 
 What it measures, honestly: on this CPU-only machine the model inverts ~1 image/s, so 100k images
-cannot go through it. Each size N is set up as a nightly output whose committed manifest already
+cannot go through it. Each size N is set up as an output table whose current version already
 holds N - NEW inputs (one synthetic output file, rows with the real listing's ETag/size/mtime), plus
 NEW fresh image files. Then one real `run_nightly` runs in a fresh process: it lists all N files,
-diffs them against the N - NEW manifest rows (Arrow tables and a join, no Python object per
-input), sends the NEW images through the real Ray pipeline and the tiny model, and commits an N-row
-manifest. Printed per size: phase times, bookkeeping rows/s (N over the time outside the model
-stage), the memory the driver holds for the listing, manifest and plan in bytes per input (exactly:
+diffs them against the N - NEW rows of the table (Arrow tables and a join, no Python object per
+input), sends the NEW images through the real Ray pipeline and the tiny model, and commits the NEW
+rows in one Delta commit. Printed per size: phase times, bookkeeping rows/s (N over the time outside the model
+stage), the memory the driver holds for the listing, table rows and plan in bytes per input (exactly:
 Arrow pool bytes + Python heap by tracemalloc, and the transient Python peak while listing; and as
 RSS growth, allocator slack included; measured in a separate process without Ray), the nightly
 run's own peak RSS, and the ratios between sizes. The data plane runs in Ray workers and sees only
-the NEW rows; the driver's bookkeeping is O(N): one listing row and one manifest row per input, as
+the NEW rows; the driver's bookkeeping is O(N): one listing row and one table row (status and listing facts) per input, as
 Arrow columns.
 """
 from __future__ import annotations
@@ -47,13 +47,13 @@ def _png(seed: int, size: int = 24) -> bytes:
 
 
 def setup(workdir: Path, n: int, new: int, checkpoint: str) -> None:
-    """N - NEW inputs already committed (synthetic output file), NEW inputs not yet seen."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from jobs.nightly import checkpoint_sha256
+    """N - NEW inputs already committed to the output table (one synthetic data file of status-only
+    rows, stamped with their listing facts), NEW inputs not yet seen."""
+    from pipelines.config import read_checkpoint_info
+    from pipelines.graph import checkpoint_sha256
     from pipelines.sources import list_inputs
-    from schemas import manifest as mf
+    from pipelines.table import OutputTable, SourceFacts, WrittenRun, commit_run
+    from schemas import columns_to_table
 
     inp, out = workdir / "in", workdir / "out"
     inp.mkdir(parents=True)
@@ -63,24 +63,17 @@ def setup(workdir: Path, n: int, new: int, checkpoint: str) -> None:
         folder.mkdir(exist_ok=True)
         (folder / f"img_{i:07d}.png").write_bytes(blob)
     items = list_inputs(str(inp))
-    uris = [it.source_uri for it in items]
     run_id = "seed-run"
-    rel = f"runs/{run_id}/part-0.parquet"
-    os.makedirs(out / "runs" / run_id)
-    ids = [mf.image_id_for(u) for u in uris]
-    pq.write_table(
-        pa.table({"image_id": ids, "source_uri": uris, "status": ["ok"] * len(uris),
-                  "run_id": [run_id] * len(uris)}),
-        out / rel,
-    )
-    sha = checkpoint_sha256(checkpoint)
-    entries = mf.make_entries(
-        {"image_id": i, "source_uri": it.source_uri, "etag": it.etag, "size": it.size,
-         "mtime": it.mtime, "checkpoint_sha256": sha, "schema_version": 1, "run_id": run_id,
-         "status": "ok", "output_file": rel}
-        for i, it in zip(ids, items)
-    )
-    mf.commit_manifest(str(out), entries, run_id, expected=None)
+    n_styles = read_checkpoint_info(checkpoint).n_styles
+    rows = columns_to_table({"source_uri": [it.source_uri for it in items], "status": ["ok"] * len(items),
+                             "run_id": [run_id] * len(items),
+                             "checkpoint_sha256": [checkpoint_sha256(checkpoint)] * len(items)}, n_styles)
+    rows = SourceFacts.from_items(items).stamp(rows)
+    table = OutputTable(str(out))
+    version = table.ensure(n_styles).version()
+    written = WrittenRun(run_id)
+    written.extend([table.write_file(f"runs/{run_id}/part-0.parquet", rows)], rows["image_id"], rows["status"])
+    commit_run(table, written, n_styles, {"run_id": run_id}, version)
     fresh = inp / "new"
     fresh.mkdir()
     for j in range(new):
@@ -100,7 +93,7 @@ def _config(workdir: Path, checkpoint: str):
 def measure_run(workdir: Path, checkpoint: str) -> dict:
     """One real nightly run over the prepared folder, alone in its process; its timings and the
     process's peak RSS."""
-    from jobs.nightly import run_nightly
+    from pipelines.incremental import run_nightly
 
     t0 = time.perf_counter()
     result = run_nightly(_config(workdir, checkpoint))
@@ -112,7 +105,7 @@ def measure_run(workdir: Path, checkpoint: str) -> dict:
 def measure_memory(workdir: Path, checkpoint: str) -> dict:
     """The driver's bookkeeping memory for the prepared folder (no Ray, nothing committed)."""
     config = _config(workdir, checkpoint)
-    # What the driver holds for N inputs during a run: the listing (an Arrow table), the manifest
+    # What the driver holds for N inputs during a run: the listing (an Arrow table), the table rows
     # (an Arrow table) and the plan (Python strings only for the inputs to process). Counted two
     # ways: exactly (Python heap by tracemalloc + Arrow memory pool bytes; also the transient peak
     # while listing, when fsspec's per-file info dicts are alive), and as RSS growth while they are
@@ -122,21 +115,21 @@ def measure_memory(workdir: Path, checkpoint: str) -> dict:
 
     import pyarrow as pa
 
-    from jobs.nightly import _release_freed_memory, listing_table, plan_nightly, read_listing
+    from pipelines.incremental import listing_table, plan_nightly, read_listing
     from pipelines.sources import iter_inputs
-    from schemas import manifest as mf
+    from pipelines.table import OutputTable
+
+    table = OutputTable(config.output)
 
     def bookkeeping():  # what run_nightly does before the pipeline starts
         listing = read_listing(config.input)
-        manifest, _ = mf.read_manifest(config.output)
-        plan = plan_nightly(listing, manifest, "0" * 64)
-        _release_freed_memory()
-        return listing, manifest, plan
+        state = table.state(table.load())
+        plan = plan_nightly(listing, state, "0" * 64)
+        pa.default_memory_pool().release_unused()
+        return listing, state, plan
 
     # import and first-use costs, not per-input memory: the same calls on the NEW images only
-    plan_nightly(listing_table(iter_inputs(str(Path(config.input) / "new"))), mf.empty_manifest(),
-                 "0" * 64)
-    mf.make_entries([]).join(mf.empty_manifest(), keys="source_uri")
+    plan_nightly(listing_table(iter_inputs(str(Path(config.input) / "new"))), table.state(None), "0" * 64)
     gc.collect()
     rss0 = _rss_mb()
     held = bookkeeping()
@@ -208,7 +201,7 @@ def main() -> None:
                 f"{t['list_s']:.2f} + plan {t['plan_s']:.2f} + adopt {t.get('adopt_s', 0):.2f} + model "
                 f"{t.get('process_s', 0):.1f} ({r['processed']} new rows) + collect "
                 f"{t.get('collect_s', 0):.2f} + commit {t.get('commit_s', 0):.2f} | bookkeeping "
-                f"{n / bookkeeping:,.0f} rows/s | listing+manifest+plan held: Arrow "
+                f"{n / bookkeeping:,.0f} rows/s | listing+table rows+plan held: Arrow "
                 f"{_per(r['arrow_mb'], n)} B/input + Python heap {_per(r['python_mb'], n)} B/input "
                 f"(transient Python peak while listing {_per(r['transient_mb'], n)} B/input); RSS "
                 f"growth {r['held_mb']:.1f} MB = {_per(r['held_mb'], n)} B/input | "
@@ -236,9 +229,9 @@ def main() -> None:
               f"{_per(r['transient_mb'], n)} B/input")
     if rows:
         print("so bookkeeping memory does grow with the row count, linearly: 'held' is what the "
-              "driver keeps per input (one listing row and one manifest row, as Arrow columns; "
+              "driver keeps per input (one listing row and one table row, as Arrow columns; "
               "no Python object per input); RSS growth adds allocator slack left by the transient "
-              "listing (fsspec's per-file info dicts) and the manifest read, which the driver "
+              "listing (fsspec's per-file info dicts) and the table read, which the driver "
               "reuses later; its peak RSS stays dominated by the fixed footprint while N*that is "
               "small")
 

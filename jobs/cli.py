@@ -6,7 +6,8 @@
                [--resize-factor F] [--precision fp32|tf32|bf16|fp16] [--output-actors N]
                [--limit N] [--storage-options JSON]
     psp demo [--output DIR]
-    psp inspect OUTPUT [--storage-options JSON]
+    psp inspect OUTPUT [--as-of VERSION|TIMESTAMP] [--storage-options JSON]
+    psp vacuum OUTPUT [--retention-hours H] [--no-compact] [--dry-run] [--storage-options JSON]
 
 Misconfiguration exits with status 2 and a message that says what to do, before Ray does any work.
 """
@@ -16,7 +17,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from jobs import edit, nightly, report, submit
+from jobs import edit, nightly, report, submit, vacuum
 from pipelines.config import InvertConfig
 from pipelines.options import add_arguments, from_args, parse_json_object
 
@@ -46,12 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--inputs", default=None, help="where to write the sample inputs (default: temporary)")
     demo.add_argument("--checkpoint", default=None, help="use this checkpoint instead of the random demo one")
     demo.add_argument("--faces", type=int, default=20, help="how many astronaut-derived faces to generate (1-24)")
-    ins = sub.add_parser("inspect", help="counts per status, schema, a few rows of an output folder")
+    ins = sub.add_parser("inspect", help="counts per status, runs, schema, a few rows of an output table")
     ins.add_argument("output", metavar="OUTPUT")
     ins.add_argument("--rows", type=int, default=3)
+    ins.add_argument("--as-of", default=None, metavar="VERSION|TIMESTAMP",
+                     help="inspect an earlier version of the table (a number, or e.g. 2026-11-27T02:00:00Z)")
     ins.add_argument("--storage-options", type=parse_json_object, default=None,
                      help="JSON object passed to fsspec")
-    for module in (nightly, submit, edit, report):
+    for module in (nightly, submit, edit, report, vacuum):
         module.register(sub)
     return parser
 
@@ -89,6 +92,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from pipelines import secrets
     from pipelines.config import ConfigError
     from pipelines.sources import InputError
+    from pipelines.table import ConcurrentRunError
 
     try:
         if getattr(args, "storage_options", None):
@@ -107,14 +111,14 @@ def _main(argv: Sequence[str] | None) -> int:
         if args.command == "inspect":
             from jobs.inspect import inspect_output
 
-            print(inspect_output(args.output, args.storage_options, n_rows=args.rows))
+            print(inspect_output(args.output, args.storage_options, n_rows=args.rows, as_of=args.as_of))
             return 0
         if hasattr(args, "func"):  # subcommands registered by other modules
             return int(args.func(args) or 0)
     except (ConfigError, InputError) as e:
         print(f"psp {args.command}: {secrets.redact(str(e))}", file=sys.stderr)
         return 2
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ConcurrentRunError) as e:
         print(f"psp {args.command}: {secrets.redact(str(e))}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command!r}")

@@ -1,109 +1,93 @@
-"""`psp inspect OUTPUT`: what is in an output folder, in words a user can act on."""
+"""`psp inspect OUTPUT`: what is in an output table, in words a user can act on."""
 from __future__ import annotations
 
+import datetime as _dt
 import json
-from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
 
-# Read everything except the large binary columns (images are only counted).
+# Read everything except the large binary and tensor columns (images are only counted).
 _SUMMARY_COLUMNS = [
     "image_id", "source_uri", "status", "error", "task", "image_format", "run_id", "processed_at",
 ]
+_RUN_KEYS = ("kind", "processed", "adopted", "replaced", "skipped", "counts", "plan", "lost",
+             "checkpoint_sha256", "wall_s")
 
 
-def _w_plus_norms(uri, storage_options, head) -> dict:
-    """{(image_id, processed_at): |w_plus|} for the rows of `head`, reading only as many files as
-    needed (head rows come from the first files) instead of every latent in the folder."""
-    from schemas.outputs import iter_output_tables
-
-    wanted = set(zip(head["image_id"].to_pylist(), head["processed_at"].to_pylist()))
-    found: dict = {}
-    for _, t in iter_output_tables(uri, storage_options, ["image_id", "processed_at", "w_plus"]):
-        keys = zip(t["image_id"].to_pylist(), t["processed_at"].to_pylist())
-        for i, key in enumerate(keys):
-            if key in wanted and key not in found:
-                w = t["w_plus"][i].values
-                found[key] = None if w is None else float(np.linalg.norm(w.to_numpy()))
-        if len(found) == len(wanted):
-            break
-    return found
+def _run_line(run: Mapping[str, Any]) -> str:
+    facts = ", ".join(f"{k}={json.dumps(run[k], sort_keys=True)}" for k in _RUN_KEYS if run.get(k) not in (None, {}, []))
+    return f"    v{run['version']:<4} {run['committed_at'][:19]}Z  {run.get('run_id')}: {facts}"
 
 
 def inspect_output(
-    uri: str, storage_options: Mapping[str, Any] | None = None, n_rows: int = 3
+    uri: str, storage_options: Mapping[str, Any] | None = None, n_rows: int = 3, as_of: Any = None,
+    n_runs: int = 10,
 ) -> str:
-    """A text report on the psp outputs under `uri` (local path or fsspec URI).
+    """A text report on the output table at `uri` (local path or fsspec URI), at its current
+    version or `as_of` (a version number or a time).
 
-    Covers: files and rows (with rows superseded by reruns), counts per status, schema version and
-    n_styles, the schema, the first `n_rows` rows (image_id, source_uri, status, error, |w_plus|),
-    how to get the images out of `output_image`, and the `_SUCCESS.json` summary if present.
+    Covers: version and when it was made, rows (one per input) and data files, counts per status
+    (recomputed from this version), schema version, n_styles and tensor shapes, the last `n_runs`
+    committed runs with their summaries, the schema, the first `n_rows` rows (image_id, status,
+    |w_plus|, source_uri, error) and how to read the table with other tools.
     """
-    from pipelines.sink import read_success
-    from schemas.outputs import list_output_files, output_schema, read_outputs, schema_n_styles
+    from schemas.outputs import output_schema
+    from schemas.table import open_table, read_runs, status_counts, table_info
 
-    files = list_output_files(uri, storage_options)
-    if not files:
-        raise FileNotFoundError(f"no Parquet files under {uri!r}: has a run written there?")
-    all_rows = read_outputs(uri, storage_options, columns=["image_id"], dedup=False).num_rows
-    table = read_outputs(uri, storage_options, columns=_SUMMARY_COLUMNS)
-    schema = table.schema
-    n_styles = schema_n_styles(schema)
-    meta = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+    dt = open_table(uri, storage_options, as_of)
+    info = table_info(dt, uri)
+    ds = dt.to_pyarrow_dataset()
+    table = ds.to_table(columns=_SUMMARY_COLUMNS)
+    counts = status_counts(dt)
+    history = {c.get("version"): c for c in dt.history()}
+    made = history.get(dt.version(), {}).get("timestamp")
+    when = _dt.datetime.fromtimestamp(made / 1000, _dt.UTC).isoformat()[:19] + "Z" if made else "?"
 
-    lines = [f"psp output: {uri}"]
-    lines.append(
-        f"  files: {len(files)} Parquet; rows: {table.num_rows} images"
-        + (f" ({all_rows - table.num_rows} older rows superseded by reruns)" if all_rows > table.num_rows else "")
-    )
-    lines.append(f"  schema version: {meta.get('psp.schema_version')}   n_styles: {n_styles}"
-                 f"   tensor shapes: {meta.get('psp.tensor_shapes')}")
-    runs = Counter(table["run_id"].to_pylist())
-    lines.append("  runs: " + ", ".join(f"{r} ({n} rows)" for r, n in sorted(runs.items())))
+    lines = [f"psp output table: {uri}"]
+    lines.append(f"  version {dt.version()} ({when})" + (f", as of {as_of!r}" if as_of is not None else ", current"))
+    lines.append(f"  rows: {table.num_rows} inputs (one row each) in {len(dt.file_uris())} data files")
+    lines.append(f"  schema version: {info.schema_version}   n_styles: {info.n_styles}"
+                 f"   tensor shapes: {json.dumps(info.tensor_shapes, sort_keys=True)}")
     lines.append("  status counts:")
-    for status, n in sorted(Counter(table["status"].to_pylist()).items(), key=lambda kv: (-kv[1], kv[0])):
+    for status, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"    {status:<14} {n}")
-    tasks = Counter(t for t in table["task"].to_pylist() if t is not None)
+    tasks = {t: n for t, n in zip(*np.unique([t for t in table["task"].to_pylist() if t], return_counts=True))} \
+        if table.num_rows else {}
     if tasks:
         lines.append("  tasks: " + ", ".join(f"{t} ({n})" for t, n in sorted(tasks.items())))
 
+    runs = read_runs(uri, storage_options, as_of)
+    lines.append(f"  runs: {len(runs)} committed" + (f", the last {n_runs}:" if len(runs) > n_runs else ":"))
+    lines.extend(_run_line(r) for r in runs[-n_runs:])
+    lines.append("    (each run's full summary: the commit's psp.run info, and OUTPUT/_runs/<run_id>.json)")
+
     lines.append("  schema:")
-    for field in output_schema(n_styles):
+    for field in output_schema(info.n_styles):
         lines.append(f"    {field.name:<18} {field.type}{'' if field.nullable else ' not null'}")
 
-    lines.append(f"  first {min(n_rows, table.num_rows)} rows:")
     head = table.slice(0, n_rows)
-    norms = _w_plus_norms(uri, storage_options, head)
-    for row in head.select(["image_id", "source_uri", "status", "error", "processed_at"]).to_pylist():
-        w = norms.get((row["image_id"], row["processed_at"]))
-        norm = f"{w:.3f}" if w is not None else "null"
-        err = f"  error={row['error']!r}" if row["error"] else ""
-        lines.append(
-            f"    {row['image_id']}  {row['status']:<12} |w_plus|={norm}  {row['source_uri']}{err}"
-        )
+    lines.append(f"  first {head.num_rows} rows:")
+    if head.num_rows:
+        w = ds.to_table(columns=["image_id", "w_plus"], filter=pc.field("image_id").isin(head["image_id"]))
+        norms = {i: (None if v is None else float(np.linalg.norm(np.asarray(v, np.float32))))
+                 for i, v in zip(w["image_id"].to_pylist(), w["w_plus"].to_pylist())}
+        for row in head.select(["image_id", "source_uri", "status", "error"]).to_pylist():
+            norm = norms.get(row["image_id"])
+            err = f"  error={row['error']!r}" if row["error"] else ""
+            lines.append(f"    {row['image_id']}  {row['status']:<12} |w_plus|="
+                         f"{'null' if norm is None else f'{norm:.3f}'}  {row['source_uri']}{err}")
 
-    # image_format says whether a row has bytes, without reading the (large) image column.
-    formats = Counter(f for f in table["image_format"].to_pylist() if f not in (None, "none"))
-    n_images = sum(formats.values())
-    lines.append(
-        f"  images: column `output_image` ({n_images} rows with bytes; formats "
-        f"{dict(formats) or 'none'}). To extract them:"
-    )
-    lines.append("    from schemas import read_outputs")
+    formats = [f for f in table["image_format"].to_pylist() if f not in (None, "none")]
     opts = ", storage_options=opts" if storage_options else ""
-    lines.append(f"    t = read_outputs({uri!r}, columns=['image_id', 'output_image', 'image_format']{opts})")
-    lines.append("    for r in t.to_pylist(): r['output_image'] and open(f\"{r['image_id']}.{r['image_format']}\", 'wb').write(r['output_image'])")
-    lines.append("  latents: `ids, w = schemas.read_latents(uri)` -> w float32 [N, n_styles, 512] (status ok)")
-
-    success = read_success(uri, storage_options)
-    if success is None:
-        lines.append("  _SUCCESS.json: absent (no run has finished writing here, or one is running)")
-    else:
-        lines.append("  _SUCCESS.json (latest finished run):")
-        lines.extend("    " + line for line in json.dumps(success, indent=2, sort_keys=True).splitlines())
-    ok = pc.sum(pc.equal(table["status"], "ok")).as_py() or 0
+    lines += [
+        f"  images: column `output_image` ({len(formats)} rows with bytes). To read the table:",
+        f"    ids, w = schemas.read_latents({uri!r}{opts})      # w float32 [N, n_styles, 512], status ok",
+        f"    t = schemas.read_outputs({uri!r}, columns=['image_id', 'output_image', 'image_format']{opts})",
+        f"    deltalake.DeltaTable({uri!r}).to_pandas()          # or .to_pyarrow_dataset() for DuckDB",
+    ]
+    ok = counts.get("ok", 0)
     lines.append(f"  ok: {ok}/{table.num_rows}")
     return "\n".join(lines) + "\n"

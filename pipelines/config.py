@@ -19,6 +19,7 @@ from pipelines.options import ConfigError, check_options, option, parse_json_obj
 from pipelines.sources import DEFAULT_READ_TIMEOUT_S
 from psp_core.images import DEFAULT_DECODE_TIMEOUT_S
 from pipelines.invert import PRECISIONS, check_precision
+from schemas.ids import check_run_id, make_run_id
 from schemas.outputs import IMAGE_FORMATS
 
 ALIGN_MODES = ("dlib", "none")
@@ -52,12 +53,6 @@ def _check_globs(patterns: str | Sequence[str]) -> None:
     for g in [patterns] if isinstance(patterns, str) else patterns:
         if not isinstance(g, str) or not g:
             raise ValueError("expected glob patterns such as '*.jpg' (repeat the flag for more)")
-
-
-def _check_run_id(run_id: str) -> None:
-    from pipelines.sink import check_run_id
-
-    check_run_id(run_id)
 
 
 @dataclass
@@ -113,7 +108,7 @@ class InvertConfig:
     limit: int | None = option(None, "process at most N new inputs", parse=int, minimum=0, metavar="N",
                                scope="invert")
     run_id: str | None = option(None, "recorded on every row (default: UTC time + random suffix)",
-                                check=_check_run_id, scope="invert")
+                                check=check_run_id, scope="invert")
     progress: bool | None = option(None, "Ray progress bars (default: when stderr is a terminal)",
                                    kind="switch", scope="invert")
     include: list[str] | None = option(
@@ -393,8 +388,6 @@ def resolve_config(config: InvertConfig, check_output: bool = True) -> ResolvedC
     align = config.align or ("dlib" if task.needs_alignment else "none")
     if check_output:
         check_output_writable(config.output, config.storage_options)
-    from pipelines.sink import check_run_id, make_run_id
-
     try:
         run_id = check_run_id(config.run_id) if config.run_id else make_run_id()
     except ValueError as e:

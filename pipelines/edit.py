@@ -11,6 +11,7 @@ The trip, each stage a plain callable on a batch dict (testable without Ray):
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 import os
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import ConfigError
+from pipelines.secrets import redact
 
 DEFAULT_GPU_BATCH = 32
 DEFAULT_CPU_BATCH = 8
@@ -190,7 +192,7 @@ class EncodeEditImages:
         self.code_version = code_version or _code_version()
 
     def __call__(self, batch: Mapping[str, Any]):
-        from pipelines.invert import encode_image
+        from pipelines.outputs import encode_image
         from schemas.edits import edit_columns_to_table
 
         n = len(batch["image_id"])
@@ -222,17 +224,26 @@ class EncodeEditImages:
 
 
 def write_edits(ds, output_uri: str, run_id: str, n_styles: int, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Write a Ray Dataset of edits-schema tables under `output_uri` (Parquet, appended, files named
-    by run id); a failed block fails the write (`max_errored_blocks = 0`)."""
+    """Append a Ray Dataset of edits-schema tables to the Delta table at `output_uri` (created by
+    the first run): Ray's write tasks write the Parquet files and the driver commits once; a failed
+    block fails the write (`max_errored_blocks = 0`). `run_id` is on every row."""
     from ray.data import DataContext
 
-    from pipelines.sink import OutputFilenameProvider, resolve_filesystem
-    from schemas.edits import edits_schema
+    from schemas.table import delta_storage_options, table_uri
 
-    path, fs = resolve_filesystem(output_uri, None, storage_options)
     DataContext.get_current().max_errored_blocks = 0
-    ds.write_parquet(path, filesystem=fs, filename_provider=OutputFilenameProvider(run_id),
-                     mode="append", schema=edits_schema(n_styles))
+    ds.write_delta(table_uri(output_uri), mode="append",
+                   storage_options=delta_storage_options(output_uri, storage_options))
+
+
+def write_edit_summary(output_uri: str, doc: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> None:
+    """``OUTPUT/_runs/<run_id>.json``: what one `psp edit` run did (Delta ignores `_` folders)."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(output_uri, **dict(storage_options or {}))
+    fs.makedirs(f"{root.rstrip('/')}/_runs", exist_ok=True)
+    text = json.dumps(dict(doc), indent=2, sort_keys=True, default=str) + "\n"
+    fs.pipe_file(f"{root.rstrip('/')}/_runs/{doc['run_id']}.json", text.encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,7 +324,7 @@ def run_edit(config: EditConfig) -> EditSummary:
 
     from pipelines.graph import ensure_ray
     from pipelines.invert import invert_resources
-    from pipelines.sink import check_run_id, make_run_id, write_success
+    from schemas.ids import check_run_id, make_run_id
     from psp_core.editing import DirectionError, load_decoder, load_direction
     from psp_core.checkpoint import CheckpointError
     from schemas.edits import read_edits
@@ -386,9 +397,9 @@ def run_edit(config: EditConfig) -> EditSummary:
         wall_s=round(time.perf_counter() - t0, 3),
     )
     if table.num_rows:
-        doc = asdict(summary)
-        doc["written_at"] = _dt.datetime.now(_dt.timezone.utc)
-        write_success(config.output, doc, config.storage_options)
+        doc = redact(asdict(summary), config.storage_options)
+        doc["written_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+        write_edit_summary(config.output, doc, config.storage_options)
     return summary
 
 

@@ -1,10 +1,12 @@
 """The Ray wiring: list -> read -> decode+align (CPU actors) -> invert (GPU or CPU actors) -> outputs
-(CPU actors) -> Parquet.
+(CPU actors) -> one commit to the Delta output table.
 
 `run_invert(config)` is the whole run: validate on the driver (fail fast), list the inputs, skip what
-the output already holds, build the dataset with `build_dataset` (the one short function that
-wires the stages), write Parquet and `_SUCCESS.json`, and return a `RunSummary` (counts per status,
-rows and rows/s per stage). Stages report their time to a small `StageClock` actor.
+the output table already holds, build the dataset with `build_dataset` (the one short function that
+wires the stages), write the run's files and commit them to the output table in one Delta commit
+(`pipelines.table`), and return a `RunSummary` (counts per status, rows and rows/s per stage).
+Stages report their time to a small `StageClock` actor. `process_items` (write, no commit) is what
+the nightly job runs too.
 """
 from __future__ import annotations
 
@@ -19,9 +21,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from pipelines.config import ConfigError, InvertConfig, ResolvedConfig, code_version, resolve_config
 from pipelines.secrets import WORKER_SETUP_HOOK, redact, redacted_rows
 from pipelines.sources import SourceItem, list_inputs
+from pipelines.table import (
+    ConcurrentRunError,
+    OutputTable,
+    SourceFacts,
+    TableMismatchError,
+    WrittenRun,
+    adoptable_rows,
+    commit_run,
+    run_metadata,
+    write_run,
+    write_run_summary,
+)
+from schemas.ids import image_id_for
 from schemas.status import FINAL_STATUSES  # what a rerun skips: properties of the input itself
 
 STAGES = ("read", "decode", "align", "invert", "outputs")
@@ -46,11 +64,13 @@ class StageTiming:
 
 @dataclass
 class RunSummary:
-    """What a run did. `counts`: rows written per status; `skipped`: inputs already in the output
-    (final status) and not reprocessed; `not_inputs`: files under the input left out by the listing
-    rules, per reason (hidden, excluded, not_an_image, output, ...: see `pipelines.sources`);
-    `stages`: per-stage timings; `operators`: Ray Data operator names as executed (align and invert
-    are separate operators)."""
+    """What a run did. `counts`: rows committed per status (processed + adopted); `skipped`:
+    inputs already in the output (final status) and not reprocessed; `not_inputs`: files under the
+    input left out by the listing rules, per reason (hidden, excluded, not_an_image, output, ...:
+    see `pipelines.sources`); `adopted`: rows a crashed run had written, committed instead of
+    redone; `replaced`: older rows this run's rows replaced; `version`: the table version the run
+    committed (None: nothing to commit); `stages`: per-stage timings; `operators`: Ray Data
+    operator names as executed."""
 
     run_id: str
     input: Any
@@ -71,12 +91,18 @@ class RunSummary:
     wall_s: float = 0.0
     code_version: str = ""
     not_inputs: dict[str, int] = field(default_factory=dict)
+    adopted: int = 0
+    replaced: int = 0
+    version: int | None = None
+    kind: str = "invert"
 
     def format(self) -> str:
         """The end-of-run report printed by the CLI."""
+        committed = f"committed as version {self.version}" if self.version is not None else "nothing committed"
         lines = [
-            f"run {self.run_id}: {self.processed} processed, {self.skipped} skipped (already in "
-            f"{self.output}), {self.listed} listed, {self.wall_s:.1f}s",
+            f"run {self.run_id}: {self.processed} processed, {self.adopted} adopted, {self.skipped} skipped "
+            f"(already in {self.output}), {self.listed} listed, {self.replaced} older rows replaced; "
+            f"{committed}; {self.wall_s:.1f}s",
             "  status counts: " + (", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"),
             "  not inputs (skipped while listing): "
             + (", ".join(f"{k}={v}" for k, v in sorted(self.not_inputs.items())) or "none"),
@@ -299,8 +325,6 @@ def select_items(
 ) -> tuple[list[SourceItem], int]:
     """Drop inputs already done and repeated inputs (same source_uri), then apply `limit`.
     Returns (items to process, number skipped because already done)."""
-    from schemas import image_id_for
-
     seen: set[str] = set()
     todo: list[SourceItem] = []
     skipped = 0
@@ -339,92 +363,153 @@ def _operator_names(ds) -> list[str]:
         return []
 
 
-def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) -> RunSummary:
-    """Run `psp invert`: every input gets exactly one output row (status + error), written as
-    Parquet under `config.output` with `_SUCCESS.json`; inputs already done there are skipped.
+@dataclass
+class Processed:
+    """What `process_items` did: the run's uncommitted files, stage timings, statuses, facts."""
 
-    items: process exactly these (e.g. the nightly job's new files) instead of listing
-    `config.input`. Misconfiguration raises `pipelines.config.ConfigError` before any Ray work.
-    """
+    written: WrittenRun
+    timings: dict[str, StageTiming]
+    counts: dict[str, int]
+    operators: list[str]
+    checkpoint_sha256: str | None
+    device: str
+
+
+def process_items(resolved: ResolvedConfig, items: Sequence[SourceItem], table: OutputTable) -> Processed:
+    """Run the pipeline on `items` and write the rows as run `resolved.run_id`'s files in `table`
+    (not committed: `pipelines.table.commit_run` does that)."""
     import ray
 
-    from pipelines.sink import existing_image_ids, write_outputs, write_success
 
-    started = _dt.datetime.now(_dt.timezone.utc)
+    config = resolved.config
+    ensure_ray()
+    try:
+        resources = pipeline_resources(ray.cluster_resources(), resolved)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    ctx = ray.data.DataContext.get_current()
+    ctx.max_errored_blocks = 0  # a failed write must fail the run, not lose rows
+    ctx.enable_progress_bars = sys.stderr.isatty() if config.progress is None else bool(config.progress)
+    if not ctx.enable_progress_bars:  # asked for (or no terminal): not worth a warning line
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # Pinned to the driver's node: a lost worker node must not take the run's stats with it.
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    clock_actor = _clock_actor_class().options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)).remote()
+    clock = StageClock(clock_actor)
+    try:
+        # Credentials are masked in the rows' free text right before they are written.
+        ds = redacted_rows(build_dataset(items, resolved, resources, clock), config.storage_options)
+        written = write_run(ds, table, resolved.run_id, resolved.checkpoint.n_styles, items)
+        timings, counts, meta = clock.collect(len(items))
+        operators = _operator_names(ds)
+    finally:
+        ray.kill(clock_actor)
+    return Processed(written, timings, counts, operators, meta.get("checkpoint_sha256"),
+                     resources["model"]["device"])
+
+
+def open_output(resolved: ResolvedConfig) -> tuple[OutputTable, Any]:
+    """The run's output table, created when missing (ConfigError when OUTPUT holds another
+    model's table), and its current version (`DeltaTable`) the run plans against."""
+    table = OutputTable(resolved.config.output, resolved.config.storage_options)
+    try:
+        return table, table.ensure(resolved.checkpoint.n_styles)
+    except TableMismatchError as e:
+        raise ConfigError(str(e)) from None
+
+
+def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) -> RunSummary:
+    """Run `psp invert`: every input gets exactly one row (status + error) in the output table at
+    `config.output`, committed in one Delta commit; inputs whose row there has a final status are
+    skipped, others (new, or a transient failure) processed and their old row replaced. Rows a
+    crashed run wrote for the same input bytes and checkpoint are adopted, not redone.
+
+    items: process exactly these instead of listing `config.input`. Misconfiguration raises
+    `pipelines.config.ConfigError` before any Ray work; a concurrent run that committed some of
+    the same inputs first raises `pipelines.table.ConcurrentRunError` (nothing committed).
+    """
+    started = _dt.datetime.now(_dt.UTC)
     t0 = time.perf_counter()
     resolved = resolve_config(config)
     config = resolved.config
+    table, dt = open_output(resolved)
+    state = table.state(dt, ("image_id", "status"))
+    done = set(state.filter(pc.is_in(state["status"], value_set=pa.array(FINAL_STATUSES)))["image_id"].to_pylist())
     not_inputs: Counter = Counter()
     listed = (
         list_inputs(config.input, config.storage_options, config.image_column, include=config.include or (),
                     exclude=config.exclude or (), output=config.output, skipped=not_inputs)
         if items is None else _coerce_items(items)
     )
-    done = existing_image_ids(config.output, config.storage_options, statuses=FINAL_STATUSES)
     todo, skipped = select_items(listed, done, config.limit)
 
-    timings: dict[str, StageTiming] = {}
-    counts: dict[str, int] = {}
-    operators: list[str] = []
-    sha = None
-    device = config.device
-    if todo:  # nothing new: no Ray at all
-        ensure_ray()
-        try:
-            resources = pipeline_resources(ray.cluster_resources(), resolved)
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-        device = resources["model"]["device"]
-        ctx = ray.data.DataContext.get_current()
-        ctx.max_errored_blocks = 0  # a failed write must fail the run, not lose rows
-        ctx.enable_progress_bars = sys.stderr.isatty() if config.progress is None else bool(config.progress)
-        if not ctx.enable_progress_bars:  # asked for (or no terminal): not worth a warning line
-            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
-        # Pinned to the driver's node: a lost worker node must not take the run's stats with it.
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        clock_actor = _clock_actor_class().options(scheduling_strategy=NodeAffinitySchedulingStrategy(
-            ray.get_runtime_context().get_node_id(), soft=False)).remote()
-        clock = StageClock(clock_actor)
-        try:
-            # Credentials are masked in the rows' free text right before they are written.
-            ds = redacted_rows(build_dataset(todo, resolved, resources, clock), config.storage_options)
-            write_outputs(
-                ds, config.output, resolved.run_id,
-                n_styles=resolved.checkpoint.n_styles, storage_options=config.storage_options,
-            )
-            timings, counts, meta = clock.collect(len(todo))
-            sha = meta.get("checkpoint_sha256")
-            operators = _operator_names(ds)
-        finally:
-            ray.kill(clock_actor)
-    finished = _dt.datetime.now(_dt.timezone.utc)
+    facts = SourceFacts.from_items(todo)
+    wanted = pa.table({"image_id": facts.image_id, "source_size": facts.size, "source_mtime": facts.mtime,
+                       "source_etag": facts.etag})
+    sha = checkpoint_sha256(config.checkpoint, config.storage_options) if todo else None
+    written = adoptable_rows(table, dt, wanted, sha, retry_failed=True, exclude_run=resolved.run_id)
+    adopted = len(written.ids)
+    adopted_ids = set(written.ids.to_pylist())
+    rest = [it for it in todo if image_id_for(it.source_uri) not in adopted_ids]
+    processed = process_items(resolved, rest, table) if rest else None
+    if processed is not None:
+        written.extend(processed.written.adds, processed.written.ids, processed.written.statuses)
+        written.run_id = resolved.run_id
     summary = RunSummary(
-        run_id=resolved.run_id,
-        input=config.input,
-        output=config.output,
-        checkpoint=config.checkpoint,
-        checkpoint_sha256=sha,
-        task=resolved.task,
-        align=resolved.align,
-        device=device,
-        listed=len(listed),
-        skipped=skipped,
-        processed=len(todo),
-        counts=dict(sorted(counts.items())),
-        stages={
-            k: {"rows": v.rows, "busy_s": round(v.busy_s, 3), "wall_s": round(v.wall_s, 3),
-                "rows_per_s": round(v.rows_per_s, 3)}
-            for k, v in timings.items()
-        },
-        operators=operators,
-        started_at=started.isoformat(),
-        finished_at=finished.isoformat(),
-        wall_s=round(time.perf_counter() - t0, 3),
-        code_version=code_version(),
-        not_inputs=dict(sorted(not_inputs.items())),
+        run_id=resolved.run_id, input=config.input, output=config.output, checkpoint=config.checkpoint,
+        checkpoint_sha256=(processed.checkpoint_sha256 if processed else None) or sha, task=resolved.task,
+        align=resolved.align, device=processed.device if processed else config.device, listed=len(listed),
+        skipped=skipped, processed=len(rest), counts=written.counts(),
+        stages=stage_dict(processed.timings if processed else {}),
+        operators=processed.operators if processed else [], started_at=started.isoformat(),
+        code_version=code_version(), adopted=adopted, not_inputs=dict(sorted(not_inputs.items())),
     )
-    doc = redact(asdict(summary), config.storage_options)
-    doc["counts_per_status"] = doc["counts"]
-    write_success(config.output, doc, config.storage_options)
+    written.run_id = resolved.run_id
+    return commit_summary(table, written, resolved.checkpoint.n_styles, summary, dt.version(), t0)
+
+
+def commit_summary(table: OutputTable, written: WrittenRun, n_styles: int, summary, read_version: int,
+                   t0: float, remove_ids: Sequence[str] = (), extra: Mapping[str, Any] | None = None):
+    """Commit a run's rows with its summary (`psp.run` of the commit, and ``_runs/<id>.json``
+    with the whole table's counts after it); fills `summary.version` / `replaced` / times."""
+    summary.finished_at = _dt.datetime.now(_dt.UTC).isoformat()
+    summary.wall_s = round(time.perf_counter() - t0, 3)
+    # Credentials never reach the commit's metadata or the run summary file.
+    doc = redact({**asdict(summary), **run_metadata(), **dict(extra or {})}, table.storage_options)
+    result = commit_run(table, written, n_styles, doc, read_version, remove_ids)
+    if result is not None:
+        summary.version, summary.replaced = result.version, result.removed
+        doc.update(version=result.version, replaced=result.removed)
+        write_run_summary(table, doc, result.version)
     return summary
+
+
+def stage_dict(timings: Mapping[str, StageTiming]) -> dict[str, dict[str, float]]:
+    return {
+        k: {"rows": v.rows, "busy_s": round(v.busy_s, 3), "wall_s": round(v.wall_s, 3),
+            "rows_per_s": round(v.rows_per_s, 3)}
+        for k, v in timings.items()
+    }
+
+
+def checkpoint_sha256(uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
+    """sha256 hex of the checkpoint file's bytes (the value rows record as checkpoint_sha256)."""
+    import hashlib
+
+    import fsspec
+
+    h = hashlib.sha256()
+    try:
+        with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except FileNotFoundError as exc:
+        raise ConfigError(
+            f"checkpoint {uri!r} not found: pass --checkpoint with a path or URI every node can read"
+        ) from exc
+    return h.hexdigest()
+
+
+__all__ = ["FINAL_STATUSES", "ConcurrentRunError", "RunSummary", "build_dataset", "process_items", "run_invert"]

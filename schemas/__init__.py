@@ -1,7 +1,8 @@
 """schemas: the versioned Arrow schemas of everything psp-pipeline writes, with readers.
 
-`output_schema(n_styles)` / `rows_to_table` build output schema v1; `read_outputs` and `read_latents`
-read it back (local paths or fsspec URIs, latest row per image_id). Names resolve lazily so that
+`output_schema(n_styles)` / `rows_to_table` build output schema v2; `read_outputs` and `read_latents`
+read the output Delta table back (local paths or fsspec URIs, current version or `as_of`).
+`image_id_for` and the run-id helpers are the keys every module uses. Names resolve lazily so that
 `import schemas` stays cheap. `python -m schemas export` regenerates the committed JSON exports.
 """
 from __future__ import annotations
@@ -14,22 +15,25 @@ _EXPORTS = {
     "STATUSES": "schemas.status",
     "FINAL_STATUSES": "schemas.status",
     "is_final": "schemas.status",
+    "is_transient": "schemas.status",
     "output_schema": "schemas.outputs",
     "rows_to_table": "schemas.outputs",
     "columns_to_table": "schemas.outputs",
-    "image_id_for": "schemas.outputs",
-    "read_outputs": "schemas.outputs",
-    "read_latents": "schemas.outputs",
     "w_plus_to_numpy": "schemas.outputs",
-    "list_output_files": "schemas.outputs",
     "schema_to_json": "schemas.outputs",
     "schema_version": "schemas.outputs",
     "tensor_shapes": "schemas.outputs",
     "edits_schema": "schemas.edits",
     "read_edits": "schemas.edits",
     "edits_w_plus_to_numpy": "schemas.edits",
+    "image_id_for": "schemas.ids",
+    "make_run_id": "schemas.ids",
+    "check_run_id": "schemas.ids",
+    "read_outputs": "schemas.table",
+    "read_latents": "schemas.table",
+    "read_runs": "schemas.table",
+    "open_table": "schemas.table",
 }
-# schemas/manifest.py (nightly manifest) adds its names here, e.g. "manifest_schema": "schemas.manifest".
 
 __all__ = sorted(_EXPORTS)
 

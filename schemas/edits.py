@@ -124,43 +124,26 @@ def edits_w_plus_to_numpy(table: pa.Table) -> np.ndarray:
 def read_edits(
     uri: str, storage_options: Mapping[str, Any] | None = None, columns: Sequence[str] | None = None
 ) -> pa.Table:
-    """Every edits-schema Parquet file under `uri` (skipping `_*`/`.*` names), the latest row per
-    `edit_id` (a rerun replaces, never duplicates); `columns` restricts what is read (e.g. leave
-    out `image`). Raises FileNotFoundError when there is none."""
-    import fsspec
-    import pyarrow.parquet as pq
+    """The edits Delta table at `uri` (what `psp edit` wrote), the latest row per `edit_id` (a
+    rerun replaces, never duplicates); `columns` restricts what is read (e.g. leave out `image`).
+    Raises FileNotFoundError when there is none."""
+    import pyarrow.compute as pc
+    from deltalake import DeltaTable
 
-    fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
-    if not fs.exists(path):
-        raise FileNotFoundError(f"edits {uri!r} do not exist: check the path (psp edit ... OUTPUT)")
-    base = path.rstrip("/")
-    files = sorted(
-        p for p in ([path] if fs.isfile(path) else fs.find(path))
-        if p.endswith(".parquet") and not any(part.startswith(("_", ".")) for part in p[len(base):].split("/"))
-    )
+    from schemas.table import delta_storage_options, table_uri
+
     if columns is not None:
         unknown = sorted(set(columns) - set(EDIT_COLUMNS))
         if unknown:
             raise ValueError(f"unknown edit column(s) {unknown}; the edits schema has {list(EDIT_COLUMNS)}")
+    path, opts = table_uri(uri), delta_storage_options(uri, storage_options)
+    if not DeltaTable.is_deltatable(path, storage_options=opts):
+        raise FileNotFoundError(f"no edits table at {uri!r} (no _delta_log): has `psp edit` written there?")
     read = None if columns is None else list(dict.fromkeys([*columns, "edit_id", "processed_at"]))
-    tables = []
-    for p in files:
-        with fs.open(p, "rb") as f:
-            pf = pq.ParquetFile(f)
-            meta = pf.schema_arrow.metadata or {}
-            version = meta.get(META_EDITS_VERSION)
-            if version != EDITS_SCHEMA_VERSION.encode():
-                raise ValueError(f"{p!r} under {uri!r} is not a psp edits file (psp.edits_schema_version={version!r})")
-            t = pf.read(columns=read)
-        target = edits_schema(int(meta[META_N_STYLES]))
-        if read is not None:
-            target = pa.schema([target.field(c) for c in read], metadata=target.metadata)
-        tables.append(t.select(target.names).cast(target))
-    if not tables:
-        raise FileNotFoundError(f"no edits Parquet files under {uri!r}: has `psp edit` written there?")
-    table = pa.concat_tables(tables)
-    import pyarrow.compute as pc
-
+    table = DeltaTable(path, storage_options=opts).to_pyarrow_table(columns=read)
+    if "w_plus" in table.column_names and table.num_rows:
+        n_styles = len(table["w_plus"][0]) // STYLE_DIM if table["w_plus"][0].is_valid else 1
+        table = table.replace_schema_metadata(edits_schema(max(n_styles, 1)).metadata)
     n = table.num_rows
     order = pc.sort_indices(
         pa.table({"edit_id": table["edit_id"], "processed_at": table["processed_at"],

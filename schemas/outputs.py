@@ -1,74 +1,81 @@
-"""Output schema v1: one Parquet row per input image, and the helpers to build and read it.
+"""Output schema v2: one row per input image in the output Delta table, and the helpers to build it.
 
-Every written file carries the same Arrow schema (all columns always present, null when unused), so
-pyarrow, pandas, DuckDB and Ray read any mix of files from any run without schema merging. Tensors are
-stored as fixed-size lists of float32; their shapes live in the schema metadata (`psp.tensor_shapes`)
-and `read_latents` uses them to hand back `w_plus` as `[N, n_styles, 512]`.
+Every run writes the same Arrow schema (all columns always present, null when unused). Delta Lake
+has no fixed-size list type, so tensors are `list<float32>` (row-major, flattened); their shapes
+live in the schema metadata (`psp.tensor_shapes`, and the table properties of the Delta table) and
+`w_plus_to_numpy` / `schemas.read_latents` hand back `w_plus` as float32 `[N, n_styles, 512]`.
 
-Writers build a batch with `rows_to_table` / `columns_to_table`; readers use `read_outputs`
-(deduplicated to the latest row per `image_id`) and `read_latents`.
+Writers build a batch with `rows_to_table` / `columns_to_table`; `schemas.table` reads the table.
+Pure Arrow: no I/O here.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 # The status vocabulary (and which statuses a rerun skips) lives in schemas.status.
+from schemas.ids import image_id_for
+from schemas.status import FINAL_STATUSES, STATUSES, is_transient
 from schemas.status import OK as STATUS_OK
-from schemas.status import STATUSES
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 STYLE_DIM = 512
 N_LANDMARKS = 68
 
 IMAGE_FORMATS = ("png", "jpeg", "none")
+
 
 META_VERSION = b"psp.schema_version"
 META_N_STYLES = b"psp.n_styles"
 META_SHAPES = b"psp.tensor_shapes"
 
 # Columns that must be set on every row (non-nullable in the schema).
-READ_THREADS = 16  # files read concurrently by read_outputs (I/O bound: object stores)
-
 REQUIRED_COLUMNS = ("image_id", "source_uri", "status", "run_id", "processed_at")
+# The listing facts of the input a row was made from (what a nightly run compares).
+SOURCE_FACTS = ("source_size", "source_mtime", "source_etag")
+TENSOR_COLUMNS = ("landmarks", "quad", "w_plus", "mix_w_plus")
 
 
-def _list(item: pa.DataType, size: int = -1) -> pa.DataType:
-    # Child named "element" as Parquet's compliant nested type names it: what is written reads
-    # back with an identical schema.
-    return pa.list_(pa.field("element", item), size)
+def _list(item: pa.DataType) -> pa.DataType:
+    # Child named "element", as Parquet's compliant nested type and Delta name it: what is written
+    # reads back with an identical schema.
+    return pa.list_(pa.field("element", item))
 
 
 def output_schema(n_styles: int) -> pa.Schema:
-    """The v1 output schema for a model with `n_styles` style vectors (18 for 1024², 8 for 32²).
+    """The v2 output schema for a model with `n_styles` style vectors (18 for 1024², 8 for 32²).
 
     All columns are always present (null when a row or a run does not produce them: error rows,
-    no `--mix`, no `--metrics`). Tensor columns are fixed-size float32 lists; their shapes are in the
+    no `--mix`, no `--metrics`). Tensor columns are flattened float32 lists; their shapes are in the
     schema metadata `psp.tensor_shapes` (JSON): w_plus [n_styles, 512], landmarks [68, 2],
-    quad [4, 2], mix_w_plus [-1, n_styles, 512] (per row, a list of w_plus).
+    quad [4, 2], mix_w_plus [-1, n_styles, 512] (per row, a list of flattened w_plus).
+    `source_size` / `source_mtime` / `source_etag` are the input's listing facts when the row was
+    made (a nightly run compares them with the next listing).
     """
     if not isinstance(n_styles, (int, np.integer)) or isinstance(n_styles, bool) or n_styles < 1:
         raise ValueError(f"n_styles must be a positive int (18 for a 1024x1024 pSp), got {n_styles!r}")
     n_styles = int(n_styles)
     f32, s = pa.float32(), pa.string()
-    w_plus_type = _list(f32, n_styles * STYLE_DIM)
+    w_plus_type = _list(f32)
     fields = [
         pa.field("image_id", s, nullable=False),
         pa.field("source_uri", s, nullable=False),
+        pa.field("source_size", pa.int64()),
+        pa.field("source_mtime", pa.timestamp("us", tz="UTC")),
+        pa.field("source_etag", s),
         pa.field("source_sha256", s),
         pa.field("source_width", pa.int32()),
         pa.field("source_height", pa.int32()),
         pa.field("status", s, nullable=False),
         pa.field("error", s),
         pa.field("face_score", f32),
-        pa.field("landmarks", _list(f32, N_LANDMARKS * 2)),
-        pa.field("quad", _list(f32, 8)),
+        pa.field("landmarks", _list(f32)),
+        pa.field("quad", _list(f32)),
         pa.field("task", s),
         pa.field("w_plus", w_plus_type),
         pa.field("output_image", pa.binary()),
@@ -101,15 +108,8 @@ def output_schema(n_styles: int) -> pa.Schema:
 
 COLUMNS: tuple[str, ...] = tuple(output_schema(1).names)
 
-# Column -> shape of one element, for the fixed-size tensor columns (w_plus depends on n_styles).
+# Column -> shape of one element, for the tensor columns of fixed shape (w_plus depends on n_styles).
 _FIXED_TENSORS = {"landmarks": (N_LANDMARKS, 2), "quad": (4, 2)}
-
-
-def image_id_for(source_uri: str) -> str:
-    """Stable row key for an input: the first 32 hex chars of sha256(source_uri as UTF-8)."""
-    if not isinstance(source_uri, str) or not source_uri:
-        raise ValueError(f"source_uri must be a non-empty string, got {source_uri!r}")
-    return hashlib.sha256(source_uri.encode("utf-8")).hexdigest()[:32]
 
 
 def schema_version(schema: pa.Schema) -> str | None:
@@ -120,12 +120,11 @@ def schema_version(schema: pa.Schema) -> str | None:
 
 
 def schema_n_styles(schema: pa.Schema) -> int:
-    """`n_styles` from a v1 schema's metadata (falls back to the w_plus list size / 512)."""
+    """`n_styles` from a psp output schema's metadata."""
     meta = schema.metadata or {}
-    if META_N_STYLES in meta:
-        return int(meta[META_N_STYLES])
-    w_type = schema.field("w_plus").type
-    return int(w_type.list_size) // STYLE_DIM
+    if META_N_STYLES not in meta:
+        raise ValueError("schema has no psp.n_styles metadata: is it a psp output schema?")
+    return int(meta[META_N_STYLES])
 
 
 def tensor_shapes(schema: pa.Schema) -> dict[str, list[int]]:
@@ -140,17 +139,27 @@ def tensor_shapes(schema: pa.Schema) -> dict[str, list[int]]:
 # building tables
 
 
-def _fixed_tensor_array(
+def _regular_list(flat: np.ndarray, size: int, mask: np.ndarray | None, type_: pa.DataType) -> pa.Array:
+    """[n, size] float32 rows -> ListArray<float32> (every row `size` long), nulls where `mask`."""
+    n = flat.shape[0]
+    offsets = pa.array(np.arange(0, (n + 1) * size, size, dtype=np.int32))
+    values = pa.array(flat.reshape(-1))
+    if mask is None or not mask.any():
+        return pa.ListArray.from_arrays(offsets, values, type=type_)
+    return pa.ListArray.from_arrays(offsets, values, type=type_, mask=pa.array(mask))
+
+
+def _tensor_array(
     name: str, values: Sequence[Any], shape: tuple[int, ...], type_: pa.DataType, row_ids: Sequence[str]
 ) -> pa.Array:
-    """Column of per-row arrays (or None) -> FixedSizeListArray<float32>[prod(shape)] with nulls."""
+    """Column of per-row arrays of `shape` (or None) -> list<float32> (flattened) with nulls."""
     size = int(np.prod(shape))
     if isinstance(values, np.ndarray) and values.dtype != object:
-        # A dense batch [B, *shape]: no nulls, zero-copy when already float32 and contiguous.
+        # A dense batch [B, *shape]: no nulls, no per-row loop.
         flat = np.ascontiguousarray(values, dtype=np.float32).reshape(len(values), -1)
         if flat.shape[1] != size:
             raise ValueError(f"column {name!r} has shape {values.shape[1:]}, expected {shape}")
-        return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), type=type_)
+        return _regular_list(flat, size, None, type_)
     n = len(values)
     flat = np.zeros((n, size), dtype=np.float32)
     mask = np.zeros(n, dtype=bool)
@@ -165,15 +174,13 @@ def _fixed_tensor_array(
                 f"({size} values); pass None for a missing value"
             )
         flat[i] = a.reshape(-1)
-    return pa.FixedSizeListArray.from_arrays(
-        pa.array(flat.reshape(-1)), type=type_, mask=pa.array(mask) if mask.any() else None
-    )
+    return _regular_list(flat, size, mask, type_)
 
 
 def _mix_w_plus_array(
     values: Sequence[Any], n_styles: int, list_type: pa.DataType, row_ids: Sequence[str]
 ) -> pa.Array:
-    """Per-row [n_mix, n_styles, 512] arrays (or None) -> list<fixed_size_list<float32>>."""
+    """Per-row [n_mix, n_styles, 512] arrays (or None) -> list<list<float32>>."""
     size = n_styles * STYLE_DIM
     offsets = [0]
     chunks: list[np.ndarray] = []
@@ -193,14 +200,14 @@ def _mix_w_plus_array(
         mask.append(False)
         offsets.append(offsets[-1] + chunks[-1].shape[0])
     flat = np.concatenate(chunks) if chunks else np.zeros((0, size), np.float32)
-    inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), type=list_type.value_type)
+    inner = _regular_list(flat, size, None, list_type.value_type)
     return pa.ListArray.from_arrays(
         pa.array(offsets, pa.int32()), inner, type=list_type, mask=pa.array(mask, pa.bool_())
     )
 
 
 def columns_to_table(columns: Mapping[str, Sequence[Any]], n_styles: int) -> pa.Table:
-    """Build a v1 output table from a column dict (the batch-dict form Ray stages use).
+    """Build a v2 output table from a column dict (the batch-dict form Ray stages use).
 
     Each value is a sequence of length B (lists, numpy arrays). Tensor columns accept, per row, an
     array of the element shape (w_plus [n_styles,512], landmarks [68,2], quad [4,2], mix_w_plus
@@ -213,7 +220,7 @@ def columns_to_table(columns: Mapping[str, Sequence[Any]], n_styles: int) -> pa.
     unknown = sorted(set(columns) - set(schema.names))
     if unknown:
         raise ValueError(
-            f"unknown output column(s) {unknown}; schema v1 columns are {list(schema.names)}"
+            f"unknown output column(s) {unknown}; schema v{SCHEMA_VERSION} columns are {list(schema.names)}"
         )
     if "source_uri" not in columns or "status" not in columns:
         raise ValueError("every output row needs 'source_uri' and 'status'")
@@ -231,7 +238,7 @@ def columns_to_table(columns: Mapping[str, Sequence[Any]], n_styles: int) -> pa.
         if name == "image_id":
             values: Any = ids
         elif name == "processed_at":
-            now = _dt.datetime.now(_dt.timezone.utc)
+            now = _dt.datetime.now(_dt.UTC)
             given = columns.get(name)
             values = [now if v is None else v for v in given] if given is not None else [now] * n
         else:
@@ -242,9 +249,9 @@ def columns_to_table(columns: Mapping[str, Sequence[Any]], n_styles: int) -> pa.
                 raise ValueError(f"column {name!r} is required on every output row")
             arrays.append(pa.nulls(n, field.type))
         elif name == "w_plus":
-            arrays.append(_fixed_tensor_array(name, values, (n_styles, STYLE_DIM), field.type, ids))
+            arrays.append(_tensor_array(name, values, (n_styles, STYLE_DIM), field.type, ids))
         elif name in _FIXED_TENSORS:
-            arrays.append(_fixed_tensor_array(name, values, _FIXED_TENSORS[name], field.type, ids))
+            arrays.append(_tensor_array(name, values, _FIXED_TENSORS[name], field.type, ids))
         elif name == "mix_w_plus":
             arrays.append(_mix_w_plus_array(values, n_styles, field.type, ids))
         else:
@@ -259,8 +266,27 @@ def columns_to_table(columns: Mapping[str, Sequence[Any]], n_styles: int) -> pa.
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
+def validate_tensors(table: pa.Table, n_styles: int) -> None:
+    """ValueError naming the row when a tensor column of an output table has a row of the wrong
+    length (list columns do not carry their length in the type, so a cast cannot catch it)."""
+    import pyarrow.compute as pc
+
+    sizes = {"w_plus": n_styles * STYLE_DIM, "landmarks": N_LANDMARKS * 2, "quad": 8}
+    for name, size in sizes.items():
+        col = table[name]
+        bad = pc.and_(pc.is_valid(col), pc.not_equal(pc.list_value_length(col), size))
+        if pc.any(bad).as_py():
+            i = pc.index(bad, True).as_py()
+            raise ValueError(f"row {table['image_id'][i]}: {name} has {pc.list_value_length(col)[i]} "
+                             f"values, expected {size} (n_styles={n_styles})")
+    mix = pc.list_flatten(table["mix_w_plus"])
+    bad = pc.and_(pc.is_valid(mix), pc.not_equal(pc.list_value_length(mix), n_styles * STYLE_DIM))
+    if len(mix) and pc.any(bad).as_py():
+        raise ValueError(f"mix_w_plus has an entry that is not {n_styles}x{STYLE_DIM} values")
+
+
 def rows_to_table(rows: Sequence[Mapping[str, Any]], n_styles: int) -> pa.Table:
-    """Build a v1 output table from row dicts (see `columns_to_table` for the accepted values).
+    """Build a v2 output table from row dicts (see `columns_to_table` for the accepted values).
 
     Example: `rows_to_table([{"source_uri": "s3://b/a.jpg", "status": "ok", "w_plus": w,
     "run_id": "r1"}], n_styles=18)` with `w` a float32 array [18, 512].
@@ -296,15 +322,16 @@ EXPORT_N_STYLES = 18  # the released 1024x1024 checkpoints
 
 
 def export_json() -> dict:
-    """The committed `schemas/output_v1.json`: schema v1 shown for n_styles=18 (1024² models)."""
+    """The committed `schemas/output_v2.json`: schema v2 shown for n_styles=18 (1024² models)."""
     return {
         "name": "psp output",
         "schema_version": SCHEMA_VERSION,
         "generated_by": "python -m schemas export",
         "note": (
-            "shown for n_styles=18 (1024x1024 checkpoints); w_plus is a fixed-size list of "
-            "n_styles*512 float32, reshape with metadata psp.tensor_shapes. One row per input; "
-            "read with schemas.read_outputs (latest row per image_id) or schemas.read_latents."
+            "shown for n_styles=18 (1024x1024 checkpoints). The output is a Delta Lake table whose "
+            "current version holds one row per input; w_plus is a list of n_styles*512 float32 "
+            "(row-major), reshape with psp.tensor_shapes (schema metadata and table properties). "
+            "Read with schemas.read_outputs / schemas.read_latents, or any Delta reader."
         ),
         "statuses": list(STATUSES),
         "image_formats": list(IMAGE_FORMATS),
@@ -313,225 +340,24 @@ def export_json() -> dict:
 
 
 # `python -m schemas export` writes each entry next to this module.
-JSON_EXPORTS = {"output_v1.json": export_json}
-
-
-# --------------------------------------------------------------------------------------------
-# reading
-
-
-def _filesystem(uri: str, storage_options: Mapping[str, Any] | None):
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
-    return fs, path
-
-
-def _committed(uri: str, storage_options: Mapping[str, Any] | None):
-    """For a nightly output (one with a committed manifest): (files, {image_id: run_id}) of the
-    current rows; None for a plain output folder. Uncommitted (crashed) runs are never listed."""
-    try:
-        from schemas import manifest as mf
-    except ImportError:  # pragma: no cover - manifest support is optional
-        return None
-    manifest, pointer = mf.read_manifest(uri, dict(storage_options or {}))
-    if pointer is None:
-        return None
-    live = mf.live_entries(manifest)
-    _, root = _filesystem(uri, storage_options)
-    root = root.rstrip("/")
-    files = sorted({f"{root}/{f}" for f in live["output_file"].to_pylist()})
-    current = dict(zip(live["image_id"].to_pylist(), live["run_id"].to_pylist()))
-    return files, current
-
-
-def list_output_files(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """Parquet files under `uri` (a folder or one file), sorted; skips `_*`/`.*` names (markers).
-
-    For a nightly output (`_manifests/_CURRENT.json` present) only the files the committed manifest
-    lists. Returns paths on the fsspec filesystem of `uri` (without the scheme for object stores).
-    Raises FileNotFoundError when `uri` does not exist.
-    """
-    committed = _committed(uri, storage_options)
-    if committed is not None:
-        return committed[0]
-    fs, path = _filesystem(uri, storage_options)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"output {uri!r} does not exist: check the path and storage_options")
-    if fs.isfile(path):
-        return [path]
-    base = path.rstrip("/")
-    found = []
-    for p in fs.find(path):
-        rel = p[len(base):].lstrip("/") if p.startswith(base) else p.rsplit("/", 1)[-1]
-        parts = rel.split("/")
-        if any(part.startswith(("_", ".")) for part in parts):
-            continue
-        if p.endswith(".parquet"):
-            found.append(p)
-    return sorted(found)
-
-
-def _read_file(fs, path: str, uri: str, columns: Sequence[str] | None) -> pa.Table:
-    import pyarrow.parquet as pq
-
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
-        schema = pf.schema_arrow
-        version = schema_version(schema)
-        if version != SCHEMA_VERSION:
-            raise ValueError(
-                f"{path!r} under {uri!r} has psp.schema_version={version!r}; this reader knows "
-                f"version {SCHEMA_VERSION!r}. Move files that are not psp outputs out of the "
-                "output folder, or upgrade psp-pipeline to read newer outputs."
-            )
-        table = pf.read(columns=list(columns) if columns is not None else None)
-    n_styles = schema_n_styles(schema)
-    target = output_schema(n_styles)
-    if columns is not None:
-        target = pa.schema([target.field(c) for c in columns], metadata=target.metadata)
-    return table.select(target.names).cast(target)
-
-
-def _output_readers(uri: str, storage_options: Mapping[str, Any] | None, columns: Sequence[str] | None):
-    """[(path, read() -> table)] for the output files of `uri` (manifest-aware), in file order."""
-    fs, _ = _filesystem(uri, storage_options)
-    committed = _committed(uri, storage_options)
-    if committed is None:
-        return [
-            (path, lambda path=path: _read_file(fs, path, uri, columns))
-            for path in list_output_files(uri, storage_options)
-        ]
-    # Nightly output: from each listed file only the rows the manifest names as current.
-    files, current = committed
-    want = None if columns is None else list(dict.fromkeys([*columns, "image_id", "run_id"]))
-
-    def read(path: str) -> pa.Table:
-        table = _read_file(fs, path, uri, want)
-        keep = [
-            i
-            for i, (image_id, run_id) in enumerate(
-                zip(table["image_id"].to_pylist(), table["run_id"].to_pylist())
-            )
-            if image_id in current and current[image_id] in (None, run_id)
-        ]
-        table = table.take(pa.array(keep, pa.int64()))
-        return table if columns is None else table.select(list(columns))
-
-    return [(path, lambda path=path: read(path)) for path in files]
-
-
-def iter_output_tables(
-    uri: str, storage_options: Mapping[str, Any] | None = None, columns: Sequence[str] | None = None
-) -> Iterator[tuple[str, pa.Table]]:
-    """Yield (path, table) per output Parquet file under `uri`, in file-name order, no dedup.
-
-    Lazy: a file is read when its turn comes. Each table is cast to the exact v1 schema
-    (restricted to `columns`); a Parquet file that is not a v1 psp output raises ValueError naming
-    it. For a nightly output only the rows its committed manifest names as current are yielded.
-    """
-    for path, read in _output_readers(uri, storage_options, columns):
-        yield path, read()
-
-
-def _latest_per_image(table: pa.Table) -> pa.Table:
-    """Keep the last row per image_id by processed_at (ties: later file/row wins), in read order."""
-    n = table.num_rows
-    if n == 0:
-        return table
-    import pyarrow.compute as pc
-
-    order = pc.sort_indices(
-        pa.table(
-            {
-                "image_id": table["image_id"],
-                "processed_at": table["processed_at"],
-                "row": pa.array(np.arange(n, dtype=np.int64)),
-            }
-        ),
-        sort_keys=[("image_id", "ascending"), ("processed_at", "ascending"), ("row", "ascending")],
-    ).to_numpy()
-    ids = table["image_id"].take(order).to_numpy(zero_copy_only=False)
-    last = np.ones(n, dtype=bool)
-    last[:-1] = ids[:-1] != ids[1:]
-    keep = np.sort(order[last])
-    if len(keep) == n:
-        return table
-    return table.take(pa.array(keep))
-
-
-def read_outputs(
-    uri: str,
-    storage_options: Mapping[str, Any] | None = None,
-    columns: Sequence[str] | None = None,
-    dedup: bool = True,
-) -> pa.Table:
-    """Read every psp output Parquet file under `uri` (local path or fsspec URI) into one table.
-
-    A nightly output (with a committed `_manifests/` manifest) is read through the manifest: only
-    committed current rows. Otherwise every Parquet file under `uri` is read.
-    Non-Parquet files and `_*`/`.*` names (`_SUCCESS.json`, `_runs/`) are ignored; a Parquet file
-    without `psp.schema_version` "1" raises ValueError naming it. With `dedup` (default) only the
-    latest row per `image_id` (by `processed_at`) is kept, so a rerun never shows duplicates.
-    Rows come in file-name order, then row order. `columns` selects columns (the schema metadata,
-    with the tensor shapes, is kept). For s3:// pass e.g. `storage_options={"key": ..., "secret":
-    ..., "client_kwargs": {"endpoint_url": ...}}`.
-    """
-    if columns is not None:
-        unknown = sorted(set(columns) - set(COLUMNS))
-        if unknown:
-            raise ValueError(f"unknown column(s) {unknown}; schema v1 columns are {list(COLUMNS)}")
-    read_cols = None
-    if columns is not None:
-        read_cols = list(dict.fromkeys([*columns, *(("image_id", "processed_at") if dedup else ())]))
-    readers = _output_readers(uri, storage_options, read_cols)
-    if len(readers) > 1:
-        # Object stores answer many small reads in parallel far faster than one after another.
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(readers))) as pool:
-            tables = list(pool.map(lambda pr: pr[1](), readers))
-    else:
-        tables = [read() for _, read in readers]
-    if not tables:
-        raise FileNotFoundError(
-            f"no Parquet files under {uri!r}: has a run written there (psp invert ... --output)?"
-        )
-    n_styles = {int(t.schema.metadata[META_N_STYLES]) for t in tables}
-    if len(n_styles) > 1:
-        raise ValueError(
-            f"outputs under {uri!r} mix models with n_styles {sorted(n_styles)}: "
-            "write each model's outputs to its own folder"
-        )
-    table = pa.concat_tables(tables)
-    if dedup:
-        table = _latest_per_image(table)
-    if columns is not None:
-        table = table.select(list(columns))
-    return table
+JSON_EXPORTS = {f"output_v{SCHEMA_VERSION}.json": export_json}
 
 
 def w_plus_to_numpy(table: pa.Table) -> np.ndarray:
-    """The `w_plus` column of a v1 table as float32 [N, n_styles, 512] (no null rows allowed)."""
-    col = table["w_plus"].combine_chunks()
+    """The `w_plus` column of an output table as float32 [N, n_styles, 512] (no null rows allowed).
+
+    The shape comes from the schema metadata; a row of another length raises ValueError."""
+    col = table["w_plus"]
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if col.null_count:
         raise ValueError("w_plus has null rows (error rows): filter status == 'ok' first")
     shape = tensor_shapes(table.schema)["w_plus"]
-    flat = col.values.to_numpy(zero_copy_only=False)
-    if col.offset or len(flat) != len(col) * shape[0] * shape[1]:
-        flat = col.flatten().to_numpy(zero_copy_only=False)
-    return flat.reshape(len(col), *shape).astype(np.float32, copy=False)
-
-
-def read_latents(
-    uri: str, storage_options: Mapping[str, Any] | None = None
-) -> tuple[list[str], np.ndarray]:
-    """(image_ids, w_plus float32 [N, n_styles, 512]) of the `status == "ok"` rows under `uri`.
-
-    Latest row per image_id (as `read_outputs`); the shape comes from the schema metadata.
-    """
+    size = int(np.prod(shape))
     import pyarrow.compute as pc
 
-    table = read_outputs(uri, storage_options, columns=["image_id", "status", "w_plus"])
-    table = table.filter(pc.equal(table["status"], STATUS_OK))
-    return table["image_id"].to_pylist(), w_plus_to_numpy(table)
+    lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+    if len(col) and (lengths != size).any():
+        bad = int(np.flatnonzero(lengths != size)[0])
+        raise ValueError(f"w_plus row {bad} has {lengths[bad]} values, expected {shape} = {size}")
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    return flat.reshape(len(col), *shape).astype(np.float32, copy=False)

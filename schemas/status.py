@@ -44,3 +44,8 @@ RETRYABLE_STATUSES = tuple(s for s in STATUSES if s not in FINAL_STATUSES)
 def is_final(status: str | None) -> bool:
     """True for a status a rerun leaves alone (ok, or a property of the input)."""
     return status in FINAL_STATUSES
+
+
+def is_transient(status: str | None) -> bool:
+    """True for a failed row worth retrying (`--retry-failed`): not ok and not a property of the input."""
+    return status not in FINAL_STATUSES

@@ -1,8 +1,9 @@
 """Shared test fixtures: one Ray cluster, one S3 (moto) server, a tiny checkpoint, the astronaut.
 
 Ray and S3 are real: a `ray.cluster_utils.Cluster` (head with 4 logical CPUs, so fault tests can
-add/remove worker nodes) and moto's `ThreadedMotoServer` spoken to over HTTP by s3fs in every Ray
-worker. Both are session-scoped because starting them costs seconds on this 2-core machine.
+add/remove worker nodes) and moto's S3 server in its own process (`python -m moto.server`), spoken
+to over HTTP by s3fs in every Ray worker and by delta-rs on the driver (in-process, the driver's
+Delta commit dead-locks against the server's thread). Both are session-scoped because starting them costs seconds on this 2-core machine.
 """
 from __future__ import annotations
 
@@ -97,12 +98,26 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """moto's ThreadedMotoServer on 127.0.0.1:<free port>, for the whole session."""
-    from moto.server import ThreadedMotoServer
+    """moto's S3 server on 127.0.0.1:<free port>, a separate process, for the whole session."""
+    import subprocess
+    import sys
+    import time
 
     port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"moto server did not start on port {port}") from None
+            time.sleep(0.1)
     endpoint = f"http://127.0.0.1:{port}"
     options = {
         "key": "testing",
@@ -112,7 +127,8 @@ def s3_server():
     try:
         yield S3Server(endpoint_url=endpoint, storage_options=options)
     finally:
-        server.stop()
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")

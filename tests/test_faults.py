@@ -18,9 +18,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from test_nightly import (
+    committed_rows,
+    file_uri,
+    nightly_config,
+    png_bytes,
+    write_images,
+)
 
-from schemas import manifest as mf
-from test_nightly import committed_rows, file_uri, nightly_config, png_bytes, write_images
+from schemas.table import read_runs, table_exists
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +48,8 @@ def _wait_for(predicate, timeout=120.0, what="condition"):
 
 
 def _run_files(out, run_id):
-    """Data files a run has written (not its `_plan.parquet`)."""
-    files = glob.glob(os.path.join(str(out), "runs", run_id, "*.parquet"))
-    return [f for f in files if not os.path.basename(f).startswith("_")]
+    """Data files a run has written (under OUTPUT/runs/<run_id>/, committed or not)."""
+    return glob.glob(os.path.join(str(out), "runs", run_id, "*.parquet"))
 
 
 def _finished_run_files(out, run_id):
@@ -74,6 +79,14 @@ def _check_exactly_once(out, paths, storage_options=None):
     assert len(ids) == len(set(ids)) == len(paths) and w.shape[0] == len(paths)
 
 
+def table_files(out) -> set[str]:
+    """Local paths of the data files of the table's current version."""
+    from pipelines.table import OutputTable
+
+    table = OutputTable(str(out))
+    return {os.path.join(str(out), p) for p in table.files(table.load())}
+
+
 def _invert_actors() -> list[dict]:
     """Alive invert actors (Ray Data names the class `MapWorker(MapBatches(InvertFaces))`), from
     the GCS actor table: {"ActorID", "Pid", "NodeID"}. No dashboard needed."""
@@ -89,7 +102,7 @@ def _invert_actors() -> list[dict]:
 # -- (a) an invert actor dies mid-run -----------------------------------------------------------
 
 def test_a_killed_invert_actor_loses_and_duplicates_nothing(ray_cluster, tiny_checkpoint, tmp_path):
-    from jobs.nightly import run_nightly
+    from pipelines.incremental import run_nightly
 
     inp, out = tmp_path / "in", tmp_path / "out"
     paths = write_images(inp, range(N))
@@ -120,7 +133,7 @@ def test_b_removed_worker_node_loses_and_duplicates_nothing(ray_cluster, tiny_ch
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from jobs.nightly import run_nightly
+    from pipelines.incremental import run_nightly
 
     inp, out = tmp_path / "in", tmp_path / "out"
     paths = write_images(inp, range(N))
@@ -172,7 +185,7 @@ def test_b_removed_worker_node_loses_and_duplicates_nothing(ray_cluster, tiny_ch
 def test_c_killed_driver_commits_nothing_and_the_rerun_completes_exactly_once(
     ray_cluster, tiny_checkpoint, tmp_path
 ):
-    from jobs.nightly import run_nightly
+    from pipelines.incremental import run_nightly
 
     inp, out = tmp_path / "in", tmp_path / "out"
     paths = write_images(inp, range(N_DRIVER))
@@ -195,8 +208,7 @@ def test_c_killed_driver_commits_nothing_and_the_rerun_completes_exactly_once(
         driver.wait()
 
     # The crashed run is invisible: nothing committed, readers see no rows from it.
-    assert mf.read_pointer(str(out)) is None
-    assert mf.read_committed(str(out)) is None
+    assert read_runs(str(out)) == [] and committed_rows(out) == {}
 
     rerun = run_nightly(nightly_config(inp, out, tiny_checkpoint))
     assert rerun.committed and rerun.lost == 0
@@ -205,92 +217,141 @@ def test_c_killed_driver_commits_nothing_and_the_rerun_completes_exactly_once(
     assert rerun.adopted > 0 and rerun.adopted + rerun.processed == N_DRIVER
     _check_exactly_once(out, paths)
 
+    # `psp vacuum` deletes the dead run's files the rerun did not adopt whole; the table is intact.
+    from pipelines.table import vacuum
+
+    left = set(_run_files(out, run_id))
+    result = vacuum(str(out), retention_hours=0, compact=False)
+    kept = table_files(out)
+    assert set(_run_files(out, run_id)) == left & kept
+    assert {os.path.join(str(out), p) for p in result.deleted_files} == left - kept
+    _check_exactly_once(out, paths)
+
 
 # -- (d) S3 throttling and 5xx between the pipeline and the server ------------------------------
+
+SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
+             b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+class EveryNth:
+    """A fault rule: every `k`-th request fails."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def __call__(self, method, path, n) -> bool:
+        return n % self.k == 0
+
+
+def data_writes(method, path, n):
+    """A fault rule: S3 keeps refusing the pipeline's data-file writes (under runs/)."""
+    return method in ("PUT", "POST") and "/runs/" in path and "probe" not in path
+
+
+def _serve_proxy(upstream: str, rule, count, failed, port) -> None:
+    """The proxy's process: relay to `upstream`, answer 503 SlowDown where `rule` says."""
+    import threading
+
+    host, up_port = upstream.split("://", 1)[1].split(":")
+    should_fail = rule
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                chunks = []
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0], 16)
+                    if size == 0:
+                        self.rfile.readline()
+                        return b"".join(chunks)
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _handle(self):
+            body = self._body()
+            with lock:
+                count.value += 1
+                fail = should_fail(self.command, self.path, count.value)
+                failed.value += bool(fail)
+            if fail:
+                self.send_response(503)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(SLOW_DOWN)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(SLOW_DOWN)
+                return
+            headers = {k: v for k, v in self.headers.items()
+                       if k.lower() not in ("transfer-encoding", "connection")}
+            headers["Content-Length"] = str(len(body))
+            conn = http.client.HTTPConnection(host, int(up_port), timeout=60)
+            try:
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            finally:
+                conn.close()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                    self.send_header(k, v)
+            # HEAD: the object's size, as the server said; otherwise the body we relay.
+            length = resp.getheader("Content-Length") if self.command == "HEAD" else len(data)
+            self.send_header("Content-Length", str(length or 0))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    port.value = server.server_address[1]
+    server.serve_forever()
+
 
 class FaultyS3Proxy:
     """An HTTP proxy in front of the S3 server that answers some requests with 503 SlowDown.
 
-    `should_fail(method, path, n)` decides per request (`n` counts requests from 1).
+    It runs in its own process: delta-rs holds the GIL while it waits on the network, so a proxy
+    thread in the test process would never answer the driver's Delta commit. `rule` is a
+    picklable fault rule (`data_writes`, or `EveryNth(4)`): `rule(method, path,
+    n)` with `n` counting requests from 1.
     """
 
-    BODY = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
-            b"<Message>Please reduce your request rate.</Message></Error>")
+    def __init__(self, upstream: str, rule):
+        import multiprocessing as mp
 
-    def __init__(self, upstream: str, should_fail):
-        host, port = upstream.split("://", 1)[1].split(":")
-        proxy = self
-        self.count = 0
-        self.failed = 0
-        self._lock = threading.Lock()
+        ctx = mp.get_context("spawn")
+        self._count, self._failed, self._port = ctx.Value("i", 0), ctx.Value("i", 0), ctx.Value("i", 0)
+        self._proc = ctx.Process(target=_serve_proxy, daemon=True,
+                                 args=(upstream, rule, self._count, self._failed, self._port))
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    @property
+    def count(self) -> int:
+        return self._count.value
 
-            def log_message(self, *args):
-                pass
-
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    chunks = []
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0], 16)
-                        if size == 0:
-                            self.rfile.readline()
-                            return b"".join(chunks)
-                        chunks.append(self.rfile.read(size))
-                        self.rfile.readline()
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
-
-            def _handle(self):
-                body = self._body()
-                with proxy._lock:
-                    proxy.count += 1
-                    fail = should_fail(self.command, self.path, proxy.count)
-                    proxy.failed += bool(fail)
-                if fail:
-                    self.send_response(503)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(proxy.BODY)))
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(proxy.BODY)
-                    return
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("transfer-encoding", "connection")}
-                headers["Content-Length"] = str(len(body))
-                conn = http.client.HTTPConnection(host, int(port), timeout=60)
-                try:
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    data = resp.read()
-                finally:
-                    conn.close()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(k, v)
-                # HEAD: the object's size, as the server said; otherwise the body we relay.
-                length = resp.getheader("Content-Length") if self.command == "HEAD" else len(data)
-                self.send_header("Content-Length", str(length or 0))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.endpoint_url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+    @property
+    def failed(self) -> int:
+        return self._failed.value
 
     def __enter__(self):
-        self._thread.start()
+        self._proc.start()
+        _wait_for(lambda: self._port.value, timeout=60, what="the S3 proxy process")
+        self.endpoint_url = f"http://127.0.0.1:{self._port.value}"
         return self
 
     def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
+        self._proc.terminate()
+        self._proc.join(timeout=10)
 
 
 def _storage_options(endpoint_url, **extra):
@@ -311,12 +372,12 @@ def _s3_inputs(s3_server, n):
 
 
 def test_d_s3_throttling_is_retried_and_nothing_is_lost(ray_cluster, s3_server, tiny_checkpoint):
-    from jobs.nightly import run_nightly
+    from pipelines.incremental import run_nightly
 
     bucket, uris = _s3_inputs(s3_server, 8)
     out = f"s3://{bucket}/out"
-    every = 4  # every 4th request to S3 answers 503 SlowDown
-    with FaultyS3Proxy(s3_server.endpoint_url, lambda m, p, n: n % every == 0) as proxy:
+    # every 4th request to S3 answers 503 SlowDown
+    with FaultyS3Proxy(s3_server.endpoint_url, EveryNth(4)) as proxy:
         so = _storage_options(proxy.endpoint_url)
         result = run_nightly(nightly_config(f"s3://{bucket}/in", out, tiny_checkpoint,
                                             storage_options=so))
@@ -328,14 +389,10 @@ def test_d_s3_throttling_is_retried_and_nothing_is_lost(ray_cluster, s3_server, 
 def test_d_s3_errors_past_the_retries_fail_clearly_and_commit_nothing(
     ray_cluster, s3_server, tiny_checkpoint
 ):
-    from jobs.nightly import NightlyError, run_nightly
+    from pipelines.incremental import NightlyError, run_nightly
 
     bucket, uris = _s3_inputs(s3_server, 4)
     out = f"s3://{bucket}/out"
-
-    def data_writes(method, path, n):  # S3 keeps refusing the pipeline's Parquet writes
-        return method in ("PUT", "POST") and "/runs/" in path and "_plan" not in path \
-            and "probe" not in path
 
     # Few botocore retries so the test spends seconds, not minutes, exhausting them.
     with FaultyS3Proxy(s3_server.endpoint_url, data_writes) as proxy:
@@ -348,7 +405,7 @@ def test_d_s3_errors_past_the_retries_fail_clearly_and_commit_nothing(
     message = str(err.value)
     assert "fault-d" in message and "Nothing was committed" in message and "rerun" in message
     assert "reduce your request rate" in message or "SlowDown" in message or "503" in message
-    assert mf.read_pointer(out, s3_server.storage_options) is None
+    assert not table_exists(out, s3_server.storage_options) or read_runs(out, s3_server.storage_options) == []
 
     # Once S3 behaves, the same command completes: every row once.
     result = run_nightly(nightly_config(f"s3://{bucket}/in", out, tiny_checkpoint,

@@ -287,7 +287,7 @@ def test_gif_gives_its_first_frame():
 
 
 def test_permanent_and_retryable_statuses():
-    from jobs.nightly import is_transient
+    from schemas.status import is_transient
 
     assert set(FINAL_STATUSES) <= set(STATUSES)
     for status in ("not_a_file", "container_error", "decode_error", "too_large", "too_small", "no_face", "ok"):

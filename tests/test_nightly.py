@@ -1,57 +1,49 @@
-"""Nightly incremental runs: the diff, the manifest commit protocol, and the end-to-end acceptance.
+"""Nightly incremental runs: the diff against the output table, and the end-to-end acceptance.
 
-Unit tests (no Ray) pin the planning rules and the commit protocol; the acceptance test runs the
-real pipeline through `psp nightly` twice over a folder that changes in between.
+Unit tests (no Ray) pin the planning rules; the acceptance test runs the real pipeline through
+`run_nightly` over a folder that changes between runs, into one Delta table.
 """
 from __future__ import annotations
 
-import json
+import datetime as dt
 import os
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from jobs.nightly import (
-    ListedInput,
-    NightlyPlan,
-    as_listed,
-    next_manifest,
-    plan_nightly,
-)
-from schemas import manifest as mf
+from pipelines.incremental import ListedInput, as_listed, plan_nightly
+from pipelines.table import STATE_COLUMNS
+from schemas import image_id_for, output_schema
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
 
 
-def _entry(uri, etag=None, size=10, mtime=100.0, sha=SHA_A, status="ok", run="r1"):
-    return {
-        "image_id": mf.image_id_for(uri),
-        "source_uri": uri,
-        "etag": etag,
-        "size": size,
-        "mtime": mtime,
-        "checkpoint_sha256": sha,
-        "schema_version": 1,
-        "run_id": run,
-        "status": status,
-        "output_file": f"runs/{run}/part-0.parquet" if status != mf.DELETED else None,
-    }
+def state(*rows) -> pa.Table:
+    """The current rows of an output table as `OutputTable.state` returns them."""
+    schema = pa.schema([output_schema(1).field(c) for c in STATE_COLUMNS]).append(pa.field("_file", pa.string()))
+    full = []
+    for r in rows:
+        mtime = r.get("mtime", 100.0)
+        full.append({
+            "image_id": image_id_for(r["uri"]), "source_uri": r["uri"], "status": r.get("status", "ok"),
+            "checkpoint_sha256": r.get("sha", SHA_A), "source_size": r.get("size", 10),
+            "source_mtime": None if mtime is None else dt.datetime.fromtimestamp(mtime, dt.UTC),
+            "source_etag": r.get("etag"), "run_id": "r1", "_file": "runs/r1/part-0.parquet",
+        })
+    return pa.Table.from_pylist(full, schema=schema)
 
 
 # -- planning ---------------------------------------------------------------------------------
 
 def test_plan_buckets_new_changed_deleted_unchanged():
-    manifest = mf.make_entries(
-        [
-            _entry("s3://b/same.jpg", etag="e1"),
-            _entry("s3://b/changed.jpg", etag="e1"),
-            _entry("s3://b/gone.jpg", etag="e1"),
-            _entry("/d/local_same.jpg", mtime=5.0),
-            _entry("/d/local_touched.jpg", mtime=5.0),
-            _entry("/d/local_grown.jpg", size=10, mtime=5.0),
-        ]
+    current = state(
+        {"uri": "s3://b/same.jpg", "etag": "e1"},
+        {"uri": "s3://b/changed.jpg", "etag": "e1"},
+        {"uri": "s3://b/gone.jpg", "etag": "e1"},
+        {"uri": "/d/local_same.jpg", "mtime": 5.0},
+        {"uri": "/d/local_touched.jpg", "mtime": 5.0},
+        {"uri": "/d/local_grown.jpg", "size": 10, "mtime": 5.0},
     )
     listing = [
         ListedInput("s3://b/same.jpg", 10, "e1", 999.0),  # re-upload of the same bytes: same ETag
@@ -61,7 +53,7 @@ def test_plan_buckets_new_changed_deleted_unchanged():
         ListedInput("/d/local_touched.jpg", 10, None, 6.0),
         ListedInput("/d/local_grown.jpg", 11, None, 5.0),
     ]
-    plan = plan_nightly(listing, manifest, SHA_A)
+    plan = plan_nightly(listing, current, SHA_A)
     assert plan.new == ["s3://b/new.jpg"]
     assert sorted(plan.changed) == ["/d/local_grown.jpg", "/d/local_touched.jpg", "s3://b/changed.jpg"]
     assert plan.deleted == ["s3://b/gone.jpg"]
@@ -69,133 +61,43 @@ def test_plan_buckets_new_changed_deleted_unchanged():
     assert plan.model_changed == [] and plan.retry == []
 
 
+def test_mtime_survives_the_round_trip_through_the_table():
+    # Epoch seconds with sub-microsecond noise, as listings report them: stored as timestamp[us],
+    # compared after the same rounding, so an untouched file is never "changed".
+    mtime = 1764151234.1234567
+    plan = plan_nightly([ListedInput("/d/a.jpg", 10, None, mtime)], state({"uri": "/d/a.jpg", "mtime": mtime}), SHA_A)
+    assert plan.unchanged == 1 and plan.to_process == []
+
+
 def test_model_change_reprocesses_only_when_asked():
-    manifest = mf.make_entries([_entry("/d/a.jpg"), _entry("/d/b.jpg", sha=SHA_B)])
+    current = state({"uri": "/d/a.jpg"}, {"uri": "/d/b.jpg", "sha": SHA_B})
     listing = [ListedInput("/d/a.jpg", 10, None, 100.0), ListedInput("/d/b.jpg", 10, None, 100.0)]
-    assert plan_nightly(listing, manifest, SHA_B).to_process == []
-    plan = plan_nightly(listing, manifest, SHA_B, reprocess_on_model_change=True)
+    assert plan_nightly(listing, current, SHA_B).to_process == []
+    plan = plan_nightly(listing, current, SHA_B, reprocess_on_model_change=True)
     assert plan.model_changed == ["/d/a.jpg"] and plan.unchanged == 1
 
 
 def test_retry_failed_only_retries_transient_statuses():
-    manifest = mf.make_entries(
-        [
-            _entry("/d/read.jpg", status="read_error"),
-            _entry("/d/invert.jpg", status="invert_error"),
-            _entry("/d/noface.jpg", status="no_face"),
-            _entry("/d/broken.jpg", status="decode_error"),
-        ]
+    current = state(
+        {"uri": "/d/read.jpg", "status": "read_error"},
+        {"uri": "/d/invert.jpg", "status": "invert_error"},
+        {"uri": "/d/noface.jpg", "status": "no_face"},
+        {"uri": "/d/broken.jpg", "status": "decode_error"},
     )
     listing = [ListedInput(u, 10, None, 100.0) for u in
                ["/d/read.jpg", "/d/invert.jpg", "/d/noface.jpg", "/d/broken.jpg"]]
-    assert plan_nightly(listing, manifest, SHA_A).to_process == []
-    plan = plan_nightly(listing, manifest, SHA_A, retry_failed=True)
+    assert plan_nightly(listing, current, SHA_A).to_process == []
+    plan = plan_nightly(listing, current, SHA_A, retry_failed=True)
     assert sorted(plan.retry) == ["/d/invert.jpg", "/d/read.jpg"]
     assert plan.unchanged == 2
 
 
-def test_a_deleted_input_that_comes_back_is_new_and_tombstones_are_not_repeated():
-    manifest = mf.make_entries([_entry("/d/x.jpg", status=mf.DELETED), _entry("/d/y.jpg", status=mf.DELETED)])
-    plan = plan_nightly([ListedInput("/d/x.jpg", 10, None, 100.0)], manifest, SHA_A)
-    assert plan.new == ["/d/x.jpg"] and plan.deleted == []
-
-
 def test_as_listed_normalises_source_items():
-    import datetime as dt
     from types import SimpleNamespace
 
-    when = dt.datetime(2026, 1, 2, tzinfo=dt.timezone.utc)
+    when = dt.datetime(2026, 1, 2, tzinfo=dt.UTC)
     item = as_listed(SimpleNamespace(uri="s3://b/k", size="12", etag='"abc"', mtime=when, kind="image"))
     assert item == ListedInput("s3://b/k", 12, "abc", when.timestamp())
-
-
-def test_next_manifest_tombstones_deleted_replaces_processed_keeps_unprocessed():
-    prev = mf.make_entries([_entry("/d/a.jpg"), _entry("/d/b.jpg"), _entry("/d/c.jpg")])
-    plan = NightlyPlan(new=["/d/n.jpg"], changed=["/d/a.jpg", "/d/b.jpg"], deleted=["/d/c.jpg"])
-    listing = {u: ListedInput(u, 20, None, 200.0) for u in ["/d/a.jpg", "/d/b.jpg", "/d/n.jpg"]}
-    results = {  # b got no row this run (lost): it keeps its old entry and is planned again
-        "/d/a.jpg": {"status": "ok", "output_file": "runs/r2/p.parquet"},
-        "/d/n.jpg": {"status": "no_face", "output_file": "runs/r2/p.parquet"},
-    }
-    new = {r["source_uri"]: r for r in next_manifest(prev, plan, listing, results, "r2", SHA_B).to_pylist()}
-    assert new["/d/a.jpg"]["run_id"] == "r2" and new["/d/a.jpg"]["size"] == 20
-    assert new["/d/a.jpg"]["checkpoint_sha256"] == SHA_B
-    assert new["/d/b.jpg"]["run_id"] == "r1" and new["/d/b.jpg"]["size"] == 10
-    assert new["/d/c.jpg"]["status"] == mf.DELETED and new["/d/c.jpg"]["output_file"] is None
-    assert new["/d/n.jpg"]["status"] == "no_face"
-    replan = plan_nightly(list(listing.values()), mf.make_entries(new.values()), SHA_B)
-    assert replan.changed == ["/d/b.jpg"] and replan.new == [] and replan.deleted == []
-
-
-# -- commit protocol --------------------------------------------------------------------------
-
-def _write_rows(path, rows):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), path)
-
-
-def test_commit_writes_manifest_then_pointer_and_readers_see_only_committed_rows(tmp_path):
-    out = str(tmp_path / "out")
-    assert mf.read_committed(out) is None  # not a nightly output: callers read it plainly
-    row = lambda uri, run, v: {"image_id": mf.image_id_for(uri), "source_uri": uri, "run_id": run, "v": v}
-    _write_rows(f"{out}/runs/r1/part-0.parquet", [row("/a", "r1", 1), row("/b", "r1", 1),
-                                                  row("/b", "r1", 1)])  # a duplicated row
-    m1 = mf.make_entries([
-        {**_entry("/a", run="r1"), "output_file": "runs/r1/part-0.parquet"},
-        {**_entry("/b", run="r1"), "output_file": "runs/r1/part-0.parquet"},
-    ])
-    p1 = mf.commit_manifest(out, m1, "r1", expected=None)
-    assert p1.seq == 1 and os.path.exists(f"{out}/_manifests/{p1.manifest}")
-    assert json.loads(open(f"{out}/_manifests/_CURRENT.json").read())["manifest"] == p1.manifest
-
-    # Run 2 reprocesses /b, then "crashes" run 3 before its commit: its files exist, unreferenced.
-    _write_rows(f"{out}/runs/r2/part-0.parquet", [row("/b", "r2", 2)])
-    _write_rows(f"{out}/runs/r3/part-0.parquet", [row("/a", "r3", 3), row("/c", "r3", 3)])
-    m2 = mf.make_entries([
-        {**_entry("/a", run="r1"), "output_file": "runs/r1/part-0.parquet"},
-        {**_entry("/b", run="r2"), "output_file": "runs/r2/part-0.parquet"},
-    ])
-    p2 = mf.commit_manifest(out, m2, "r2", expected=p1)
-    table = mf.read_committed(out, columns=["source_uri", "v"])
-    got = sorted(zip(table["source_uri"].to_pylist(), table["v"].to_pylist()))
-    assert got == [("/a", 1), ("/b", 2)]  # latest row per image, no dup, nothing from run 3
-    assert mf.committed_output_files(out) == [f"{out}/runs/r1/part-0.parquet", f"{out}/runs/r2/part-0.parquet"]
-
-    # A run that started from p1 lost the race to p2: it must not commit.
-    with pytest.raises(mf.ManifestError, match="rerun"):
-        mf.commit_manifest(out, m2, "r4", expected=p1)
-    assert mf.read_pointer(out) == p2
-
-
-def test_commit_leaves_no_temporary_files_and_survives_a_torn_pointer_write(tmp_path):
-    out = str(tmp_path / "o")
-    m = mf.make_entries([_entry("/a")])
-    mf.commit_manifest(out, m, "r1", expected=None)
-    names = sorted(os.listdir(f"{out}/_manifests"))
-    assert names == ["_CURRENT.json", "manifest-00000001-r1.parquet"]
-    # A crash mid-write leaves only a temp file beside the pointer; readers still see run r1.
-    with open(f"{out}/_manifests/_CURRENT.json.tmp-dead", "w") as f:
-        f.write('{"seq": 2, "run_id": "r2", "manif')
-    assert mf.read_pointer(out).run_id == "r1"
-
-
-def test_commit_on_s3_is_readable_back(s3_server):
-    bucket = s3_server.make_bucket("mf")
-    out = f"s3://{bucket}/nightly"
-    so = s3_server.storage_options
-    s3_server.client().put_object(Bucket=bucket, Key="nightly/runs/r1/p.parquet", Body=_parquet_bytes(
-        [{"image_id": mf.image_id_for("/a"), "source_uri": "/a", "run_id": "r1", "v": 7}]))
-    entry = {**_entry("/a", run="r1"), "output_file": "runs/r1/p.parquet"}
-    mf.commit_manifest(out, mf.make_entries([entry]), "r1", expected=None, storage_options=so)
-    manifest, pointer = mf.read_manifest(out, so)
-    assert pointer.run_id == "r1" and manifest["source_uri"].to_pylist() == ["/a"]
-    assert mf.read_committed(out, ["v"], so)["v"].to_pylist() == [7]
-
-
-def _parquet_bytes(rows):
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows), sink)
-    return sink.getvalue().to_pybytes()
 
 
 # -- end to end (real Ray, real pipeline) -----------------------------------------------------
@@ -245,10 +147,22 @@ def nightly_config(input_uri, output_uri, checkpoint, **overrides):
 
 def committed_rows(output_uri, storage_options=None):
     """{source_uri: (image_id, run_id, status)} of what readers see; asserts one row per image."""
-    table = mf.read_committed(output_uri, ["image_id", "source_uri", "run_id", "status"], storage_options)
+    import schemas
+    from schemas.table import table_exists
+
+    if not table_exists(str(output_uri), storage_options):
+        return {}
+    table = schemas.read_outputs(str(output_uri), storage_options, ["image_id", "source_uri", "run_id", "status"])
     ids = table["image_id"].to_pylist()
     assert len(ids) == len(set(ids)), "a reader sees an image twice"
     return {r["source_uri"]: (r["image_id"], r["run_id"], r["status"]) for r in table.to_pylist()}
+
+
+def committed_rows_as_of(output_uri, version):
+    import schemas
+
+    table = schemas.read_outputs(output_uri, columns=["source_uri", "run_id"], as_of=version)
+    return dict(zip(table["source_uri"].to_pylist(), table["run_id"].to_pylist()))
 
 
 @pytest.mark.slow
@@ -258,7 +172,7 @@ def test_nightly_processes_only_new_and_changed_inputs_and_reprocesses_on_model_
     import time
 
     import schemas
-    from jobs.nightly import run_nightly
+    from pipelines.incremental import run_nightly
     from psp_core.testing import random_checkpoint
 
     inp, out = tmp_path / "in", tmp_path / "out"
@@ -266,7 +180,7 @@ def test_nightly_processes_only_new_and_changed_inputs_and_reprocesses_on_model_
     config = nightly_config(inp, out, tiny_checkpoint)
 
     r1 = run_nightly(config)
-    assert r1.committed and r1.plan.counts()["new"] == 30
+    assert r1.committed and r1.plan.counts()["new"] == 30 and r1.replaced == 0
     assert r1.processed == 30 and r1.lost == 0 and r1.live == 30
     ids1, w1 = schemas.read_latents(str(out))
     assert len(ids1) == len(set(ids1)) == 30 and w1.shape == (30, 8, 512)
@@ -282,8 +196,12 @@ def test_nightly_processes_only_new_and_changed_inputs_and_reprocesses_on_model_
     assert r2.plan.counts() == {"new": 10, "changed": 2, "model_changed": 0, "retry": 0,
                                 "deleted": 1, "unchanged": 27, "to_process": 12}
     assert r2.processed == 12 and r2.lost == 0 and r2.live == 39
+    assert r2.replaced == 3  # two changed inputs' old rows and the deleted input's row
     seen = committed_rows(str(out))
     assert len(seen) == 39 and file_uri(paths[5]) not in seen
+    # history keeps what the night before saw
+    before = committed_rows_as_of(str(out), r1.version)
+    assert len(before) == 30 and file_uri(paths[5]) in before
     assert seen[file_uri(paths[3])][1] == r2.run_id and seen[file_uri(paths[0])][1] == r1.run_id
     ids2, _ = schemas.read_latents(str(out))
     assert sorted(ids2) == sorted(v[0] for v in seen.values())
@@ -302,3 +220,6 @@ def test_nightly_processes_only_new_and_changed_inputs_and_reprocesses_on_model_
     assert len(seen) == 39 and {v[1] for v in seen.values()} == {r5.run_id}
     ids5, w5 = schemas.read_latents(str(out))
     assert len(ids5) == len(set(ids5)) == 39
+    runs = schemas.read_runs(str(out))  # every committed run's summary, from the table's history
+    assert [r["run_id"] for r in runs] == [r1.run_id, r2.run_id, r5.run_id]
+    assert runs[1]["plan"]["deleted"] == 1 and runs[2]["kind"] == "nightly"

@@ -1,5 +1,5 @@
 """End to end on a real local Ray cluster: S3 (moto over HTTP), local folders and .tar shards in,
-Parquet out. Few pipeline runs (each costs seconds); each run's output serves several tests."""
+one Delta table out. Few pipeline runs (each costs seconds); each run's output serves several tests."""
 from __future__ import annotations
 
 import io
@@ -12,7 +12,7 @@ import pytest
 from jobs.demo import make_sample_tar, sample_files
 from pipelines.config import InvertConfig
 from pipelines.graph import run_invert
-from schemas import image_id_for, read_latents, read_outputs
+from schemas import image_id_for, read_latents, read_outputs, read_runs
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def s3_run(ray_cluster, s3_server, tiny_checkpoint):
         batch_size=8,
     )
     summary = run_invert(config)
-    table = read_outputs(config.output, s3_server.storage_options, dedup=False)
+    table = read_outputs(config.output, s3_server.storage_options)
     return {"bucket": bucket, "files": files, "config": config, "summary": summary, "table": table}
 
 
@@ -75,7 +75,7 @@ def test_s3_w_plus_equals_direct_encode(s3_run, tiny_checkpoint, astronaut):
     np.testing.assert_allclose(got, direct, atol=1e-4)
 
 
-def test_s3_output_images_and_success_file(s3_run, s3_server):
+def test_s3_output_images_and_run_summary(s3_run, s3_server):
     from PIL import Image
 
     table = s3_run["table"]
@@ -86,12 +86,17 @@ def test_s3_output_images_and_success_file(s3_run, s3_server):
     assert {r["task"] for r in ok} == {"ffhq_encode"}
 
     fs = s3_server.filesystem()
-    success = json.loads(fs.cat(f"{s3_run['bucket']}/out/_SUCCESS.json"))
-    assert success["counts_per_status"] == {"ok": N_GOOD_S3, "decode_error": 3, "no_face": 1}
-    assert success["run_id"] == ok[0]["run_id"] == s3_run["summary"].run_id
+    run_id = s3_run["summary"].run_id
+    doc = json.loads(fs.cat(f"{s3_run['bucket']}/out/_runs/{run_id}.json"))
+    counts = {"ok": N_GOOD_S3, "decode_error": 3, "no_face": 1}
+    assert doc["counts"] == counts and doc["run_id"] == ok[0]["run_id"] == run_id
+    assert doc["table"] == {"version": s3_run["summary"].version, "rows": N_GOOD_S3 + 4, "counts": counts}
     for stage in ("read", "align", "invert"):
-        assert success["stages"][stage]["rows"] == N_GOOD_S3 + 4
-    assert success["checkpoint_sha256"] and success["versions"]["ray"]
+        assert doc["stages"][stage]["rows"] == N_GOOD_S3 + 4
+    assert doc["checkpoint_sha256"] and doc["versions"]["ray"] and doc["versions"]["deltalake"]
+    # the same summary is in the commit itself
+    runs = read_runs(s3_run["config"].output, s3_server.storage_options)
+    assert [(r["run_id"], r["counts"]) for r in runs] == [(run_id, counts)]
 
 
 def test_align_and_invert_are_separate_operators(s3_run):
@@ -103,8 +108,8 @@ def test_align_and_invert_are_separate_operators(s3_run):
 
 def test_rerun_into_same_output_adds_no_rows(s3_run, s3_server):
     summary = run_invert(s3_run["config"])
-    assert (summary.processed, summary.skipped) == (0, 20)
-    again = read_outputs(s3_run["config"].output, s3_server.storage_options, dedup=False)
+    assert (summary.processed, summary.skipped, summary.version) == (0, 20, None)  # nothing to commit
+    again = read_outputs(s3_run["config"].output, s3_server.storage_options)
     assert again.num_rows == s3_run["table"].num_rows == 20
 
 
@@ -121,13 +126,18 @@ def test_local_folder_and_tar_shard(ray_cluster, tiny_checkpoint, tmp_path):
     summary = run_invert(
         InvertConfig(input=[str(folder), str(shard.parent)], output=str(out), checkpoint=tiny_checkpoint)
     )
-    table = read_outputs(str(out), dedup=False)
+    table = read_outputs(str(out))
     assert table.num_rows == summary.processed == 6 + len(members)
     rows = {r["source_uri"]: r for r in table.select(["source_uri", "status", "error"]).to_pylist()}
     for m in members:
         row = rows[f"file://{shard}#{m.name}"]
         assert row["status"] == m.expected_status, row
     assert Counter(r["status"] for r in rows.values()) == {"ok": 3, "decode_error": 6, "no_face": 2}
+    # any Delta reader, no recipe: one row per input
+    from deltalake import DeltaTable
+
+    df = DeltaTable(str(out)).to_pandas(columns=["image_id", "status"])
+    assert len(df) == df["image_id"].nunique() == 6 + len(members)
 
 
 def test_hostile_folder_one_row_per_input_no_hang_and_a_rerun_leaves_permanent_rows(
@@ -169,7 +179,7 @@ def test_hostile_folder_one_row_per_input_no_hang_and_a_rerun_leaves_permanent_r
 
     config = InvertConfig(input=str(folder), output=str(out), checkpoint=tiny_checkpoint, read_timeout=20)
     summary = run_invert(config)
-    table = read_outputs(str(out), dedup=False)
+    table = read_outputs(str(out))
     rows = {r["source_uri"]: r for r in table.select(["source_uri", "status", "error"]).to_pylist()}
     root = f"file://{folder}"
     expected = {
@@ -185,5 +195,5 @@ def test_hostile_folder_one_row_per_input_no_hang_and_a_rerun_leaves_permanent_r
 
     rerun = run_invert(config)  # everything left is permanent: nothing is redone
     assert (rerun.processed, rerun.skipped) == (0, len(expected))
-    assert read_outputs(str(out), dedup=False).num_rows == len(expected)
+    assert read_outputs(str(out)).num_rows == len(expected)
     sock.close()

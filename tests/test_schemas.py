@@ -1,5 +1,7 @@
-"""Output schema v1: tables built by the writers read back exactly with pyarrow, pandas and DuckDB
-(no Ray), the readers dedup reruns and return W+ with its shape, and the JSON export is in sync."""
+"""Output schema v2 and the output table's readers, without Ray: tables built by the writers,
+committed to a real Delta table, read back exactly by `schemas.read_outputs` / `read_latents`,
+deltalake + pyarrow, pandas and DuckDB (over the Arrow dataset); one row per input after a
+replacement; time travel; and the JSON export is in sync."""
 from __future__ import annotations
 
 import datetime as dt
@@ -12,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import schemas
 from schemas import outputs as so
 from schemas.__main__ import collect_exports, render
 from schemas.testing import EXAMPLE_TIME, example_rows
@@ -34,18 +37,20 @@ def write(table: pa.Table, folder: Path, name: str) -> Path:
 def test_schema_columns_types_and_metadata():
     schema = so.output_schema(18)
     assert schema.names == [
-        "image_id", "source_uri", "source_sha256", "source_width", "source_height", "status",
+        "image_id", "source_uri", "source_size", "source_mtime", "source_etag", "source_sha256",
+        "source_width", "source_height", "status",
         "error", "face_score", "landmarks", "quad", "task", "w_plus", "output_image",
         "image_format", "aligned_image", "mix_w_plus", "mix_images", "mse", "psnr", "ssim",
         "identity_distance", "checkpoint_sha256", "code_version", "run_id", "processed_at",
     ]
-    assert schema.field("w_plus").type == so._list(pa.float32(), 18 * 512)
-    assert schema.field("landmarks").type == so._list(pa.float32(), 136)
-    assert schema.field("quad").type == so._list(pa.float32(), 8)
+    f32_list = pa.list_(pa.field("element", pa.float32()))  # Delta has no fixed-size list
+    for name in ("w_plus", "landmarks", "quad"):
+        assert schema.field(name).type == f32_list
+    assert schema.field("mix_w_plus").type == pa.list_(pa.field("element", f32_list))
     assert schema.field("source_width").type == pa.int32()
     assert schema.field("processed_at").type == pa.timestamp("us", tz="UTC")
     assert not schema.field("image_id").nullable and schema.field("w_plus").nullable
-    assert so.schema_version(schema) == "1"
+    assert so.schema_version(schema) == "2"
     assert so.schema_n_styles(schema) == 18
     assert so.tensor_shapes(schema) == {
         "w_plus": [18, 512], "landmarks": [68, 2], "quad": [4, 2], "mix_w_plus": [-1, 18, 512],
@@ -60,49 +65,6 @@ def test_image_id_is_sha256_prefix_of_uri():
     assert so.image_id_for(uri) != so.image_id_for(uri + "x")
     rows = so.rows_to_table([{"source_uri": uri, "status": "ok", "run_id": "r"}], N_STYLES)
     assert rows["image_id"][0].as_py() == so.image_id_for(uri)
-
-
-def test_roundtrip_pyarrow_pandas_duckdb_without_ray(tmp_path):
-    import duckdb
-    import pandas as pd
-
-    rows = make_rows()
-    table = so.rows_to_table(rows, N_STYLES)
-    assert table.schema.equals(so.output_schema(N_STYLES), check_metadata=True)
-    write(table, tmp_path / "out", "part-0.parquet")
-
-    # pyarrow: exact schema (fixed-size lists and metadata) and bit-exact tensors
-    back = pq.read_table(tmp_path / "out" / "part-0.parquet")
-    assert back.schema.equals(so.output_schema(N_STYLES), check_metadata=True)
-    w = so.w_plus_to_numpy(back.slice(0, 4))
-    np.testing.assert_array_equal(w, np.stack([r["w_plus"] for r in rows[:4]]))
-    lm = np.asarray(back["landmarks"][1].as_py(), np.float32).reshape(68, 2)
-    np.testing.assert_array_equal(lm, rows[1]["landmarks"])
-    # error rows: nulls, error text kept
-    assert back["w_plus"].to_pylist()[4:] == [None, None]
-    assert back["source_width"].to_pylist()[4:] == [None, None]
-    assert back["error"].to_pylist()[:4] == [None] * 4
-    assert back["error"][5].as_py() == "cannot identify image file bad1.jpg"
-
-    # pandas
-    df = pd.read_parquet(tmp_path / "out")
-    assert len(df) == 6
-    np.testing.assert_array_equal(
-        np.asarray(df["w_plus"].iloc[2], np.float32).reshape(N_STYLES, 512), rows[2]["w_plus"]
-    )
-    assert df["w_plus"].iloc[5] is None and df["status"].iloc[5] == "decode_error"
-
-    # DuckDB: the list is readable with SQL
-    glob = str(tmp_path / "out" / "*.parquet")
-    res = duckdb.sql(
-        f"select status, count(*) as n, min(len(w_plus)) as wlen from read_parquet('{glob}') "
-        "group by status order by status"
-    ).fetchall()
-    assert res == [("decode_error", 2, None), ("ok", 4, N_STYLES * 512)]
-    first = duckdb.sql(
-        f"select w_plus from read_parquet('{glob}') where image_id = '{so.image_id_for(rows[0]['source_uri'])}'"
-    ).fetchall()[0][0]
-    np.testing.assert_array_equal(np.asarray(first, np.float32).reshape(N_STYLES, 512), rows[0]["w_plus"])
 
 
 def test_dense_columns_and_mix_roundtrip(tmp_path):
@@ -135,6 +97,7 @@ def test_dense_columns_and_mix_roundtrip(tmp_path):
 @pytest.mark.parametrize(
     "row, match",
     [
+        ({"source_uri": "a", "status": "ok", "run_id": "r", "quad": np.zeros(7)}, "quad"),
         ({"source_uri": "a", "status": "ok", "run_id": "r", "wplus": 1}, "unknown output column"),
         ({"source_uri": "a", "status": "ok", "run_id": "r", "w_plus": np.zeros((18, 512))}, "w_plus"),
         ({"source_uri": "a", "status": None, "run_id": "r"}, "status"),
@@ -146,95 +109,130 @@ def test_rows_to_table_rejects_rows_that_would_change_the_schema(row, match):
         so.rows_to_table([row], N_STYLES)
 
 
-def test_read_latents_ok_rows_in_read_order(tmp_path):
-    rows = make_rows(n_ok=3, n_err=2, prefix="a") + make_rows(n_ok=2, n_err=0, seed=5, prefix="b")
-    write(so.rows_to_table(rows[:5], N_STYLES), tmp_path, "part-1.parquet")
-    write(so.rows_to_table(rows[5:], N_STYLES), tmp_path, "part-2.parquet")
-    (tmp_path / "_SUCCESS.json").write_text("{}")
-    (tmp_path / "notes.txt").write_text("not parquet")
-    ids, w = so.read_latents(str(tmp_path))
-    ok = [r for r in rows if r["status"] == "ok"]
-    assert ids == [so.image_id_for(r["source_uri"]) for r in ok]
-    assert w.shape == (5, N_STYLES, 512) and w.dtype == np.float32
-    np.testing.assert_array_equal(w, np.stack([r["w_plus"] for r in ok]))
 
 
-def test_rerun_rows_dedup_to_latest(tmp_path):
+def test_validate_tensors_catches_a_row_of_another_model():
+    table = so.rows_to_table(make_rows(2, 1), N_STYLES)
+    so.validate_tensors(table, N_STYLES)
+    with pytest.raises(ValueError, match="w_plus has 4096 values, expected 9216"):
+        so.validate_tensors(table, 18)
+
+
+# -- the output table (Delta), written by pipelines.table's committer ------------------------------
+
+def commit_rows(out, rows, run_id, remove=()):
+    """Write `rows` as run `run_id`'s file and commit it (no Ray): what a run does at its end."""
+    from pipelines.table import OutputTable, WrittenRun, commit_run
+
+    table = OutputTable(str(out))
+    dt = table.ensure(N_STYLES)
+    data = so.rows_to_table(rows, N_STYLES)
+    written = WrittenRun(run_id)
+    written.extend([table.write_file(f"runs/{run_id}/part-0.parquet", data)], data["image_id"], data["status"])
+    return commit_run(table, written, N_STYLES, {"run_id": run_id, "kind": "test"}, dt.version(), remove)
+
+
+def test_table_reads_back_exactly_with_every_reader(tmp_path):
+    import duckdb
+    from deltalake import DeltaTable
+
+    out = tmp_path / "out"
+    rows = make_rows()
+    commit_rows(out, rows, "run-a")
+
+    # schemas readers: exact v2 schema (metadata included), W+ as float32 [N, n_styles, 512]
+    back = schemas.read_outputs(str(out))
+    assert back.schema.equals(so.output_schema(N_STYLES), check_metadata=True)
+    by_id = {r["image_id"]: r for r in back.to_pylist()}
+    lm = np.asarray(by_id[so.image_id_for(rows[1]["source_uri"])]["landmarks"], np.float32).reshape(68, 2)
+    np.testing.assert_array_equal(lm, rows[1]["landmarks"])
+    bad = by_id[so.image_id_for(rows[5]["source_uri"])]
+    assert bad["w_plus"] is None and bad["error"] == "cannot identify image file bad1.jpg"
+    ids, w = schemas.read_latents(str(out))
+    assert w.shape == (4, N_STYLES, 512) and w.dtype == np.float32
+    want = {so.image_id_for(r["source_uri"]): r["w_plus"] for r in rows if r["status"] == "ok"}
+    for image_id, latent in zip(ids, w):
+        np.testing.assert_array_equal(latent, want[image_id])
+
+    # deltalake + pyarrow, and the table properties that say how to reshape
+    dt = DeltaTable(str(out))
+    conf = dt.metadata().configuration
+    assert conf["psp.schema_version"] == "2" and conf["psp.n_styles"] == str(N_STYLES)
+    assert json.loads(conf["psp.tensor_shapes"])["w_plus"] == [N_STYLES, 512]
+    assert dt.to_pyarrow_table().num_rows == 6
+
+    # pandas
+    df = dt.to_pandas()
+    assert sorted(df["status"].value_counts().items()) == [("decode_error", 2), ("ok", 4)]
+    first = df[df["image_id"] == ids[0]]["w_plus"].iloc[0]
+    np.testing.assert_array_equal(np.asarray(first, np.float32).reshape(N_STYLES, 512), want[ids[0]])
+
+    # DuckDB over the Arrow dataset (delta_scan needs DuckDB's delta extension, a download)
+    faces = dt.to_pyarrow_dataset()  # noqa: F841 - DuckDB finds it by name
+    res = duckdb.sql("select status, count(*) n, min(len(w_plus)) wlen from faces group by status order by status").fetchall()
+    assert res == [("decode_error", 2, None), ("ok", 4, N_STYLES * 512)]
+
+
+def test_one_row_per_input_after_a_replacement_and_history_keeps_the_old(tmp_path):
+    out = tmp_path / "out"
     first = make_rows(n_ok=3, n_err=1, run_id="run-a", t=T0)
-    # The rerun fixes the failed image and recomputes image 0; it lands in a file that sorts FIRST,
-    # so the reader must go by processed_at, not by file order.
+    v1 = commit_rows(out, first, "run-a").version
     later = T0 + dt.timedelta(hours=1)
-    rerun = [dict(first[0], w_plus=np.ones((N_STYLES, 512), np.float32), run_id="run-b", processed_at=later),
-             dict(first[3], status="ok", error=None, w_plus=np.full((N_STYLES, 512), 2, np.float32),
-                  run_id="run-b", processed_at=later)]
-    write(so.rows_to_table(first, N_STYLES), tmp_path, "part-z.parquet")
-    write(so.rows_to_table(rerun, N_STYLES), tmp_path, "part-a.parquet")
+    redo = [dict(first[0], w_plus=np.ones((N_STYLES, 512), np.float32), run_id="run-b", processed_at=later),
+            dict(first[3], status="ok", error=None, w_plus=np.full((N_STYLES, 512), 2, np.float32),
+                 run_id="run-b", processed_at=later)]
+    gone = so.image_id_for(first[2]["source_uri"])
+    result = commit_rows(out, redo, "run-b", remove=[gone])
+    assert result.removed == 3  # two replaced rows and the deleted input's row
 
-    assert so.read_outputs(str(tmp_path), dedup=False).num_rows == 6
-    t = so.read_outputs(str(tmp_path))
-    assert t.num_rows == 4
-    by_id = {r["image_id"]: r for r in t.select(["image_id", "status", "run_id"]).to_pylist()}
+    t = schemas.read_outputs(str(out), columns=["image_id", "status", "run_id"])
+    assert t.num_rows == 3 and len(set(t["image_id"].to_pylist())) == 3 and gone not in t["image_id"].to_pylist()
+    by_id = {r["image_id"]: r for r in t.to_pylist()}
     assert by_id[so.image_id_for(first[0]["source_uri"])]["run_id"] == "run-b"
     assert by_id[so.image_id_for(first[3]["source_uri"])]["status"] == "ok"
     assert by_id[so.image_id_for(first[1]["source_uri"])]["run_id"] == "run-a"
-    ids, w = so.read_latents(str(tmp_path))
-    assert len(ids) == len(set(ids)) == 4
+    ids, w = schemas.read_latents(str(out))
     np.testing.assert_array_equal(w[ids.index(so.image_id_for(first[0]["source_uri"]))], 1.0)
-    # columns= keeps the metadata and dedups the same way
-    sub = so.read_outputs(str(tmp_path), columns=["image_id", "w_plus"])
-    assert sub.column_names == ["image_id", "w_plus"] and sub.num_rows == 4
-    assert so.tensor_shapes(sub.schema)["w_plus"] == [N_STYLES, 512]
+
+    # history: the version before has the old rows, by number and by time
+    old = schemas.read_outputs(str(out), columns=["image_id", "run_id"], as_of=v1)
+    assert old.num_rows == 4 and set(old["run_id"].to_pylist()) == {"run-a"}
+    runs = schemas.read_runs(str(out))
+    assert [r["run_id"] for r in runs] == ["run-a", "run-b"] and runs[0]["version"] == v1
+    assert schemas.read_outputs(str(out), columns=["run_id"], as_of=runs[0]["committed_at"]).num_rows == 4
+    with pytest.raises(ValueError, match="has no version 99"):
+        schemas.read_outputs(str(out), as_of=99)
 
 
-def test_reader_rejects_foreign_parquet_and_mixed_models(tmp_path):
-    write(so.rows_to_table(make_rows(1, 0), N_STYLES), tmp_path / "a", "part-1.parquet")
-    pq.write_table(pa.table({"x": [1, 2]}), tmp_path / "a" / "other.parquet")
-    with pytest.raises(ValueError, match=r"other\.parquet.*schema_version=None"):
-        so.read_outputs(str(tmp_path / "a"))
+def test_readers_say_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no psp output table"):
+        schemas.read_outputs(str(tmp_path / "missing"))
+    from deltalake import write_deltalake
 
-    write(so.rows_to_table(make_rows(1, 0), N_STYLES), tmp_path / "b", "part-1.parquet")
-    write(so.rows_to_table([{"source_uri": "z", "status": "ok", "run_id": "r"}], 18), tmp_path / "b", "part-2.parquet")
-    with pytest.raises(ValueError, match="n_styles"):
-        so.read_outputs(str(tmp_path / "b"))
-
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        so.read_outputs(str(tmp_path / "missing"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no Parquet files"):
-        so.read_outputs(str(tmp_path / "empty"))
+    write_deltalake(str(tmp_path / "other"), pa.table({"x": [1, 2]}))
+    with pytest.raises(ValueError, match="psp.schema_version=None"):
+        schemas.read_outputs(str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="unknown column"):
+        schemas.read_outputs(str(tmp_path / "other"), columns=["wplus"])
 
 
 def test_json_export_in_sync_with_code():
     exports = collect_exports()
-    assert "output_v1.json" in exports
+    assert "output_v2.json" in exports
     for filename, doc in exports.items():
         committed = Path(so.__file__).parent / filename
         assert committed.read_text() == render(doc), f"run `python -m schemas export` ({filename})"
-    fields = {f["name"]: f for f in json.loads(render(exports["output_v1.json"]))["schema"]["fields"]}
-    assert fields["w_plus"]["type"] == "fixed_size_list<element: float>[9216]"
+    fields = {f["name"]: f for f in json.loads(render(exports["output_v2.json"]))["schema"]["fields"]}
+    assert fields["w_plus"]["type"] == "list<element: float>"
     assert fields["image_id"]["nullable"] is False
+    assert json.loads(render(exports["output_v2.json"]))["schema"]["metadata"]["psp.tensor_shapes"]["w_plus"] == [18, 512]
 
 
-def test_nightly_output_is_read_through_its_manifest(tmp_path):
-    """A nightly folder: only rows the committed manifest names are visible; a crashed run's files
-    (under runs/<id>/, never committed) are not."""
-    from schemas import manifest as mf
+def test_image_id_and_run_ids_have_one_definition():
+    import pipelines.graph
+    import schemas.ids
 
-    out = tmp_path / "nightly"
-    done = make_rows(n_ok=2, n_err=1, run_id="run-a", prefix="n")
-    write(so.rows_to_table(done, N_STYLES), out / "runs" / "run-a", "part-0.parquet")
-    crashed = [dict(done[0], run_id="run-b", processed_at=T0 + dt.timedelta(days=1))]
-    write(so.rows_to_table(crashed, N_STYLES), out / "runs" / "run-b", "part-0.parquet")
-    entries = mf.make_entries(
-        dict(image_id=so.image_id_for(r["source_uri"]), source_uri=r["source_uri"], run_id="run-a",
-             status=r["status"], output_file="runs/run-a/part-0.parquet", schema_version=1)
-        for r in done
-    )
-    mf.commit_manifest(str(out), entries, "run-a", expected=None)
-
-    assert so.list_output_files(str(out)) == [str(out / "runs" / "run-a" / "part-0.parquet")]
-    t = so.read_outputs(str(out))
-    assert sorted(t["run_id"].to_pylist()) == ["run-a"] * 3
-    ids, w = so.read_latents(str(out))
-    assert ids == [so.image_id_for(r["source_uri"]) for r in done[:2]]
-    np.testing.assert_array_equal(w[0], done[0]["w_plus"])
+    assert schemas.image_id_for is schemas.ids.image_id_for is pipelines.graph.image_id_for
+    assert schemas.check_run_id(schemas.make_run_id())
+    with pytest.raises(ValueError, match="run_id"):
+        schemas.check_run_id("2026/11/26 run.1")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,13 +125,11 @@ def make_sample_tar(path: str | os.PathLike, n_good: int = 4) -> list[SampleInpu
 
 
 def run_demo(output: str | None = None, inputs: str | None = None, n_good: int = 20, checkpoint: str | None = None) -> int:
-    """The `psp demo` command: sample inputs + demo checkpoint -> local Ray -> Parquet; prints the
+    """The `psp demo` command: sample inputs + demo checkpoint -> local Ray -> the output Delta table; prints the
     summary, `psp inspect` of the output and how to use real weights. Returns an exit code."""
-    import ray
-
     from jobs.inspect import inspect_output
     from pipelines.config import InvertConfig
-    from pipelines.graph import run_invert
+    from pipelines.graph import ensure_ray, run_invert
     from psp_core.testing import random_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="psp_demo_"))
@@ -147,9 +144,7 @@ def run_demo(output: str | None = None, inputs: str | None = None, n_good: int =
         print(f"psp demo: writing a seeded RANDOM-weight demo checkpoint (64x64 output) to {checkpoint}")
         random_checkpoint(checkpoint, output_size=64, seed=0)
 
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        ray.init(address="local", log_to_driver=False, include_dashboard=False)
+    ensure_ray()  # a private local cluster (token auth off, credentials redacted in worker logs)
     config = InvertConfig(input=str(inputs_dir), output=str(output_dir), checkpoint=checkpoint, align_actors=2)
     print(f"psp demo: psp invert {inputs_dir} {output_dir} --checkpoint {checkpoint}")
     summary = run_invert(config)
@@ -160,14 +155,19 @@ def run_demo(output: str | None = None, inputs: str | None = None, n_good: int =
     print()
     print(
         "NOTE: the demo checkpoint has RANDOM weights, so the W+ codes and images are noise; the "
-        "pipeline around them (listing, decoding, alignment, per-row statuses, Parquet) is real.\n"
+        "pipeline around them (listing, decoding, alignment, per-row statuses, the Delta table) is real.\n"
         f"To invert faces for real, download a released pSp checkpoint and run:\n  {RELEASED_HINT}"
     )
     print(f"Output: {output_dir}")
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - `psp demo` is the entry
-    from jobs.cli import main as cli_main
-
-    return cli_main(["demo", *(argv or [])])
+def register(subparsers) -> None:
+    """Add `psp demo` to the `psp` CLI's subparsers."""
+    p = subparsers.add_parser("demo", help="run the pipeline on generated samples with a random-weight checkpoint")
+    p.add_argument("--output", default=None, help="output table (default: a temporary folder)")
+    p.add_argument("--inputs", default=None, help="where to write the sample inputs (default: temporary)")
+    p.add_argument("--checkpoint", default=None, help="use this checkpoint instead of the random demo one")
+    p.add_argument("--faces", type=int, default=20, help="how many astronaut-derived faces to generate (1-24)")
+    p.set_defaults(func=lambda args: run_demo(output=args.output, inputs=args.inputs, n_good=args.faces,
+                                              checkpoint=args.checkpoint))

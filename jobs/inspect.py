@@ -91,3 +91,17 @@ def inspect_output(
     ok = counts.get("ok", 0)
     lines.append(f"  ok: {ok}/{table.num_rows}")
     return "\n".join(lines) + "\n"
+
+
+def register(subparsers: Any) -> None:
+    """Add `psp inspect` to the `psp` CLI's subparsers."""
+    from pipelines.options import parse_json_object
+
+    p = subparsers.add_parser("inspect", help="counts per status, runs, schema and a few rows of an output table")
+    p.add_argument("output", metavar="OUTPUT")
+    p.add_argument("--rows", type=int, default=3)
+    p.add_argument("--as-of", default=None, metavar="VERSION|TIMESTAMP",
+                   help="inspect an earlier version of the table (a number, or e.g. 2026-11-27T02:00:00Z)")
+    p.add_argument("--storage-options", type=parse_json_object, default=None, help="JSON object passed to fsspec")
+    p.set_defaults(func=lambda args: print(inspect_output(args.output, args.storage_options, n_rows=args.rows,
+                                                          as_of=args.as_of)))

@@ -92,9 +92,14 @@ def build_runtime_env(
 
 
 def _cli_parser() -> argparse.ArgumentParser:
-    from jobs.cli import build_parser  # the real `psp` parser: entrypoints are checked against it
+    """The real parsers of the commands a job may run (`psp invert|frontalize|nightly`)."""
+    from jobs import invert, nightly
 
-    return build_parser()
+    parser = argparse.ArgumentParser(prog="psp")
+    sub = parser.add_subparsers(dest="command", required=True)
+    invert.register(sub)
+    nightly.register(sub)
+    return parser
 
 
 def check_entrypoint(args: Sequence[str]) -> argparse.Namespace:

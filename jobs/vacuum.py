@@ -7,13 +7,12 @@ import json
 import sys
 from typing import Any
 
+from pipelines.options import parse_json_object
 from pipelines.table import vacuum
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``psp vacuum`` to the `psp` CLI's subparsers."""
-    from jobs.cli import _storage_options
-
     p = subparsers.add_parser("vacuum", help="compact small files, delete files of crashed runs and old versions",
                               description=__doc__)
     p.add_argument("output", metavar="OUTPUT")
@@ -22,7 +21,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                         "time travel (--as-of) within it keep working; 0 deletes everything unreferenced")
     p.add_argument("--no-compact", dest="compact", action="store_false", help="only delete, do not compact")
     p.add_argument("--dry-run", action="store_true", help="list the files that would be deleted")
-    p.add_argument("--storage-options", type=_storage_options, default=None)
+    p.add_argument("--storage-options", type=parse_json_object, default=None)
     p.set_defaults(func=main)
     return p
 

@@ -6,6 +6,8 @@ import io
 import numpy as np
 import pytest
 import torch
+from deltalake import write_deltalake
+from output_tables import commit_table
 from PIL import Image
 
 import schemas
@@ -15,15 +17,13 @@ N_STYLES = 8
 
 
 def _write_table(folder, n_ok=3, n_err=1, seed=0) -> np.ndarray:
-    """A psp output table (Parquet, schema v1) whose ok rows hold W+ near a plausible range."""
-    import pyarrow.parquet as pq
+    """A psp output table (Delta) whose ok rows hold W+ near a plausible range."""
 
     rows = example_rows(n_ok=n_ok, n_err=n_err, n_styles=N_STYLES, seed=seed)
     for r in rows:
         if r.get("w_plus") is not None:
             r["w_plus"] = (r["w_plus"] * 0.3).astype(np.float32)
-    folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(schemas.rows_to_table(rows, N_STYLES), folder / "part-0.parquet")
+    commit_table(folder, schemas.rows_to_table(rows, N_STYLES), N_STYLES)
     return np.stack([r["w_plus"] for r in rows if r.get("w_plus") is not None])
 
 
@@ -73,8 +73,6 @@ def test_edit_stage_images_equal_a_direct_decode(tiny_checkpoint, direction_file
 def test_read_edits_keeps_the_latest_row_per_edit(tmp_path):
     import datetime as dt
 
-    import pyarrow.parquet as pq
-
     from schemas.edits import edit_columns_to_table
 
     def batch(strength_shift, when):
@@ -85,9 +83,8 @@ def test_read_edits_keeps_the_latest_row_per_edit(tmp_path):
         }, N_STYLES)
 
     t0 = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
-    (tmp_path / "e").mkdir()
-    pq.write_table(batch(2.0, t0 + dt.timedelta(days=1)), tmp_path / "e" / "part-b.parquet")  # the rerun
-    pq.write_table(batch(1.0, t0), tmp_path / "e" / "part-a.parquet")
+    write_deltalake(str(tmp_path / "e"), batch(2.0, t0 + dt.timedelta(days=1)))  # the rerun, written first
+    write_deltalake(str(tmp_path / "e"), batch(1.0, t0), mode="append")
     table = schemas.read_edits(str(tmp_path / "e"))
     assert table.num_rows == 2 and set(table["run_id"].to_pylist()) == {(t0 + dt.timedelta(days=1)).isoformat()}
     assert (schemas.edits_w_plus_to_numpy(table) == 2.0).all()
@@ -104,7 +101,6 @@ def test_direction_cli_fits_from_labels(tmp_path, direction_file):
     rng = np.random.default_rng(3)
     planted = rng.standard_normal(512)
     planted /= np.linalg.norm(planted)
-    import pyarrow.parquet as pq
 
     rows = example_rows(n_ok=40, n_err=1, n_styles=N_STYLES, seed=3)
     labels = []
@@ -114,8 +110,7 @@ def test_direction_cli_fits_from_labels(tmp_path, direction_file):
         y = k % 3 == 0
         r["w_plus"] = (r["w_plus"] * 0.2 + (1.5 if y else -1.5) * planted).astype(np.float32)
         labels.append((schemas.image_id_for(r["source_uri"]), "true" if y else "false"))
-    (tmp_path / "out").mkdir()
-    pq.write_table(schemas.rows_to_table(rows, N_STYLES), tmp_path / "out" / "part-0.parquet")
+    commit_table(tmp_path / "out", schemas.rows_to_table(rows, N_STYLES), N_STYLES)
     csv = tmp_path / "labels.csv"
     csv.write_text("image_id,smiling\n" + "\n".join(f"{i},{y}" for i, y in labels) + "\nnot-an-id,true\n")
     for method, shared, shape in (("logistic", False, (N_STYLES, 512)), ("mean_difference", True, (512,))):

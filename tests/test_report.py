@@ -10,6 +10,8 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
+from deltalake import write_deltalake
+from output_tables import commit_table
 from PIL import Image
 
 import schemas
@@ -32,7 +34,6 @@ def _crop(photo: np.ndarray, rng, size=64) -> np.ndarray:
 def make_output(tmp_path, astronaut, n_ok=10, metrics=True, errors=True) -> str:
     """An output table like psp invert writes, with real images, two runs and a mix of failures;
     inputs are real files (one missing)."""
-    import pyarrow.parquet as pq
 
     photo = np.asarray(astronaut)
     rng = np.random.default_rng(0)
@@ -72,12 +73,10 @@ def make_output(tmp_path, astronaut, n_ok=10, metrics=True, errors=True) -> str:
                          processed_at=T0 + _dt.timedelta(hours=24)))
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    pq.write_table(schemas.rows_to_table(rows, N_STYLES), out / "part-0.parquet")
-    return str(out)
+    return commit_table(out, schemas.rows_to_table(rows, N_STYLES), N_STYLES)
 
 
 def make_edits(tmp_path, output: str, astronaut) -> str:
-    import pyarrow.parquet as pq
 
     from schemas.edits import edit_columns_to_table
 
@@ -93,8 +92,7 @@ def make_edits(tmp_path, output: str, astronaut) -> str:
                          ("image", _png(_crop(np.asarray(astronaut), rng))), ("image_format", "png"), ("run_id", "edit-1")):
                 cols[k].append(v)
     edits = tmp_path / "edits"
-    edits.mkdir()
-    pq.write_table(edit_columns_to_table(cols, N_STYLES), edits / "part-0.parquet")
+    write_deltalake(str(edits), edit_columns_to_table(cols, N_STYLES))
     return str(edits)
 
 
@@ -173,12 +171,8 @@ def test_report_without_metrics_ok_rows_or_rows(tmp_path, astronaut):
     page = build_report(output, read_inputs=False)
     assert "No identity_distance values" in page and "mse: no values" in page and "No errors." in page
     assert 'alt="PCA of W+"' in page and 'alt="reconstruction"' in page
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    import pyarrow.parquet as pq
-
-    pq.write_table(schemas.output_schema(N_STYLES).empty_table(), empty / "part-0.parquet")
-    page = build_report(str(empty))
+    empty = commit_table(tmp_path / "empty", schemas.output_schema(N_STYLES).empty_table(), N_STYLES)
+    page = build_report(empty)
     assert "The table has no rows." in page and "No runs." in page
 
 

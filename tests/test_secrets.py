@@ -113,7 +113,7 @@ def test_the_cli_prints_nothing_secret(capsys, tmp_path, monkeypatch):
     options = '{"secret": "env:PSP_TEST_SECRET"}'
     assert psp(["inspect", str(tmp_path / SECRET), "--storage-options", options]) == 2
     captured = capsys.readouterr()
-    assert SECRET not in captured.out + captured.err and "***' does not exist" in captured.err
+    assert SECRET not in captured.out + captured.err and "***' (no _delta_log)" in captured.err
 
 
 def test_submit_checks_find_credentials_on_a_command_line():

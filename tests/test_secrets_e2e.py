@@ -106,7 +106,8 @@ def test_no_secret_reaches_outputs_logs_or_printed_text(
     fs = s3_server.filesystem()
     fs.invalidate_cache()
     written = fs.find(f"{bucket}/out")
-    assert any(p.endswith(".parquet") for p in written) and any(p.endswith("_SUCCESS.json") for p in written)
+    assert any(p.endswith(".parquet") for p in written) and any("/_delta_log/" in p for p in written)
+    assert any("/_runs/" in p and p.endswith(".json") for p in written)  # the run summary
     leaks: dict[str, list[str]] = {}
     for path in written:
         data = fs.cat_file(path)

@@ -15,10 +15,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pipelines.invert import PRECISIONS, check_precision
 from pipelines.options import ConfigError, check_options, option, parse_json_object
 from pipelines.sources import DEFAULT_READ_TIMEOUT_S
 from psp_core.images import DEFAULT_DECODE_TIMEOUT_S
-from pipelines.invert import PRECISIONS, check_precision
 from schemas.ids import check_run_id, make_run_id
 from schemas.outputs import IMAGE_FORMATS
 

@@ -324,10 +324,10 @@ def run_edit(config: EditConfig) -> EditSummary:
 
     from pipelines.graph import ensure_ray
     from pipelines.invert import invert_resources
-    from schemas.ids import check_run_id, make_run_id
-    from psp_core.editing import DirectionError, load_decoder, load_direction
     from psp_core.checkpoint import CheckpointError
+    from psp_core.editing import DirectionError, load_decoder, load_direction
     from schemas.edits import read_edits
+    from schemas.ids import check_run_id, make_run_id
 
     t0 = time.perf_counter()
     strengths = parse_strengths(config.strengths)

@@ -106,7 +106,7 @@ class RunSummary:
             "  status counts: " + (", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"),
             "  not inputs (skipped while listing): "
             + (", ".join(f"{k}={v}" for k, v in sorted(self.not_inputs.items())) or "none"),
-            
+
             f"  {'stage':<8} {'rows':>7} {'rows/s':>9} {'busy s':>9} {'ms/row':>9}",
         ]
         for name in STAGES:

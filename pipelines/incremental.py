@@ -47,7 +47,7 @@ from pipelines.table import (
     mtime_us,
 )
 from schemas.ids import image_id_for
-from schemas.outputs import FINAL_STATUSES
+from schemas.status import FINAL_STATUSES
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +263,9 @@ def _ne(a: pa.ChunkedArray, b: Any) -> pa.ChunkedArray:
 
 def _changed_mask(l_size, l_etag, l_mtime, m_size, m_etag, m_mtime) -> pa.ChunkedArray:
     """`pipelines.table.facts_changed` for every row at once (the same rules, in the same order)."""
-    both = lambda x, y: pc.and_(pc.is_valid(x), pc.is_valid(y))
+    def both(x, y):
+        return pc.and_(pc.is_valid(x), pc.is_valid(y))
+
     size_diff = pc.and_(both(l_size, m_size), pc.fill_null(pc.not_equal(l_size, m_size), False))
     etag_diff = pc.fill_null(pc.not_equal(l_etag, m_etag), False)
     mtime_diff = pc.fill_null(pc.not_equal(l_mtime, m_mtime), False)

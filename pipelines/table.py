@@ -37,12 +37,12 @@ import pyarrow.compute as pc
 
 from schemas.ids import check_run_id
 from schemas.outputs import (
-    FINAL_STATUSES,
     SCHEMA_VERSION,
     STYLE_DIM,
     output_schema,
     validate_tensors,
 )
+from schemas.status import FINAL_STATUSES
 from schemas.table import (
     COMMIT_RUN,
     COMMIT_RUN_ID,
@@ -385,7 +385,7 @@ def adoptable_rows(
     made from the same bytes (facts unchanged) and the same checkpoint; with `retry_failed`, not
     transient failures. A file whose rows are all adopted is added as it is; from other files the
     adopted rows are copied into ``runs/<exclude_run>/adopted-*.parquet``. First copy wins."""
-    from schemas.outputs import is_transient
+    from schemas.status import is_transient
 
     out = WrittenRun(exclude_run or "")
     if wanted.num_rows == 0:

@@ -336,6 +336,110 @@ def _assign_state(module: nn.Module, state: Mapping[str, torch.Tensor], device: 
     module.load_state_dict(converted, strict=True, assign=True)
 
 
+def _opts_and_state(ckpt: Any, uri: str) -> tuple[Mapping[str, Any], Mapping[str, Any]]:
+    """A checkpoint's raw opts and state dict (the `module.` prefix stripped when every key has
+    it), or CheckpointError saying what the file is instead."""
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(
+            f"checkpoint {uri!r} holds a {type(ckpt).__name__}, not a dict: expected a pSp/e4e/ReStyle checkpoint "
+            "{'state_dict', 'opts', 'latent_avg'}"
+        )
+    if "state_dict" not in ckpt:
+        what = "is a StyleGAN2 generator checkpoint ('g_ema')" if "g_ema" in ckpt else "has no 'state_dict'"
+        raise CheckpointError(f"checkpoint {uri!r} {what}, not a pSp model: load it with load_stylegan2(path)")
+    opts = ckpt.get("opts")
+    if not isinstance(opts, Mapping):
+        raise CheckpointError(
+            f"checkpoint {uri!r} has no 'opts' dict (found {type(opts).__name__}): pSp checkpoints store "
+            "the training options, which name the encoder type, input channels and output size"
+        )
+    state = ckpt["state_dict"]
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"checkpoint {uri!r}: 'state_dict' is a {type(state).__name__}, expected a dict of tensors")
+    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
+        # Saved from an nn.DataParallel / DistributedDataParallel wrapper. Stripped only when EVERY
+        # key carries the prefix (then nothing is ambiguous); a partial prefix is an error later.
+        logger.info("checkpoint %s: stripping the 'module.' prefix (DataParallel) from every key", uri)
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return opts, state
+
+
+def _check_output_size(uri: str, opts: Mapping[str, Any], state: Mapping[str, Any], size_key: str) -> None:
+    """CheckpointError when the opts' output size (1024 when absent, the legacy default)
+    contradicts the decoder weights, with how to fix the file."""
+    implied = _weights_output_size(state)
+    stated = opts.get(size_key)
+    if implied is None or int(stated if stated is not None else 1024) == implied[0]:
+        return
+    size, n_rgb = implied
+    if stated is None:
+        raise CheckpointError(
+            f"checkpoint {uri!r} has no opts[{size_key!r}], so it is read as 1024 (the legacy default "
+            "of the reference scripts, right for the released 1024 px models), but its decoder weights "
+            f"are for {size_key} {size} ({n_rgb} decoder.to_rgbs layers): set opts[{size_key!r}] = {size} "
+            f"and re-save: ckpt = torch.load(path, weights_only=True); ckpt['opts'][{size_key!r}] = {size}; "
+            "torch.save(ckpt, path)"
+        )
+    raise CheckpointError(
+        f"checkpoint {uri!r}: its opts say {size_key}={stated} but its decoder weights are for {size_key} "
+        f"{size} ({n_rgb} decoder.to_rgbs layers): fix opts[{size_key!r}] (and opts['n_styles'] if present) "
+        "and re-save the checkpoint"
+    )
+
+
+def _latent_avg_for(latent_avg: Any, opts: Mapping[str, Any], family: str, uri: str) -> torch.Tensor | None:
+    """The checkpoint's `latent_avg` as the model uses it (checked against the opts), or
+    CheckpointError when the model needs one and the file has none."""
+    n_styles = n_styles_for(int(opts["output_size"]))
+    if family.startswith("restyle"):
+        # ReStyle's first iteration always starts from latent_avg, whatever start_from_latent_avg says.
+        if latent_avg is None:
+            raise CheckpointError(
+                f"checkpoint {uri!r} is a ReStyle checkpoint without 'latent_avg', which its first "
+                "iteration starts from: re-save it with the generator's average latent, ckpt['latent_avg'] "
+                "= decoder.mean_latent(100000)[0]"
+            )
+        return _check_latent_avg(latent_avg, opts, n_styles, uri)
+    if not opts["start_from_latent_avg"]:
+        # The original ignores latent_avg then: keep a tensor (unused), whatever its shape.
+        if latent_avg is not None and not isinstance(latent_avg, torch.Tensor):
+            logger.warning("checkpoint %s: ignoring a non-tensor 'latent_avg' (%s)", uri, type(latent_avg).__name__)
+            return None
+        return None if latent_avg is None else latent_avg.detach().float().clone()
+    if latent_avg is None:
+        raise CheckpointError(
+            f"checkpoint {uri!r} was trained with start_from_latent_avg but has no 'latent_avg': "
+            "re-save it with the generator's average latent, ckpt['latent_avg'] = "
+            "decoder.mean_latent(100000)[0] (the original crashes on such files, pSp issue #271)"
+        )
+    return _check_latent_avg(latent_avg, opts, n_styles, uri)
+
+
+def _build_model(family: str, opts: Mapping[str, Any], state: Mapping[str, Any], device, uri: str,
+                 hint_size: str) -> PSP:
+    """The family's model with `state` assigned on `device` (built on the meta device first, so
+    nothing is initialised twice); CheckpointError listing every key/shape problem."""
+    with torch.device("meta"):
+        net = _MODEL_CLASSES[family](opts)
+    hint = f" ({family} opts: encoder_type={opts['encoder_type']}, input_nc={opts['input_nc']}, {hint_size})"
+    halves = {name: _split_prefix(state, name) for name in ("encoder", "decoder")}
+    problems = [p for name, part in halves.items() for p in _state_problems(getattr(net, name), part, name + ".")]
+    if problems:
+        prefixed = sum(1 for k in state if isinstance(k, str) and k.startswith("module."))
+        if prefixed:
+            problems.append(
+                f"{prefixed} of {len(state)} keys start with 'module.' (an nn.DataParallel wrapper's prefix): "
+                "strip it from those keys, ckpt['state_dict'] = {k.removeprefix('module.'): v for k, v in "
+                "ckpt['state_dict'].items()}, and re-save (load_psp strips it itself only when every key has it)"
+            )
+        raise CheckpointError(
+            f"checkpoint {uri!r} does not match the architecture its opts describe{hint}: " + "; ".join(problems)
+        )
+    for name, part in halves.items():
+        _assign_state(getattr(net, name), part, device)
+    return net
+
+
 def load_psp(
     path_or_uri: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -370,57 +474,12 @@ def load_psp(
     """
     uri = os.fspath(path_or_uri)
     ckpt, sha = read_checkpoint(uri, storage_options)
-    if not isinstance(ckpt, Mapping):
-        raise CheckpointError(
-            f"checkpoint {uri!r} holds a {type(ckpt).__name__}, not a dict: expected a pSp/e4e/ReStyle checkpoint "
-            "{'state_dict', 'opts', 'latent_avg'}"
-        )
-    if "state_dict" not in ckpt:
-        if "g_ema" in ckpt:
-            raise CheckpointError(
-                f"checkpoint {uri!r} is a StyleGAN2 generator checkpoint ('g_ema'), not a pSp model: "
-                "use load_stylegan2 / --decoder-only"
-            )
-        raise CheckpointError(
-            f"checkpoint {uri!r} has no 'state_dict': is it a StyleGAN checkpoint? "
-            "use load_stylegan2 / --decoder-only"
-        )
-    opts = ckpt.get("opts")
-    if not isinstance(opts, Mapping):
-        raise CheckpointError(
-            f"checkpoint {uri!r} has no 'opts' dict (found {type(opts).__name__}): pSp checkpoints store "
-            "the training options, which name the encoder type, input channels and output size"
-        )
-    state = ckpt["state_dict"]
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"checkpoint {uri!r}: 'state_dict' is a {type(state).__name__}, expected a dict of tensors")
-    if state and all(isinstance(k, str) and k.startswith("module.") for k in state):
-        # Saved from an nn.DataParallel / DistributedDataParallel wrapper. Stripped only when EVERY
-        # key carries the prefix (then nothing is ambiguous); a partial prefix is an error below.
-        logger.info("checkpoint %s: stripping the 'module.' prefix (DataParallel) from every key", uri)
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    family = checkpoint_family(opts)
+    raw_opts, state = _opts_and_state(ckpt, uri)
+    family = checkpoint_family(raw_opts)
     size_key = "stylegan_size" if family == "e4e" else "output_size"
-    implied = _weights_output_size(state)
-    stated = opts.get(size_key)
-    if implied is not None and int(stated if stated is not None else 1024) != implied[0]:
-        size, n_rgb = implied
-        if stated is None:
-            raise CheckpointError(
-                f"checkpoint {uri!r} has no opts[{size_key!r}], so it is read as 1024 (the legacy default "
-                "of the reference scripts, right for the released 1024 px models), but its decoder weights "
-                f"are for {size_key} {size} ({n_rgb} decoder.to_rgbs layers): set opts[{size_key!r}] = {size} "
-                f"and re-save: ckpt = torch.load(path, weights_only=True); ckpt['opts'][{size_key!r}] = {size}; "
-                "torch.save(ckpt, path)"
-            )
-        raise CheckpointError(
-            f"checkpoint {uri!r}: its opts say {size_key}={stated} but its decoder weights are for {size_key} "
-            f"{size} ({n_rgb} decoder.to_rgbs layers): fix opts[{size_key!r}] (and opts['n_styles'] if present) "
-            "and re-save the checkpoint"
-        )
-    latent_avg = ckpt.get("latent_avg")
+    _check_output_size(uri, raw_opts, state, size_key)
     try:
-        opts = model_opts(opts)
+        opts = model_opts(raw_opts)
     except CheckpointError as e:
         raise CheckpointError(f"checkpoint {uri!r}: {e}") from None
     restyle = family.startswith("restyle")
@@ -431,53 +490,11 @@ def load_psp(
         )
     if n_iters is not None:
         check_n_iters(n_iters)
-    n_styles = n_styles_for(int(opts["output_size"]))
-    if restyle:
-        # ReStyle's first iteration always starts from latent_avg, whatever start_from_latent_avg says.
-        if latent_avg is None:
-            raise CheckpointError(
-                f"checkpoint {uri!r} is a ReStyle checkpoint without 'latent_avg', which its first "
-                "iteration starts from: re-save it with the generator's average latent, ckpt['latent_avg'] "
-                "= decoder.mean_latent(100000)[0]"
-            )
-        latent_avg = _check_latent_avg(latent_avg, opts, n_styles, uri)
-    elif not opts["start_from_latent_avg"]:
-        # The original ignores latent_avg then: keep a tensor (unused), whatever its shape.
-        if latent_avg is not None and not isinstance(latent_avg, torch.Tensor):
-            logger.warning("checkpoint %s: ignoring a non-tensor 'latent_avg' (%s)", uri, type(latent_avg).__name__)
-            latent_avg = None
-        elif latent_avg is not None:
-            latent_avg = latent_avg.detach().float().clone()
-    elif latent_avg is not None:
-        latent_avg = _check_latent_avg(latent_avg, opts, n_styles, uri)
-    else:
-        raise CheckpointError(
-            f"checkpoint {uri!r} was trained with start_from_latent_avg but has no 'latent_avg': "
-            "re-save it with the generator's average latent, ckpt['latent_avg'] = "
-            "decoder.mean_latent(100000)[0] (the original crashes on such files, pSp issue #271)"
-        )
+    latent_avg = _latent_avg_for(ckpt.get("latent_avg"), opts, family, uri)
 
-    with torch.device("meta"):
-        net = _MODEL_CLASSES[family](opts)
-    hint = (
-        f" ({family} opts: encoder_type={opts['encoder_type']}, input_nc={opts['input_nc']}, "
-        f"{size_key}={opts['output_size']}{' [legacy default]' if size_key not in ckpt['opts'] else ''})"
-    )
-    halves = {name: _split_prefix(state, name) for name in ("encoder", "decoder")}
-    problems = [p for name, part in halves.items() for p in _state_problems(getattr(net, name), part, name + ".")]
-    if problems:
-        prefixed = sum(1 for k in state if isinstance(k, str) and k.startswith("module."))
-        if prefixed:
-            problems.append(
-                f"{prefixed} of {len(state)} keys start with 'module.' (an nn.DataParallel wrapper's prefix): "
-                "strip it from those keys, ckpt['state_dict'] = {k.removeprefix('module.'): v for k, v in "
-                "ckpt['state_dict'].items()}, and re-save (load_psp strips it itself only when every key has it)"
-            )
-        raise CheckpointError(
-            f"checkpoint {uri!r} does not match the architecture its opts describe{hint}: " + "; ".join(problems)
-        )
-    for name, part in halves.items():
-        _assign_state(getattr(net, name), part, device)
+    net = _build_model(family, opts, state, device, uri,
+                       hint_size=f"{size_key}={opts['output_size']}"
+                       f"{' [legacy default]' if size_key not in raw_opts else ''}")
     net.latent_avg = latent_avg
     net.checkpoint_sha256 = sha
     net.checkpoint_path = uri

@@ -74,8 +74,8 @@ class FaceDescriptor:
         else:
             if aligned:
                 h, w = arr.shape[:2]
-                l, t, r, b = ALIGNED_FACE_BOX
-                rect = dlib.rectangle(int(l * w), int(t * h), int(r * w), int(b * h))
+                left, top, right, bottom = ALIGNED_FACE_BOX
+                rect = dlib.rectangle(int(left * w), int(top * h), int(right * w), int(bottom * h))
             else:
                 rects, scores, _ = self.detector.run(arr, self.detector_upsample, 0.0)
                 if len(rects) == 0:

@@ -17,7 +17,7 @@ from typing import Union
 import numpy as np
 import torch
 
-__all__ = ["mse", "psnr", "ssim", "FaceDescriptor", "identity_distance"]
+__all__ = ["mse", "psnr", "ssim", "FaceDescriptor", "identity_distance"]  # noqa: F822 - the last two via __getattr__
 
 ImageLike = Union[np.ndarray, torch.Tensor]
 

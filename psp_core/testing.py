@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from psp_core.ops import FusedLeakyReLU
 from psp_core.e4e import E4E
+from psp_core.ops import FusedLeakyReLU
 from psp_core.psp import PSP, n_styles_for
 from psp_core.restyle import ReStyle
 from psp_core.stylegan2 import (
@@ -196,7 +196,7 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
         elif isinstance(m, ConstantInput):
             m.input.copy_(normal(gen, m.input.shape))
         elif isinstance(m, Generator):
-            for buf_name, buf in m.noises.named_buffers():
+            for buf in m.noises.buffers():
                 buf.copy_(normal(gen, buf.shape))
     return module
 

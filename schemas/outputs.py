@@ -20,8 +20,7 @@ import pyarrow as pa
 
 # The status vocabulary (and which statuses a rerun skips) lives in schemas.status.
 from schemas.ids import image_id_for
-from schemas.status import FINAL_STATUSES, STATUSES, is_transient
-from schemas.status import OK as STATUS_OK
+from schemas.status import STATUSES
 
 SCHEMA_VERSION = "2"
 STYLE_DIM = 512

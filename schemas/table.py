@@ -27,10 +27,10 @@ from schemas.outputs import (
     META_SHAPES,
     META_VERSION,
     SCHEMA_VERSION,
-    STATUS_OK,
     output_schema,
     w_plus_to_numpy,
 )
+from schemas.status import OK as STATUS_OK
 
 # Table properties (Delta `configuration`) and commit-info keys written by psp runs.
 PROP_VERSION = META_VERSION.decode()

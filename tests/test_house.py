@@ -14,7 +14,12 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("psp_core", "pipelines", "jobs", "schemas")
 MAX_FUNCTION_LINES = 80
 # Longer functions, each with the reason it stays whole.
-LONG_FUNCTIONS: dict[str, str] = {}
+LONG_FUNCTIONS: dict[str, str] = {
+    "pipelines/graph.py::build_dataset": "the whole Ray graph in one screenful of wiring, read top to bottom",
+    "pipelines/incremental.py::run_nightly": "the nightly phases in order (list, plan, adopt, process, commit)",
+    "pipelines/edit.py::run_edit": "the edit run's fail-fast checks followed by its Ray graph",
+    "pipelines/report.py::build_report": "one section of the page after another, each a few lines",
+}
 
 
 def test_ruff_is_clean():

@@ -65,7 +65,7 @@ def ray_head():
                     break
             except OSError:
                 if head.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the Ray head did not start (see `ray start` output)")
+                    raise RuntimeError("the Ray head did not start (see `ray start` output)") from None
                 time.sleep(0.5)
         yield url, temp_dir
     finally:

@@ -2,6 +2,8 @@
 pSp `transform_inference` (spec section 3.2), not against our own code."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -85,7 +87,7 @@ def test_task_channels_alignment_and_mixing_defaults():
         task = get_task(name)
         assert (task.input_nc, task.label_nc, task.needs_alignment) == (3, 0, True)
         assert task.default_latent_mask is None
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         sketch.label_nc = 3  # frozen: a shared registry entry must not be mutable
 
 

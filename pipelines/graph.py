@@ -256,6 +256,8 @@ def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resourc
             "precision": config.precision,
             "cpu_threads": config.cpu_threads,
             "stage_clock": clock,
+            "n_iters": config.n_iters,
+            "keep_iterations": config.keep_iterations,
         },
         compute=ActorPoolStrategy(min_size=1, max_size=model["actors"]),
         batch_size=batch_size,

@@ -42,6 +42,8 @@ def test_e4e_and_restyle_runs_from_s3_record_family_iterations_and_equal_direct_
     restyle_run = run_invert(InvertConfig(output=f"s3://{bucket}/restyle/", checkpoint=restyle, align="none",
                                           n_iters=3, keep_iterations=True, **common))
     assert e4e_run.counts == restyle_run.counts == {"ok": 2, "decode_error": 1}
+    assert (e4e_run.model_family, e4e_run.n_iters, restyle_run.model_family, restyle_run.n_iters) == (
+        "e4e", 1, "restyle_e4e", 3)  # also in the run summary (_runs/<run_id>.json, the commit)
     uri = {name: f"s3://{bucket}/raw/{name}" for name in NAMES}
     task = get_task("ffhq_encode")
 

@@ -150,3 +150,16 @@ def test_n_iters_and_keep_iterations_only_for_restyle(inputs, tmp_path, tiny_che
     assert resolve_config(config(restyle)).n_iters == 5
     resolved = resolve_config(config(restyle, n_iters=2, keep_iterations=True))
     assert resolved.n_iters == 2 and resolved.config.keep_iterations
+
+
+def test_metrics_on_car_inputs_fail_fast(inputs, tmp_path):
+    """--metrics compares 256x256 face crops: a 192x256 car checkpoint refuses it before any work."""
+    from pipelines.config import ConfigError, InvertConfig, resolve_config
+    from psp_core.testing import random_e4e_checkpoint
+
+    cars = random_e4e_checkpoint(str(tmp_path / "e4e_cars.pt"), output_size=64, dataset_type="cars_encode", seed=0)
+    config = InvertConfig(input=inputs, output=str(tmp_path / "out"), checkpoint=cars, metrics=True)
+    with pytest.raises(ConfigError, match=r"--metrics.*cars_encode takes 192x256.*drop --metrics"):
+        resolve_config(config)
+    resolved = resolve_config(InvertConfig(input=inputs, output=str(tmp_path / "out"), checkpoint=cars))
+    assert (resolved.task, resolved.align, resolved.checkpoint.family) == ("cars_encode", "none", "e4e")

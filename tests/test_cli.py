@@ -125,7 +125,12 @@ def test_nightly_takes_every_run_option_of_invert(tmp_path):
 def test_n_iters_and_keep_iterations_only_for_restyle(inputs, tmp_path, tiny_checkpoint):
     """pSp and e4e encode in one pass: --n-iters / --keep-iterations with them fail before any
     work; with a ReStyle checkpoint they resolve (default n_iters: the family's, 5)."""
-    from pipelines.config import ConfigError, InvertConfig, read_checkpoint_info, resolve_config
+    from pipelines.config import (
+        ConfigError,
+        InvertConfig,
+        read_checkpoint_info,
+        resolve_config,
+    )
     from psp_core.testing import random_e4e_checkpoint, random_restyle_checkpoint
 
     e4e = random_e4e_checkpoint(str(tmp_path / "e4e.pt"), output_size=32, seed=0)

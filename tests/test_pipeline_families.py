@@ -37,7 +37,7 @@ def test_e4e_and_restyle_runs_from_s3_record_family_iterations_and_equal_direct_
     restyle = random_restyle_checkpoint(str(tmp_path / "restyle.pt"), output_size=32,
                                         encoder_type="ResNetProgressiveBackboneEncoder", seed=2)
     so = s3_server.storage_options
-    common = dict(input=f"s3://{bucket}/raw/", storage_options=so, batch_size=4)
+    common = {"input": f"s3://{bucket}/raw/", "storage_options": so, "batch_size": 4}
     e4e_run = run_invert(InvertConfig(output=f"s3://{bucket}/e4e/", checkpoint=e4e, **common))
     restyle_run = run_invert(InvertConfig(output=f"s3://{bucket}/restyle/", checkpoint=restyle, align="none",
                                           n_iters=3, keep_iterations=True, **common))

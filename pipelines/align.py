@@ -5,7 +5,9 @@ the dlib models load once per actor. It runs `DecodeImages` first (in the same a
 compressed bytes travel between Ray operators) and then, per row:
 - mode 'dlib': `psp_core.align.FaceAligner` (FFHQ alignment; 'no_face' etc. become row statuses);
 - mode 'none': resize to 256x256 exactly as the task transform would (sketches, segmentation maps,
-  pre-aligned faces), no detection;
+  pre-aligned faces, cars, churches, animals), no detection; `model_input` is then prepared from the
+  decoded image itself (a task of another input size, cars' 192x256, resizes it once, as its
+  transform does, not the 256x256 crop);
 - with a `task`: `Task.prepare` on the crop (convert, resize, super-resolution degradation, seg label
   check), so the model actor gets uint8 pixels and does only tensor work on its device. A row whose
   prepare fails gets status 'invert_error' ("input transform failed"), as before the split.
@@ -100,6 +102,9 @@ class AlignFaces:
         landmarks = np.full((n, 68, 2), np.nan, dtype=np.float32)
         quad = np.full((n, 4, 2), np.nan, dtype=np.float32)
         score = np.full(n, np.nan, dtype=np.float32)
+        prepared = None
+        if self.task is not None and self.aligner is None:
+            prepared = np.zeros((n, *self.task.prepared_shape), dtype=np.uint8)
         for i, rgb in enumerate(decoded["image"]):
             if status[i] != "ok":
                 continue
@@ -107,6 +112,8 @@ class AlignFaces:
             try:
                 if self.aligner is None:
                     aligned[i] = resize_unaligned(rgb, self.gray)
+                    if prepared is not None:
+                        self._prepare_row(prepared, i, rgb, status, error, uri)
                     continue
                 result = self.aligner(rgb, name=str(uri))
                 if result.status != "ok":
@@ -120,7 +127,9 @@ class AlignFaces:
                 status[i] = "align_error"
                 error[i] = f"{uri}: alignment failed ({type(e).__name__}: {e})"
         out = {k: v for k, v in decoded.items() if k != "image"}
-        if self.task is not None:
+        if prepared is not None:
+            out["model_input"] = prepared
+        elif self.task is not None:
             out["model_input"] = self._prepare(aligned, status, error, decoded["source_uri"])
         out.update(
             status=object_column(status),
@@ -139,11 +148,14 @@ class AlignFaces:
         """The PIL part of the task transform per ok row (a failing row fails alone)."""
         prepared = np.zeros((len(aligned), *self.task.prepared_shape), dtype=np.uint8)
         for i in range(len(aligned)):
-            if status[i] != "ok":
-                continue
-            try:
-                prepared[i] = self.task.prepare(aligned[i], self.resize_factor)
-            except Exception as e:
-                status[i] = "invert_error"
-                error[i] = f"{uris[i]}: input transform failed ({type(e).__name__}: {e})"
+            if status[i] == "ok":
+                self._prepare_row(prepared, i, aligned[i], status, error, uris[i])
         return prepared
+
+    def _prepare_row(self, prepared: np.ndarray, i: int, image: np.ndarray, status: list, error: list, uri) -> None:
+        """prepared[i] = Task.prepare(image); a failure makes row i 'invert_error' alone."""
+        try:
+            prepared[i] = self.task.prepare(image, self.resize_factor)
+        except Exception as e:
+            status[i] = "invert_error"
+            error[i] = f"{uri}: input transform failed ({type(e).__name__}: {e})"

@@ -70,10 +70,11 @@ class InvertConfig:
 
     input: str | list[str]
     output: str
-    checkpoint: str = option(None, "pSp checkpoint (.pt), a path or fsspec URI", required=True)
+    checkpoint: str = option(None, "pSp, e4e or ReStyle checkpoint (.pt), a path or fsspec URI", required=True)
     task: str | None = option(
         None, "dataset_type (default: the checkpoint's): ffhq_encode, ffhq_frontalize, "
-        "celebs_sketch_to_face, celebs_seg_to_face, celebs_super_resolution", check=_check_task)
+        "celebs_sketch_to_face, celebs_seg_to_face, celebs_super_resolution, toonify, cars_encode, "
+        "church_encode, horse_encode, afhq_wild_encode", check=_check_task)
     align: str | None = option(
         None, "dlib FFHQ alignment, or none for sketches, seg maps and pre-aligned faces "
         "(default: dlib for face photos, none for sketch/seg tasks)", choices=ALIGN_MODES)
@@ -127,6 +128,12 @@ class InvertConfig:
     precision: str = option(
         "fp32", "model arithmetic: fp32 (default, TF32 off: equals the original within 1e-4), tf32, bf16 or "
         "fp16 autocast (GPU; on CPU only fp32 and bf16)", choices=PRECISIONS)
+    n_iters: int | None = option(
+        None, "ReStyle checkpoints: refinement steps (default: 5, as ReStyle's inference script); "
+        "pSp and e4e encode in one pass", parse=int, minimum=1, metavar="N")
+    keep_iterations: bool = option(
+        False, "ReStyle checkpoints: also record the W+ of every iteration (column iteration_w_plus)",
+        kind="flag")
     output_actors: int | None = option(
         None, "at most this many CPU actors for PNG/JPEG encoding and metrics (default: half the CPUs)",
         parse=int, minimum=1)
@@ -143,6 +150,8 @@ class CheckpointInfo:
     output_size: int
     n_styles: int
     size_bytes: int | None = None  # the checkpoint file's size (sizes the model actor's memory request)
+    family: str = "psp"  # psp, e4e, restyle_psp or restyle_e4e (psp_core.checkpoint.checkpoint_family)
+    n_iters: int = 1  # the family's default encoder passes (ReStyle: 5)
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,7 @@ class ResolvedConfig:
     align: str
     latent_mask: tuple[int, ...] | None
     run_id: str
+    n_iters: int = 1  # encoder passes of this run (--n-iters, else the family's default)
 
 
 def parse_latent_mask(text: str | Sequence[int] | None) -> list[int] | None:
@@ -299,6 +309,8 @@ def read_checkpoint_info(uri: str, storage_options: Mapping[str, Any] | None = N
         output_size=spec.output_size,
         n_styles=spec.n_styles,
         size_bytes=size_bytes,
+        family=spec.family,
+        n_iters=spec.n_iters,
     )
 
 
@@ -332,7 +344,8 @@ def resolve_config(config: InvertConfig, check_output: bool = True) -> ResolvedC
 
     Raises ConfigError with what to do for: bad flag values, a missing/unreadable checkpoint, a
     task the checkpoint cannot serve (input channels differ), super-resolution without a factor,
-    a latent mask outside the model's styles, an output location that cannot be written.
+    a latent mask outside the model's styles, --n-iters / --keep-iterations with a checkpoint that
+    is not ReStyle, --metrics on non-square inputs (cars), an output location that cannot be written.
     """
     from psp_core.tasks import get_task
 
@@ -355,6 +368,20 @@ def resolve_config(config: InvertConfig, check_output: bool = True) -> ResolvedC
             f"checkpoint {config.checkpoint!r} was trained for {info.dataset_type} with input_nc="
             f"{info.input_nc}, label_nc={info.label_nc}: drop --task to use the checkpoint's own task, "
             "or pass the checkpoint trained for this task"
+        )
+    restyle = info.family.startswith("restyle")
+    if not restyle and (config.n_iters is not None or config.keep_iterations):
+        flag = "--n-iters" if config.n_iters is not None else "--keep-iterations"
+        raise ConfigError(
+            f"{flag} only applies to ReStyle checkpoints (iterative refinement); {config.checkpoint!r} is a "
+            f"{info.family} checkpoint, which encodes in one pass: drop {flag}, or pass a ReStyle checkpoint "
+            "(e.g. restyle_e4e_ffhq_encode.pt)"
+        )
+    n_iters = config.n_iters if config.n_iters is not None else info.n_iters
+    if task.input_size != (256, 256) and config.metrics:
+        raise ConfigError(
+            f"--metrics compares 256x256 face crops; task {task_name} takes {task.input_size[0]}x"
+            f"{task.input_size[1]} inputs: drop --metrics for this checkpoint"
         )
     if task.needs_factor and config.resize_factor is None:
         factors = ",".join(map(str, task.trained_factors)) or "1,2,4,8,16,32"
@@ -399,6 +426,7 @@ def resolve_config(config: InvertConfig, check_output: bool = True) -> ResolvedC
         align=align,
         latent_mask=latent_mask,
         run_id=run_id,
+        n_iters=n_iters,
     )
 
 

@@ -95,6 +95,8 @@ class RunSummary:
     replaced: int = 0
     version: int | None = None
     kind: str = "invert"
+    model_family: str = "psp"  # the checkpoint's family (psp, e4e, restyle_psp, restyle_e4e)
+    n_iters: int = 1  # ReStyle's refinement steps in this run (1 for pSp and e4e)
 
     def format(self) -> str:
         """The end-of-run report printed by the CLI."""
@@ -256,6 +258,8 @@ def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resourc
             "precision": config.precision,
             "cpu_threads": config.cpu_threads,
             "stage_clock": clock,
+            "n_iters": config.n_iters,
+            "keep_iterations": config.keep_iterations,
         },
         compute=ActorPoolStrategy(min_size=1, max_size=model["actors"]),
         batch_size=batch_size,
@@ -465,6 +469,7 @@ def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) 
         stages=stage_dict(processed.timings if processed else {}),
         operators=processed.operators if processed else [], started_at=started.isoformat(),
         code_version=code_version(), adopted=adopted, not_inputs=dict(sorted(not_inputs.items())),
+        model_family=resolved.checkpoint.family, n_iters=resolved.n_iters,
     )
     written.run_id = resolved.run_id
     return commit_summary(table, written, resolved.checkpoint.n_styles, summary, dt.version(), t0)

@@ -419,6 +419,7 @@ def run_nightly(
         skipped=plan.unchanged, processed=result.processed, counts=result.status_counts,
         stages=stage_dict(processed.timings) if processed else {}, operators=processed.operators if processed else [], started_at=started.isoformat(),
         adopted=result.adopted, kind="nightly",
+        model_family=resolved.checkpoint.family, n_iters=resolved.n_iters,
     )
     try:
         summary = commit_summary(

@@ -14,7 +14,10 @@ Column contract (B rows; failed rows keep their status and get zeros in the arra
          landmarks, quad, [aligned], model_input uint8 [B, *Task.prepared_shape]
     out: every input column except model_input, plus
          w_plus float32 [B, n_styles, 512]
-         image uint8 [B, H, W, 3]              (images != 'none'; H = 256 or the full size)
+         iteration_w_plus float32 [B, n_iters, n_styles, 512]   (ReStyle with keep_iterations)
+         model_family (one string per row), n_iters int32 [B]
+         image uint8 [B, H, W, 3]              (images != 'none'; H = W = 256 or the full size;
+                                                ReStyle cars: the car rows, H = 3/4 W, as ReStyle)
          image256 uint8 [B, 256, 256, 3]        (metrics on a photo task, when `image` is not 256)
          mix_w_plus float32 [B, N, n_styles, 512] and mix_images uint8 [B, N, H, W, 3] (--mix N)
          checkpoint_sha256 (one string per row)
@@ -126,6 +129,8 @@ class InvertFaces:
     for photo tasks. mix/latent_mask/mix_alpha/seed: style mixing, seeds per row from
     (seed, image_id). precision: 'fp32' (TF32 off: equals the original within 1e-4), 'tf32',
     'bf16' or 'fp16' (autocast). cpu_threads: torch threads on CPU (None: all cores of the node).
+    n_iters: ReStyle's refinement steps (None: the checkpoint family's default; ValueError for pSp
+    and e4e). keep_iterations: ReStyle, also hand on every iteration's W+ (`iteration_w_plus`).
     """
 
     def __init__(
@@ -144,6 +149,8 @@ class InvertFaces:
         precision: str = "fp32",
         cpu_threads: int | None = None,
         stage_clock: Any = None,
+        n_iters: int | None = None,
+        keep_iterations: bool = False,
     ):
         import torch
 
@@ -165,9 +172,21 @@ class InvertFaces:
         self.precision = precision
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         if isinstance(checkpoint, (str, os.PathLike)):
-            self.model = load_psp(checkpoint, device=device, storage_options=storage_options)
+            self.model = load_psp(checkpoint, device=device, storage_options=storage_options, n_iters=n_iters)
         else:
             self.model = checkpoint
+            if n_iters is not None:
+                self.model.n_iters = n_iters
+        self.family = str(getattr(self.model, "family", "psp"))
+        # ReStyle: `refine` gives every iteration's W+ and reconstruction (the last one is the
+        # output image: no extra decode pass).
+        self.restyle = self.family.startswith("restyle") and hasattr(self.model, "refine")
+        self.n_iters = int(getattr(self.model, "n_iters", 1)) if self.restyle else 1
+        if (n_iters is not None and n_iters != self.n_iters) or (keep_iterations and not self.restyle):
+            raise ValueError(
+                f"n_iters / keep_iterations only apply to ReStyle checkpoints; this is a {self.family} checkpoint"
+            )
+        self.keep_iterations = bool(keep_iterations)
         self.task = get_task(task)
         self.images = images
         self.full_size = str(image_size) == "full"
@@ -220,11 +239,18 @@ class InvertFaces:
         )
         with torch.inference_mode(), autocast:
             x = self.task.to_model_input(self._to_device(model_input, rows))
-            w_plus = model.encode(x)
-            out = {"w_plus": w_plus.float()}
             need_256 = self.metrics and (self.full_size or self.images == "none")
+            if self.restyle:
+                codes, recons = model.refine(x, self.n_iters, resize=not self.full_size)
+                w_plus, images = codes[-1], recons[-1]
+            else:
+                w_plus, images = model.encode(x), None
+            out = {"w_plus": w_plus.float()}
+            if self.keep_iterations:
+                out["iteration_w_plus"] = torch.stack(codes, dim=1).float()
             if self.images != "none" or need_256:
-                images = model.decode(w_plus, resize=not self.full_size)
+                if images is None:
+                    images = model.decode(w_plus, resize=not self.full_size)
                 if self.images != "none":
                     out["image"] = images_to_uint8(images)
                 if need_256:
@@ -270,6 +296,8 @@ class InvertFaces:
         out["status"] = object_column(status)
         out["error"] = object_column(error)
         out["checkpoint_sha256"] = object_column([self.model.checkpoint_sha256] * n)
+        out["model_family"] = object_column([self.family] * n)
+        out["n_iters"] = np.full(n, self.n_iters, dtype=np.int32)
         if self.stage_clock is not None:
             self.stage_clock.record("invert", n, time.perf_counter() - start)
         return out
@@ -288,14 +316,24 @@ class InvertFaces:
                 results[name][i] = value[0]
         return results
 
+    def image_hw(self) -> tuple[int, int]:
+        """(H, W) of the `image` column: 256x256 or the generator's size; ReStyle's cars keep the
+        rows H/8 .. 7H/8 (the car), as ReStyle's own outputs."""
+        side = self.model.output_size if self.full_size else 256
+        if self.restyle and getattr(self.model, "crops_cars", False):
+            return side - 2 * (side // 8), side
+        return side, side
+
     def _zeros(self, n: int) -> dict[str, np.ndarray]:
         """The output columns for `n` rows, all zeros: every batch has the same columns and shapes,
         whichever of its rows fail."""
         side = self.model.output_size if self.full_size else 256
         styles = (self.model.n_styles, 512)
         shapes = {"w_plus": (styles, np.float32)}
+        if self.keep_iterations:
+            shapes["iteration_w_plus"] = ((self.n_iters, *styles), np.float32)
         if self.images != "none":
-            shapes["image"] = ((side, side, 3), np.uint8)
+            shapes["image"] = ((*self.image_hw(), 3), np.uint8)
         if self.metrics and (self.full_size or self.images == "none"):
             shapes["image256"] = ((256, 256, 3), np.uint8)
         if self.mix:

@@ -114,6 +114,8 @@ class EncodeOutputs:
     def _row(self, batch: Mapping[str, np.ndarray], i: int) -> dict[str, Any]:
         fmt = self.images
         row: dict[str, Any] = {"w_plus": batch["w_plus"][i], "image_format": fmt}
+        if "iteration_w_plus" in batch:
+            row["iteration_w_plus"] = batch["iteration_w_plus"][i]
         if "image" in batch:
             row["output_image"] = encode_image(batch["image"][i], fmt)
         if self.save_aligned:
@@ -140,7 +142,7 @@ class EncodeOutputs:
         n = len(uris)
         status = [str(s) for s in batch["status"]]
         error = [str(e) if e else None for e in batch["error"]]
-        names = ("w_plus", "output_image", "image_format", "aligned_image", "mix_w_plus", "mix_images",
+        names = ("w_plus", "iteration_w_plus", "output_image", "image_format", "aligned_image", "mix_w_plus", "mix_images",
                  "mse", "psnr", "ssim", "identity_distance")
         cols: dict[str, list] = {name: [None] * n for name in names}
         for i in range(n):
@@ -175,6 +177,9 @@ class EncodeOutputs:
             "code_version": [self.code_version] * n,
             "run_id": [self.run_id] * n,
         }
+        if "model_family" in batch:  # every row: what the run's checkpoint is
+            columns["model_family"] = [str(v) if v else None for v in batch["model_family"]]
+            columns["n_iters"] = _ints(batch["n_iters"])
         table = columns_to_table(columns, self.n_styles)
         if self.stage_clock is not None:
             sha = next((s for s in shas if s), None)

@@ -121,6 +121,25 @@ class OutputTable:
                 f"output {self.uri!r} holds outputs of a model with n_styles={info.n_styles}; this "
                 f"checkpoint has n_styles={n_styles}: write each model's outputs to its own OUTPUT"
             )
+        return self._evolve(dt, n_styles)
+
+    def _evolve(self, dt, n_styles: int):
+        """A v2 table written before columns were added to the schema (model_family, n_iters,
+        iteration_w_plus) gets them as nullable columns, and the new tensor shapes in its
+        properties: old rows read them as null, new runs append into it."""
+        from deltalake import Field
+
+        schema = output_schema(n_styles)
+        have = set(dt.schema().to_arrow().names)
+        missing = [f for f in schema if f.name not in have]
+        if missing:
+            dt.alter.add_columns([Field.from_arrow(f) for f in missing])
+            dt = self.load()
+        props = table_properties(n_styles)
+        conf = dt.metadata().configuration or {}
+        if any(conf.get(k) != v for k, v in props.items()):
+            dt.alter.set_table_properties(props, raise_if_not_exists=False)
+            dt = self.load()
         return dt
 
     def state(self, dt, columns: Sequence[str] = STATE_COLUMNS, ids: pa.Array | None = None) -> pa.Table:

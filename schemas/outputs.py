@@ -37,7 +37,7 @@ META_SHAPES = b"psp.tensor_shapes"
 REQUIRED_COLUMNS = ("image_id", "source_uri", "status", "run_id", "processed_at")
 # The listing facts of the input a row was made from (what a nightly run compares).
 SOURCE_FACTS = ("source_size", "source_mtime", "source_etag")
-TENSOR_COLUMNS = ("landmarks", "quad", "w_plus", "mix_w_plus")
+TENSOR_COLUMNS = ("landmarks", "quad", "w_plus", "mix_w_plus", "iteration_w_plus")
 
 
 def _list(item: pa.DataType) -> pa.DataType:
@@ -52,7 +52,11 @@ def output_schema(n_styles: int) -> pa.Schema:
     All columns are always present (null when a row or a run does not produce them: error rows,
     no `--mix`, no `--metrics`). Tensor columns are flattened float32 lists; their shapes are in the
     schema metadata `psp.tensor_shapes` (JSON): w_plus [n_styles, 512], landmarks [68, 2],
-    quad [4, 2], mix_w_plus [-1, n_styles, 512] (per row, a list of flattened w_plus).
+    quad [4, 2], mix_w_plus [-1, n_styles, 512] (per row, a list of flattened w_plus),
+    iteration_w_plus [-1, n_styles, 512] (ReStyle with `--keep-iterations`: the W+ after each of the
+    row's `n_iters` iterations, flattened into one list; the last equals w_plus).
+    `model_family` is the checkpoint's family (psp, e4e, restyle_psp, restyle_e4e) and `n_iters` its
+    refinement steps (1 for pSp and e4e).
     `source_size` / `source_mtime` / `source_etag` are the input's listing facts when the row was
     made (a nightly run compares them with the next listing).
     """
@@ -77,6 +81,9 @@ def output_schema(n_styles: int) -> pa.Schema:
         pa.field("quad", _list(f32)),
         pa.field("task", s),
         pa.field("w_plus", w_plus_type),
+        pa.field("model_family", s),
+        pa.field("n_iters", pa.int32()),
+        pa.field("iteration_w_plus", _list(f32)),
         pa.field("output_image", pa.binary()),
         pa.field("image_format", s),
         pa.field("aligned_image", pa.binary()),
@@ -96,6 +103,7 @@ def output_schema(n_styles: int) -> pa.Schema:
         "landmarks": [N_LANDMARKS, 2],
         "quad": [4, 2],
         "mix_w_plus": [-1, n_styles, STYLE_DIM],
+        "iteration_w_plus": [-1, n_styles, STYLE_DIM],
     }
     metadata = {
         META_VERSION: SCHEMA_VERSION.encode(),
@@ -205,12 +213,46 @@ def _mix_w_plus_array(
     )
 
 
+def _iterations_array(
+    values: Sequence[Any], n_styles: int, type_: pa.DataType, row_ids: Sequence[str]
+) -> pa.Array:
+    """Per-row [n_iters, n_styles, 512] arrays (or None) -> list<float32> (each row flattened)."""
+    size = n_styles * STYLE_DIM
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        # A dense batch [B, n_iters, n_styles, 512]: no nulls, no per-row loop.
+        if values.ndim != 4 or values.shape[2:] != (n_styles, STYLE_DIM):
+            raise ValueError(f"iteration_w_plus has shape {values.shape}, expected [B, n_iters, {n_styles}, {STYLE_DIM}]")
+        flat = np.ascontiguousarray(values, dtype=np.float32).reshape(len(values), -1)
+        return _regular_list(flat, flat.shape[1], None, type_)
+    offsets = [0]
+    chunks: list[np.ndarray] = []
+    mask = []
+    for i, v in enumerate(values):
+        if v is None:
+            mask.append(True)
+            offsets.append(offsets[-1])
+            continue
+        a = np.asarray(v, dtype=np.float32)
+        if a.size == 0 or a.size % size != 0 or (a.ndim == 3 and a.shape[1:] != (n_styles, STYLE_DIM)):
+            raise ValueError(
+                f"row {row_ids[i]!r}: iteration_w_plus has shape {a.shape}, expected "
+                f"[n_iters, {n_styles}, {STYLE_DIM}]; pass None without --keep-iterations"
+            )
+        chunks.append(a.reshape(-1))
+        mask.append(False)
+        offsets.append(offsets[-1] + a.size)
+    flat = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    return pa.ListArray.from_arrays(
+        pa.array(offsets, pa.int32()), pa.array(flat), type=type_, mask=pa.array(mask, pa.bool_())
+    )
+
+
 def columns_to_table(columns: Mapping[str, Sequence[Any]], n_styles: int) -> pa.Table:
     """Build a v2 output table from a column dict (the batch-dict form Ray stages use).
 
     Each value is a sequence of length B (lists, numpy arrays). Tensor columns accept, per row, an
     array of the element shape (w_plus [n_styles,512], landmarks [68,2], quad [4,2], mix_w_plus
-    [n_mix,n_styles,512]) or None; a dense ndarray [B, ...] is taken without a per-row loop.
+    [n_mix,n_styles,512], iteration_w_plus [n_iters,n_styles,512]) or None; a dense ndarray [B, ...] is taken without a per-row loop.
     Missing columns are null; `image_id` defaults to `image_id_for(source_uri)` and
     `processed_at` to now (UTC). Unknown column names raise ValueError (they would change the
     schema of one file and not the others).
@@ -253,6 +295,8 @@ def columns_to_table(columns: Mapping[str, Sequence[Any]], n_styles: int) -> pa.
             arrays.append(_tensor_array(name, values, _FIXED_TENSORS[name], field.type, ids))
         elif name == "mix_w_plus":
             arrays.append(_mix_w_plus_array(values, n_styles, field.type, ids))
+        elif name == "iteration_w_plus":
+            arrays.append(_iterations_array(values, n_styles, field.type, ids))
         else:
             if isinstance(values, np.ndarray) and values.dtype != object:
                 arr = pa.array(values).cast(field.type)
@@ -282,6 +326,16 @@ def validate_tensors(table: pa.Table, n_styles: int) -> None:
     bad = pc.and_(pc.is_valid(mix), pc.not_equal(pc.list_value_length(mix), n_styles * STYLE_DIM))
     if len(mix) and pc.any(bad).as_py():
         raise ValueError(f"mix_w_plus has an entry that is not {n_styles}x{STYLE_DIM} values")
+    if "iteration_w_plus" in table.column_names:
+        # each kept row holds n_iters x n_styles x 512 values (a null n_iters is wrong too)
+        col = table["iteration_w_plus"]
+        expected = pc.multiply(table["n_iters"].cast(pa.int64()), n_styles * STYLE_DIM)
+        bad = pc.and_(pc.is_valid(col), pc.fill_null(
+            pc.not_equal(expected, pc.list_value_length(col).cast(pa.int64())), True))
+        if len(col) and pc.any(bad).as_py():
+            i = pc.index(bad, True).as_py()
+            raise ValueError(f"row {table['image_id'][i]}: iteration_w_plus has {pc.list_value_length(col)[i]} "
+                             f"values, expected n_iters x {n_styles} x {STYLE_DIM} (n_iters={table['n_iters'][i]})")
 
 
 def rows_to_table(rows: Sequence[Mapping[str, Any]], n_styles: int) -> pa.Table:

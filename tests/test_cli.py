@@ -120,3 +120,51 @@ def test_nightly_takes_every_run_option_of_invert(tmp_path):
     config = _config_from_args(args)
     assert (config.resize_factor, config.mix, config.latent_mask, config.align_detect_size) == (8, 2, "4-7", 1024)
     assert config.storage_options == {"anon": True} and (config.input, config.output) == ("in/", "out/")
+
+
+def test_n_iters_and_keep_iterations_only_for_restyle(inputs, tmp_path, tiny_checkpoint):
+    """pSp and e4e encode in one pass: --n-iters / --keep-iterations with them fail before any
+    work; with a ReStyle checkpoint they resolve (default n_iters: the family's, 5)."""
+    from pipelines.config import (
+        ConfigError,
+        InvertConfig,
+        read_checkpoint_info,
+        resolve_config,
+    )
+    from psp_core.testing import random_e4e_checkpoint, random_restyle_checkpoint
+
+    e4e = random_e4e_checkpoint(str(tmp_path / "e4e.pt"), output_size=32, seed=0)
+    out = str(tmp_path / "out")
+
+    def config(checkpoint, **kw):
+        return InvertConfig(input=inputs, output=out, checkpoint=checkpoint, **kw)
+
+    with pytest.raises(ConfigError, match=r"--n-iters only applies to ReStyle.*psp checkpoint.*drop --n-iters"):
+        resolve_config(config(tiny_checkpoint, n_iters=3))
+    with pytest.raises(ConfigError, match=r"--keep-iterations only applies to ReStyle.*e4e checkpoint"):
+        resolve_config(config(e4e, keep_iterations=True))
+    with pytest.raises(ConfigError, match="n.iters"):
+        resolve_config(config(e4e, n_iters=0))
+    assert not (tmp_path / "out").exists()
+
+    restyle = random_restyle_checkpoint(str(tmp_path / "restyle.pt"), output_size=32,
+                                        encoder_type="ProgressiveBackboneEncoder", seed=0)
+    info = read_checkpoint_info(restyle)
+    assert (info.family, info.n_iters, info.input_nc, info.n_styles) == ("restyle_e4e", 5, 3, 8)
+    assert read_checkpoint_info(e4e).family == "e4e" and read_checkpoint_info(tiny_checkpoint).family == "psp"
+    assert resolve_config(config(restyle)).n_iters == 5
+    resolved = resolve_config(config(restyle, n_iters=2, keep_iterations=True))
+    assert resolved.n_iters == 2 and resolved.config.keep_iterations
+
+
+def test_metrics_on_car_inputs_fail_fast(inputs, tmp_path):
+    """--metrics compares 256x256 face crops: a 192x256 car checkpoint refuses it before any work."""
+    from pipelines.config import ConfigError, InvertConfig, resolve_config
+    from psp_core.testing import random_e4e_checkpoint
+
+    cars = random_e4e_checkpoint(str(tmp_path / "e4e_cars.pt"), output_size=64, dataset_type="cars_encode", seed=0)
+    config = InvertConfig(input=inputs, output=str(tmp_path / "out"), checkpoint=cars, metrics=True)
+    with pytest.raises(ConfigError, match=r"--metrics.*cars_encode takes 192x256.*drop --metrics"):
+        resolve_config(config)
+    resolved = resolve_config(InvertConfig(input=inputs, output=str(tmp_path / "out"), checkpoint=cars))
+    assert (resolved.task, resolved.align, resolved.checkpoint.family) == ("cars_encode", "none", "e4e")

@@ -39,13 +39,16 @@ def test_schema_columns_types_and_metadata():
     assert schema.names == [
         "image_id", "source_uri", "source_size", "source_mtime", "source_etag", "source_sha256",
         "source_width", "source_height", "status",
-        "error", "face_score", "landmarks", "quad", "task", "w_plus", "output_image",
+        "error", "face_score", "landmarks", "quad", "task", "w_plus", "model_family", "n_iters",
+        "iteration_w_plus", "output_image",
         "image_format", "aligned_image", "mix_w_plus", "mix_images", "mse", "psnr", "ssim",
         "identity_distance", "checkpoint_sha256", "code_version", "run_id", "processed_at",
     ]
     f32_list = pa.list_(pa.field("element", pa.float32()))  # Delta has no fixed-size list
-    for name in ("w_plus", "landmarks", "quad"):
+    for name in ("w_plus", "landmarks", "quad", "iteration_w_plus"):
         assert schema.field(name).type == f32_list
+    assert schema.field("n_iters").type == pa.int32()
+    assert so.tensor_shapes(schema)["iteration_w_plus"] == [-1, 18, 512]
     assert schema.field("mix_w_plus").type == pa.list_(pa.field("element", f32_list))
     assert schema.field("source_width").type == pa.int32()
     assert schema.field("processed_at").type == pa.timestamp("us", tz="UTC")
@@ -54,6 +57,7 @@ def test_schema_columns_types_and_metadata():
     assert so.schema_n_styles(schema) == 18
     assert so.tensor_shapes(schema) == {
         "w_plus": [18, 512], "landmarks": [68, 2], "quad": [4, 2], "mix_w_plus": [-1, 18, 512],
+        "iteration_w_plus": [-1, 18, 512],
     }
     with pytest.raises(ValueError, match="n_styles"):
         so.output_schema(0)

@@ -232,6 +232,8 @@ def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resourc
             "task": resolved.task,
             "resize_factor": config.resize_factor,
             "keep_aligned": config.metrics or config.save_aligned,
+            "faces": config.faces,
+            "min_face": config.min_face,
         },
         compute=ActorPoolStrategy(min_size=1, max_size=config.align_actors),
         batch_size=ALIGN_BATCH,

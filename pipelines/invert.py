@@ -249,7 +249,7 @@ class InvertFaces:
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipelines.config import row_seed
         from pipelines.sources import object_column
-        from schemas import image_id_for
+        from schemas.ids import face_image_id
 
         start = time.perf_counter()
         n = len(batch["source_uri"])
@@ -257,7 +257,11 @@ class InvertFaces:
         error = [str(e) if e else None for e in batch["error"]]
         model_input = np.asarray(batch["model_input"])
         rows = np.array([i for i in range(n) if status[i] == "ok"], dtype=np.int64)
-        seeds = [row_seed(self.seed, image_id_for(str(batch["source_uri"][i]))) for i in rows] if self.mix else []
+        # per row (per face with --faces all: face k > 0 has its own image_id, so its own seed)
+        faces = batch["face_index"] if "face_index" in batch else [None] * n
+        seeds = [row_seed(self.seed, face_image_id(str(batch["source_uri"][i]), max(int(faces[i]), 0)
+                                                   if faces[i] is not None else None))
+                 for i in rows] if self.mix else []
         if not len(rows):
             results = self._zeros(n)
         else:

@@ -101,6 +101,18 @@ def test_align_all_keeps_faces_of_min_face_px_and_best_is_todays_row(blobs):
     assert largest["face_box"][0][2] - largest["face_box"][0][0] > best["face_box"][0][2] - best["face_box"][0][0]
 
 
+def test_each_face_row_has_its_own_mix_seed(blobs, tiny_checkpoint):
+    """--mix with --faces all: the styles mixed into face 1 are not face 0's (seeds per row key)."""
+    from pipelines.align import AlignFaces
+    from pipelines.invert import InvertFaces
+
+    out = AlignFaces(mode="dlib", task="ffhq_encode", faces="all")(read_batch(blobs[:1]))
+    mixed = InvertFaces(tiny_checkpoint, "ffhq_encode", device="cpu", cpu_threads=2, images="none", mix=1,
+                        latent_mask=[6, 7], seed=3)(out)["mix_w_plus"]  # [2 faces, 1 mix, 8, 512]
+    assert mixed.shape[:2] == (2, 1)
+    assert not np.allclose(mixed[0, 0, 6:], mixed[1, 0, 6:])
+
+
 def test_faces_all_needs_dlib_alignment(tiny_checkpoint, tmp_path):
     from pipelines.config import ConfigError, InvertConfig, resolve_config
 

@@ -143,9 +143,10 @@ def test_face_rows_keys_face_zero_keeps_the_input_key():
 
 def face_rows(uri, n, run_id, etag="e1"):
     rng = np.random.default_rng(n)
-    return [dict(source_uri=uri, status="ok", face_index=k, face_count=n, run_id=run_id, source_size=100,
-                 source_etag=etag, checkpoint_sha256="ab" * 32, face_box=np.arange(4, dtype=np.float32) + k,
-                 w_plus=rng.standard_normal((N_STYLES, 512)).astype(np.float32)) for k in range(n)]
+    return [{"source_uri": uri, "status": "ok", "face_index": k, "face_count": n, "run_id": run_id,
+             "source_size": 100, "source_etag": etag, "checkpoint_sha256": "ab" * 32,
+             "face_box": np.arange(4, dtype=np.float32) + k,
+             "w_plus": rng.standard_normal((N_STYLES, 512)).astype(np.float32)} for k in range(n)]
 
 
 def stage(table, run_id, rows, name="part-0.parquet"):

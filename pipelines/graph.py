@@ -434,8 +434,8 @@ def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) 
     """Run `psp invert`: every input gets exactly one row (status + error) in the output table at
     `config.output` (with `--faces all`, one per face), committed in one Delta commit; inputs whose
     rows there all have a final status are skipped, others (new, or a transient failure) processed
-    and their old rows replaced. Rows a
-    crashed run wrote for the same input bytes and checkpoint are adopted, not redone.
+    and their old rows replaced. Rows a crashed run wrote for the same input bytes and checkpoint
+    are adopted, not redone.
 
     items: process exactly these instead of listing `config.input`. Misconfiguration raises
     `pipelines.config.ConfigError` before any Ray work; a concurrent run that committed some of

@@ -257,11 +257,11 @@ class InvertFaces:
         error = [str(e) if e else None for e in batch["error"]]
         model_input = np.asarray(batch["model_input"])
         rows = np.array([i for i in range(n) if status[i] == "ok"], dtype=np.int64)
-        # per row (per face with --faces all: face k > 0 has its own image_id, so its own seed)
-        faces = batch["face_index"] if "face_index" in batch else [None] * n
-        seeds = [row_seed(self.seed, face_image_id(str(batch["source_uri"][i]), max(int(faces[i]), 0)
-                                                   if faces[i] is not None else None))
-                 for i in rows] if self.mix else []
+        # Seeds per row key: with --faces all, face k > 0 of a photo has its own image_id and seed.
+        faces = batch.get("face_index")  # -1: a row without a face
+        keys = [face_image_id(str(batch["source_uri"][i]), None if faces is None or faces[i] < 0 else int(faces[i]))
+                for i in rows]
+        seeds = [row_seed(self.seed, key) for key in keys] if self.mix else []
         if not len(rows):
             results = self._zeros(n)
         else:

@@ -78,8 +78,8 @@ class AlignFaces:
 
     In: columns source_uri, data, source_sha256, status, error (from the read stage).
     Out: source_uri, source_sha256, source_width, source_height, status, error, face_score,
-    landmarks, quad, aligned, model_input (see module docstring). Rows that failed upstream pass
-    through.
+    face_index, face_count, face_box, landmarks, quad, aligned, model_input (see module docstring),
+    one row per input, or per kept face with faces='all'. Rows that failed upstream pass through.
 
     mode: 'dlib' or 'none'. gray: sketch/seg task (only used with mode 'none').
     aligner_kwargs: passed to `FaceAligner` (e.g. detect_size).

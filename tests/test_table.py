@@ -250,7 +250,7 @@ def test_s3_write_commit_summary_and_inspect(ray_cluster, s3_server, capsys):
         np.testing.assert_array_equal(latent, ok[image_id])
 
     report = inspect_output(uri, storage_options=opts, n_rows=2)
-    assert "schema version: 2" in report and f"n_styles: {N_STYLES}" in report
+    assert f"schema version: {so.SCHEMA_VERSION}" in report and f"n_styles: {N_STYLES}" in report
     assert "rows: 5 inputs" in report and "ok: 4/5" in report
     assert "run-s3" in report and '"ok": 4' in report
     assert report.count("|w_plus|=") == 2

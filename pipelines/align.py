@@ -12,10 +12,20 @@ compressed bytes travel between Ray operators) and then, per row:
   check), so the model actor gets uint8 pixels and does only tensor work on its device. A row whose
   prepare fails gets status 'invert_error' ("input transform failed"), as before the split.
 
-Output columns are fixed-shape so Ray stores them as tensor columns: `aligned` uint8 [B,256,256,3]
+Faces (`faces`, mode 'dlib'): 'best' (highest detector score; the original's pSp choice made
+explicit, the default), 'largest' (largest box), or 'all': every detected face whose box is at
+least `min_face` px on its shorter side becomes its own row, best score first (`face_index` 0, 1,
+...), each with the input's source columns repeated. So a batch of B inputs may come out with more
+rows. An input without a face (or whose faces are all under `min_face`: status no_face, the error
+says so), and one that failed before alignment, stays one image-level row with face_index -1.
+
+Output columns are fixed-shape so Ray stores them as tensor columns: `aligned` uint8 [R,256,256,3]
 (the crop; zeros when the row failed; left out with keep_aligned=False), `model_input` uint8
-[B, *Task.prepared_shape] (with a task), `landmarks` float32 [B,68,2] and `quad` [B,4,2] (NaN when
-absent), `face_score` float32 [B] (NaN when absent).
+[R, *Task.prepared_shape] (with a task), `landmarks` float32 [R,68,2] and `quad` [R,4,2] (NaN when
+absent), `face_score` float32 [R] (NaN when absent), `face_index` int32 [R] (-1 without a face),
+`face_count` int32 [R] (the input's face rows; -1 without a face), `face_box` float32 [R,4] (dlib's
+box left, top, right, bottom, inclusive pixels of the upright image; NaN without a face).
+R = B except with faces='all'.
 """
 from __future__ import annotations
 
@@ -31,6 +41,25 @@ from pipelines.sources import object_column
 from psp_core.images import DEFAULT_DECODE_TIMEOUT_S
 
 CROP_SIZE = 256
+FACE_MODES = ("best", "largest", "all")
+# --faces all keeps faces whose detection box is at least this many px on its shorter side. The FFHQ
+# crop spans about 1.9x the box, so a 64 px box is already a ~120 px crop upscaled 2x into the
+# 256 px model input; smaller faces (the HOG detector, upsample 1, finds boxes down to about 40 px)
+# invert mostly to blur. --min-face 0 keeps every detected face.
+DEFAULT_MIN_FACE = 64
+
+
+def box_side(box) -> int:
+    """Shorter side (px) of a dlib box (left, top, right, bottom; inclusive)."""
+    left, top, right, bottom = (int(v) for v in box)
+    return min(right - left + 1, bottom - top + 1)
+
+
+def _take(values, idx: np.ndarray):
+    """Column `values` (ndarray or sequence) at row indices `idx` (rows repeated for faces)."""
+    if isinstance(values, np.ndarray):
+        return values[idx]
+    return object_column([values[i] for i in idx])
 
 
 def resize_unaligned(rgb: np.ndarray, gray: bool) -> np.ndarray:
@@ -51,11 +80,13 @@ class AlignFaces:
 
     In: columns source_uri, data, source_sha256, status, error (from the read stage).
     Out: source_uri, source_sha256, source_width, source_height, status, error, face_score,
-    landmarks, quad, aligned, model_input (see module docstring). Rows that failed upstream pass
-    through.
+    face_index, face_count, face_box, landmarks, quad, aligned, model_input (see module docstring),
+    one row per input, or per kept face with faces='all'. Rows that failed upstream pass through.
 
     mode: 'dlib' or 'none'. gray: sketch/seg task (only used with mode 'none').
     aligner_kwargs: passed to `FaceAligner` (e.g. detect_size).
+    faces: 'best' | 'largest' | 'all' (see the module docstring); min_face: with 'all', the
+    smallest box side (px) that becomes a row.
     decode_timeout_s: time limit of one image's decode (`DecodeImages`).
     task: dataset_type whose `prepare` fills `model_input` (None: no model_input column).
     resize_factor: super-resolution factor for `prepare`. keep_aligned: also hand on the crop
@@ -72,9 +103,16 @@ class AlignFaces:
         task: str | None = None,
         resize_factor: int | None = None,
         keep_aligned: bool = True,
+        faces: str = "best",
+        min_face: int = DEFAULT_MIN_FACE,
     ):
         if mode not in ("dlib", "none"):
             raise ValueError(f"align mode {mode!r}: expected 'dlib' or 'none'")
+        check_faces(faces, mode)
+        if isinstance(min_face, bool) or not isinstance(min_face, (int, np.integer)) or min_face < 0:
+            raise ValueError(f"min_face={min_face!r}: expected a number of pixels >= 0 (e.g. {DEFAULT_MIN_FACE})")
+        self.faces = faces
+        self.min_face = int(min_face)
         self.mode = mode
         self.gray = gray
         self.stage_clock = stage_clock
@@ -90,72 +128,111 @@ class AlignFaces:
         if mode == "dlib":
             from psp_core.align import FaceAligner
 
-            self.aligner = FaceAligner(output_size=CROP_SIZE, **dict(aligner_kwargs or {}))
+            self.aligner = FaceAligner(output_size=CROP_SIZE, select=faces, **dict(aligner_kwargs or {}))
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         decoded = self.decode(batch)
         start = time.perf_counter()
         n = len(decoded["source_uri"])
-        status = list(decoded["status"])
-        error = list(decoded["error"])
-        aligned = np.zeros((n, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
-        landmarks = np.full((n, 68, 2), np.nan, dtype=np.float32)
-        quad = np.full((n, 4, 2), np.nan, dtype=np.float32)
-        score = np.full(n, np.nan, dtype=np.float32)
-        prepared = None
-        if self.task is not None and self.aligner is None:
-            prepared = np.zeros((n, *self.task.prepared_shape), dtype=np.uint8)
-        for i, rgb in enumerate(decoded["image"]):
-            if status[i] != "ok":
-                continue
-            uri = decoded["source_uri"][i]
-            try:
-                if self.aligner is None:
-                    aligned[i] = resize_unaligned(rgb, self.gray)
-                    if prepared is not None:
-                        self._prepare_row(prepared, i, rgb, status, error, uri)
-                    continue
-                result = self.aligner(rgb, name=str(uri))
-                if result.status != "ok":
-                    status[i], error[i] = result.status, result.error or f"{uri}: {result.status}"
-                    continue
-                aligned[i] = np.asarray(result.image.convert("RGB"), dtype=np.uint8)
-                landmarks[i] = result.landmarks
-                quad[i] = result.quad
-                score[i] = np.nan if result.score is None else result.score
-            except Exception as e:  # an aligner bug must not lose the row
-                status[i] = "align_error"
-                error[i] = f"{uri}: alignment failed ({type(e).__name__}: {e})"
+        rows = [self._align(decoded, i) for i in range(n)]  # per input: its output rows
+        take = np.array([i for i, found in enumerate(rows) for _ in found], dtype=np.int64)
+        flat = [r for found in rows for r in found]
+        m = len(flat)
+        aligned = np.zeros((m, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
+        landmarks = np.full((m, 68, 2), np.nan, dtype=np.float32)
+        quad = np.full((m, 4, 2), np.nan, dtype=np.float32)
+        score = np.full(m, np.nan, dtype=np.float32)
+        face_index = np.full(m, -1, dtype=np.int32)
+        face_count = np.full(m, -1, dtype=np.int32)
+        face_box = np.full((m, 4), np.nan, dtype=np.float32)
+        status, error = [], []
+        for j, (st, err, crop, result, k, count) in enumerate(flat):
+            status.append(st)
+            error.append(err)
+            if crop is not None:
+                aligned[j] = crop
+            if result is not None:
+                landmarks[j] = result.landmarks
+                quad[j] = result.quad
+                score[j] = np.nan if result.score is None else result.score
+                face_index[j], face_count[j] = k, count
+                if result.box is not None:
+                    face_box[j] = result.box
         out = {k: v for k, v in decoded.items() if k != "image"}
-        if prepared is not None:
-            out["model_input"] = prepared
-        elif self.task is not None:
-            out["model_input"] = self._prepare(aligned, status, error, decoded["source_uri"])
+        if m != n:  # faces='all': the source columns repeat on each face row
+            out = {k: _take(v, take) for k, v in out.items()}
+        if self.task is not None:
+            # Unaligned inputs are prepared from the decoded image itself (one resize straight to
+            # the task's input size, e.g. 192x256 for cars), aligned faces from their crop.
+            sources = decoded["image"] if self.aligner is None else aligned
+            out["model_input"] = self._prepare(sources, status, error, out["source_uri"])
         out.update(
             status=object_column(status),
             error=object_column(error),
             landmarks=landmarks,
             quad=quad,
             face_score=score,
+            face_index=face_index,
+            face_count=face_count,
+            face_box=face_box,
         )
         if self.keep_aligned:
             out["aligned"] = aligned
         if self.stage_clock is not None:
-            self.stage_clock.record("align", n, time.perf_counter() - start)
+            self.stage_clock.record("align", m, time.perf_counter() - start)
         return out
 
-    def _prepare(self, aligned: np.ndarray, status: list, error: list, uris) -> np.ndarray:
-        """The PIL part of the task transform per ok row (a failing row fails alone)."""
-        prepared = np.zeros((len(aligned), *self.task.prepared_shape), dtype=np.uint8)
-        for i in range(len(aligned)):
-            if status[i] == "ok":
-                self._prepare_row(prepared, i, aligned[i], status, error, uris[i])
+    def _align(self, decoded: Mapping[str, Any], i: int) -> list[tuple]:
+        """The output rows of input `i`: [(status, error, crop or None, AlignResult or None,
+        face_index, face_count)], one per kept face, or one image-level row."""
+        status, error = decoded["status"][i], decoded["error"][i]
+        if status != "ok":
+            return [(status, error, None, None, -1, -1)]
+        uri = decoded["source_uri"][i]
+        rgb = decoded["image"][i]
+        try:
+            if self.aligner is None:
+                return [(status, error, resize_unaligned(rgb, self.gray), None, -1, -1)]
+            found = self.aligner(rgb, name=str(uri))
+            results = found if isinstance(found, list) else [found]
+            if results[0].status != "ok":
+                r = results[0]
+                return [(r.status, r.error or f"{uri}: {r.status}", None, None, -1, -1)]
+            if self.faces == "all":
+                kept = [r for r in results if r.box is None or box_side(r.box) >= self.min_face]
+                if not kept:
+                    sides = ", ".join(str(box_side(r.box)) for r in results)
+                    msg = (f"{uri}: {len(results)} face(s) found, all smaller than the minimum face size "
+                           f"{self.min_face} px (box sides {sides} px); lower --min-face to keep them")
+                    return [("no_face", msg, None, None, -1, -1)]
+                results = kept
+            return [(status, error, np.asarray(r.image.convert("RGB"), dtype=np.uint8), r, k, len(results))
+                    for k, r in enumerate(results)]
+        except Exception as e:  # an aligner bug must not lose the row
+            return [("align_error", f"{uri}: alignment failed ({type(e).__name__}: {e})", None, None, -1, -1)]
+
+    def _prepare(self, images, status: list, error: list, uris) -> np.ndarray:
+        """The PIL part of the task transform per ok row (a failing row fails alone, as
+        'invert_error')."""
+        prepared = np.zeros((len(images), *self.task.prepared_shape), dtype=np.uint8)
+        for i in range(len(images)):
+            if status[i] != "ok":
+                continue
+            try:
+                prepared[i] = self.task.prepare(images[i], self.resize_factor)
+            except Exception as e:
+                status[i] = "invert_error"
+                error[i] = f"{uris[i]}: input transform failed ({type(e).__name__}: {e})"
         return prepared
 
-    def _prepare_row(self, prepared: np.ndarray, i: int, image: np.ndarray, status: list, error: list, uri) -> None:
-        """prepared[i] = Task.prepare(image); a failure makes row i 'invert_error' alone."""
-        try:
-            prepared[i] = self.task.prepare(image, self.resize_factor)
-        except Exception as e:
-            status[i] = "invert_error"
-            error[i] = f"{uri}: input transform failed ({type(e).__name__}: {e})"
+
+def check_faces(faces: str, align: str = "dlib") -> None:
+    """ValueError unless `faces` is one of FACE_MODES and applies to the `align` mode ('all' and
+    'largest' choose among detected faces: they need dlib alignment)."""
+    if faces not in FACE_MODES:
+        raise ValueError(f"faces={faces!r}: expected one of {', '.join(FACE_MODES)}")
+    if faces != "best" and align != "dlib":
+        raise ValueError(
+            f"--faces {faces} chooses among detected faces, but --align {align} detects none: use "
+            "--align dlib, or --faces best"
+        )

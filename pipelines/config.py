@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pipelines.align import DEFAULT_MIN_FACE, FACE_MODES, check_faces
 from pipelines.invert import PRECISIONS, check_precision
 from pipelines.options import ConfigError, check_options, option, parse_json_object
 from pipelines.sources import DEFAULT_READ_TIMEOUT_S
@@ -87,6 +88,13 @@ class InvertConfig:
         None, "opt-in fast alignment: detect faces on a copy at most PX on its longest side (e.g. 1024; "
         "landmarks stay full resolution; not bit-identical to the original)",
         parse=int, check=_check_detect_size, metavar="PX")
+    faces: str = option(
+        "best", "which detected faces become rows: best (highest detector score, one row per input), "
+        "largest (largest box), or all (one row per face of at least --min-face px, face_index 0 = best)",
+        choices=FACE_MODES)
+    min_face: int = option(
+        DEFAULT_MIN_FACE, f"with --faces all, the smallest face kept: its detection box's shorter side in px "
+        f"(default {DEFAULT_MIN_FACE}; 0 keeps every face the detector finds)", parse=int, minimum=0, metavar="PX")
     images: str = option("png", "output image encoding", choices=IMAGE_FORMATS)
     image_size: str = option("256", "256 (pSp's resized output) or full (the generator's size, e.g. 1024)",
                              choices=IMAGE_SIZES)
@@ -413,6 +421,10 @@ def resolve_config(config: InvertConfig, check_output: bool = True) -> ResolvedC
         raise ConfigError("--latent-mask / --mix-alpha only apply to style mixing: add --mix N")
 
     align = config.align or ("dlib" if task.needs_alignment else "none")
+    try:
+        check_faces(config.faces, align)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if check_output:
         check_output_writable(config.output, config.storage_options)
     try:

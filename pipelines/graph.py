@@ -234,6 +234,8 @@ def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resourc
             "task": resolved.task,
             "resize_factor": config.resize_factor,
             "keep_aligned": config.metrics or config.save_aligned,
+            "faces": config.faces,
+            "min_face": config.min_face,
         },
         compute=ActorPoolStrategy(min_size=1, max_size=config.align_actors),
         batch_size=ALIGN_BATCH,
@@ -322,6 +324,14 @@ def ensure_ray() -> None:
     runtime_env = {"worker_process_setup_hook": WORKER_SETUP_HOOK} if address == "local" else None
     ray.init(address=address, log_to_driver=False, include_dashboard=False if address == "local" else None,
              runtime_env=runtime_env)
+
+
+def inputs_done(state: pa.Table) -> set[str]:
+    """source_ids of the inputs a rerun skips: every row of the input (each face) has a final
+    status. One transient row (e.g. one face's invert_error) makes the whole input run again."""
+    final = pc.is_in(state["status"], value_set=pa.array(FINAL_STATUSES))
+    done = set(state["source_id"].filter(final).to_pylist())
+    return done - set(state["source_id"].filter(pc.invert(final)).to_pylist())
 
 
 def select_items(
@@ -426,9 +436,10 @@ def open_output(resolved: ResolvedConfig) -> tuple[OutputTable, Any]:
 
 def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) -> RunSummary:
     """Run `psp invert`: every input gets exactly one row (status + error) in the output table at
-    `config.output`, committed in one Delta commit; inputs whose row there has a final status are
-    skipped, others (new, or a transient failure) processed and their old row replaced. Rows a
-    crashed run wrote for the same input bytes and checkpoint are adopted, not redone.
+    `config.output` (with `--faces all`, one per face), committed in one Delta commit; inputs whose
+    rows there all have a final status are skipped, others (new, or a transient failure) processed
+    and their old rows replaced. Rows a crashed run wrote for the same input bytes and checkpoint
+    are adopted, not redone.
 
     items: process exactly these instead of listing `config.input`. Misconfiguration raises
     `pipelines.config.ConfigError` before any Ray work; a concurrent run that committed some of
@@ -439,8 +450,8 @@ def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) 
     resolved = resolve_config(config)
     config = resolved.config
     table, dt = open_output(resolved)
-    state = table.state(dt, ("image_id", "status"))
-    done = set(state.filter(pc.is_in(state["status"], value_set=pa.array(FINAL_STATUSES)))["image_id"].to_pylist())
+    state = table.state(dt, ("source_id", "status"))
+    done = inputs_done(state)
     not_inputs: Counter = Counter()
     listed = (
         list_inputs(config.input, config.storage_options, config.image_column, include=config.include or (),

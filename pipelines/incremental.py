@@ -283,6 +283,18 @@ def _us(seconds) -> pa.ChunkedArray:
     return pc.cast(pc.round(pc.multiply(seconds, 1e6)), pa.int64())
 
 
+def one_row_per_input(state: pa.Table) -> pa.Table:
+    """`state` with one row per source_uri (an input with `--faces all` has one per face): a row
+    with a transient status where the input has one (so `retry_failed` retries the whole input),
+    else its first. The rows of an input share their listing facts and checkpoint (they are
+    written, replaced and adopted together)."""
+    if state.num_rows == 0:
+        return state
+    final = pc.fill_null(pc.is_in(state["status"], value_set=pa.array(FINAL_STATUSES)), False)
+    order = pc.sort_indices(pa.table({"final": final}), sort_keys=[("final", "ascending")])
+    return _first_per_key(state.take(order), "source_uri")
+
+
 def plan_nightly(
     listing: Sequence[ListedInput] | pa.Table,
     state: pa.Table,
@@ -294,7 +306,8 @@ def plan_nightly(
 
     `listing` is a sequence of `ListedInput`s or a `listing_table`; `state` has the table's
     source_uri, status, checkpoint_sha256, source_size, source_mtime and source_etag columns (see
-    `pipelines.table.OutputTable.state`). The diff is an Arrow join (no Python object per input);
+    `pipelines.table.OutputTable.state`); an input with several rows (one per face) is planned
+    once (`one_row_per_input`). The diff is an Arrow join (no Python object per input);
     only the URIs to process, and the deleted ones, become Python strings.
 
     Each listed input lands in exactly one bucket: new, changed, model_changed, retry, or
@@ -304,6 +317,7 @@ def plan_nightly(
     """
     if not isinstance(listing, pa.Table):
         listing = listing_table(listing)
+    state = one_row_per_input(state)
     plan = NightlyPlan()
     man = pa.table(
         {"source_uri": state["source_uri"], "m_etag": state["source_etag"], "m_size": state["source_size"],

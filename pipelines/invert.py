@@ -275,7 +275,7 @@ class InvertFaces:
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipelines.config import row_seed
         from pipelines.sources import object_column
-        from schemas import image_id_for
+        from schemas.ids import face_image_id
 
         start = time.perf_counter()
         n = len(batch["source_uri"])
@@ -283,7 +283,11 @@ class InvertFaces:
         error = [str(e) if e else None for e in batch["error"]]
         model_input = np.asarray(batch["model_input"])
         rows = np.array([i for i in range(n) if status[i] == "ok"], dtype=np.int64)
-        seeds = [row_seed(self.seed, image_id_for(str(batch["source_uri"][i]))) for i in rows] if self.mix else []
+        # Seeds per row key: with --faces all, face k > 0 of a photo has its own image_id and seed.
+        faces = batch.get("face_index")  # -1: a row without a face
+        keys = [face_image_id(str(batch["source_uri"][i]), None if faces is None or faces[i] < 0 else int(faces[i]))
+                for i in rows]
+        seeds = [row_seed(self.seed, key) for key in keys] if self.mix else []
         if not len(rows):
             results = self._zeros(n)
         else:

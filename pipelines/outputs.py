@@ -8,8 +8,10 @@ the identity distance between the crop (`aligned`) and the 256x256 reconstructio
 `image` when that is 256), and builds the table with `schemas.columns_to_table`, so every output
 file has the same schema. A row whose encoding fails becomes 'invert_error' alone.
 
-In: the columns `pipelines.invert.InvertFaces` hands on (see its module docstring).
-Out: a pyarrow table of the output schema, one row per input row.
+In: the columns `pipelines.invert.InvertFaces` hands on (see its module docstring), with the face
+columns of `pipelines.align.AlignFaces` (face_index, face_count, face_box; -1 / NaN without a face).
+Out: a pyarrow table of the output schema, one row per input row; `image_id` is
+`schemas.ids.face_image_id(source_uri, face_index)` and `source_id` `image_id_for(source_uri)`.
 """
 from __future__ import annotations
 
@@ -136,6 +138,7 @@ class EncodeOutputs:
 
     def __call__(self, batch: Mapping[str, np.ndarray]):
         from schemas import columns_to_table, image_id_for
+        from schemas.ids import face_image_id
 
         start = time.perf_counter()
         uris = [str(u) for u in batch["source_uri"]]
@@ -160,8 +163,11 @@ class EncodeOutputs:
         ok = [s == "ok" for s in status]
         has_face = [not np.isnan(np.asarray(batch["quad"][i])).any() for i in range(n)]
         shas = [str(v) if v else None for v in batch["checkpoint_sha256"]]
+        face_index = _ints(batch["face_index"]) if "face_index" in batch else [None] * n
+        face_box = batch.get("face_box")
         columns = {
-            "image_id": [image_id_for(u) for u in uris],
+            "image_id": [face_image_id(u, k) for u, k in zip(uris, face_index)],
+            "source_id": [image_id_for(u) for u in uris],
             "source_uri": uris,
             "source_sha256": [str(v) if v else None for v in batch["source_sha256"]],
             "source_width": _ints(batch["source_width"]),
@@ -169,6 +175,10 @@ class EncodeOutputs:
             "status": status,
             "error": [None if ok[i] else error[i] or status[i] for i in range(n)],
             "face_score": [_nan_to_none(float(batch["face_score"][i])) for i in range(n)],
+            "face_index": face_index,
+            "face_count": _ints(batch["face_count"]) if "face_count" in batch else [None] * n,
+            "face_box": [None if face_box is None or np.isnan(np.asarray(face_box[i], np.float32)).any()
+                         else np.asarray(face_box[i], np.float32) for i in range(n)],
             "landmarks": [np.asarray(batch["landmarks"][i]) if has_face[i] else None for i in range(n)],
             "quad": [np.asarray(batch["quad"][i]) if has_face[i] else None for i in range(n)],
             "task": [self.task.name] * n,

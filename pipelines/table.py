@@ -8,7 +8,14 @@ One run, whatever the command (invert, frontalize, nightly):
 2. `commit_run` makes ONE Delta commit with those files, the files of rows adopted from a crashed
    run, and the removal of the rows they replace (and of deleted inputs): files holding such rows
    are removed and, if they hold other rows too, re-added as a rewritten copy without them. So the
-   version after the commit holds exactly one row per input; history keeps the old rows.
+   version after the commit holds exactly one row per input (per face with `--faces all`);
+   history keeps the old rows.
+
+Keys: `image_id` keys a row, `source_id` (= `image_id_for(source_uri)`) the input. Every input a
+run processes has a row whose image_id is its source_id (face 0, or its one image-level row), so
+the run's image_ids name its inputs too: a row of the table is replaced when its image_id OR its
+source_id is among them -- all face rows of a reprocessed input go, even when it now has fewer
+faces. Adoption takes an input's rows only all together (`face_count` of them, from one run).
 
 A run that dies before its commit is invisible (its files are referenced by no version); the next
 run adopts its finished rows (`adoptable_rows`) and `psp vacuum` deletes the rest.
@@ -59,7 +66,7 @@ RUN_FILES = "runs"  # OUTPUT/runs/<run_id>/*.parquet: the data files each run wr
 COMMIT_ATTEMPTS = 5
 TABLE_NAME = "psp_outputs"
 # What planning and adoption read of the current rows (never the images or tensors).
-STATE_COLUMNS = ("image_id", "source_uri", "status", "checkpoint_sha256", "source_size",
+STATE_COLUMNS = ("image_id", "source_id", "source_uri", "status", "checkpoint_sha256", "source_size",
                  "source_mtime", "source_etag", "run_id")
 
 
@@ -121,36 +128,18 @@ class OutputTable:
                 f"output {self.uri!r} holds outputs of a model with n_styles={info.n_styles}; this "
                 f"checkpoint has n_styles={n_styles}: write each model's outputs to its own OUTPUT"
             )
-        return self._evolve(dt, n_styles)
-
-    def _evolve(self, dt, n_styles: int):
-        """A v2 table written before columns were added to the schema (model_family, n_iters,
-        iteration_w_plus) gets them as nullable columns, and the new tensor shapes in its
-        properties: old rows read them as null, new runs append into it."""
-        from deltalake import Field
-
-        schema = output_schema(n_styles)
-        have = set(dt.schema().to_arrow().names)
-        missing = [f for f in schema if f.name not in have]
-        if missing:
-            dt.alter.add_columns([Field.from_arrow(f) for f in missing])
-            dt = self.load()
-        props = table_properties(n_styles)
-        conf = dt.metadata().configuration or {}
-        if any(conf.get(k) != v for k, v in props.items()):
-            dt.alter.set_table_properties(props, raise_if_not_exists=False)
-            dt = self.load()
         return dt
 
     def state(self, dt, columns: Sequence[str] = STATE_COLUMNS, ids: pa.Array | None = None) -> pa.Table:
         """The rows of `dt`'s loaded version (only `columns`, plus `_file`: the data file holding
-        the row, relative to the table), restricted to image_ids in `ids` when given."""
+        the row, relative to the table), restricted to the rows of `ids` when given: image_id or
+        source_id in `ids` (an input's source_id finds all its face rows)."""
         schema = pa.schema([output_schema(1).field(c) for c in columns]).append(pa.field("_file", pa.string()))
         if dt is None:
             return schema.empty_table()
         from concurrent.futures import ThreadPoolExecutor
 
-        flt = None if ids is None else pc.field("image_id").isin(ids)
+        flt = None if ids is None else (pc.field("image_id").isin(ids) | pc.field("source_id").isin(ids))
 
         def read(fragment) -> pa.Table:
             t = fragment.to_table(columns=list(columns), filter=flt)
@@ -217,8 +206,9 @@ class OutputTable:
 
 @dataclass
 class SourceFacts:
-    """Listing facts (size, mtime, etag) of the inputs a run processes, looked up by image_id in
-    the write tasks: sorted 64-bit keys (first 16 hex chars of image_id) and Arrow columns."""
+    """Listing facts (size, mtime, etag) of the inputs a run processes, looked up by the rows'
+    source_id in the write tasks: sorted 64-bit keys (first 16 hex chars of the input's
+    image_id_for(source_uri), the `image_id` column here) and Arrow columns."""
 
     keys: np.ndarray
     image_id: pa.Array
@@ -247,7 +237,7 @@ class SourceFacts:
         """`table` with source_size/mtime/etag filled from the facts where the row has none."""
         if len(self.keys) == 0 or table.num_rows == 0:
             return table
-        ids = table["image_id"].to_pylist()
+        ids = pc.coalesce(table["source_id"], table["image_id"]).to_pylist()  # every face row of an input
         keys = np.array([int(i[:16], 16) for i in ids], dtype=np.uint64)
         idx = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
         take = pa.array(idx)
@@ -400,10 +390,12 @@ def adoptable_rows(
     exclude_run: str | None = None,
 ) -> WrittenRun:
     """Rows that uncommitted (crashed) runs wrote under ``runs/<id>/`` for inputs in `wanted`
-    (a table with image_id, source_size, source_mtime, source_etag: the current listing facts),
-    made from the same bytes (facts unchanged) and the same checkpoint; with `retry_failed`, not
-    transient failures. A file whose rows are all adopted is added as it is; from other files the
-    adopted rows are copied into ``runs/<exclude_run>/adopted-*.parquet``. First copy wins."""
+    (a table with image_id = the input's source_id, source_size, source_mtime, source_etag: the
+    current listing facts), made from the same bytes (facts unchanged) and the same checkpoint;
+    with `retry_failed`, not transient failures. An input's rows are adopted all together or not
+    at all: all `face_count` of them (one without a face count), from one run, each passing those
+    tests. A file whose rows are all adopted is added as it is; from other files the adopted rows
+    are copied into ``runs/<exclude_run>/adopted-*.parquet``. The first run (by id) wins."""
     from schemas.status import is_transient
 
     out = WrittenRun(exclude_run or "")
@@ -419,39 +411,52 @@ def adoptable_rows(
     skip_runs = committed_run_ids(dt) | {exclude_run}
     live = table.files(dt)
     facts = {r["image_id"]: r for r in wanted.select(["image_id", "source_size", "source_mtime", "source_etag"]).to_pylist()}
-    taken: set[str] = set()
+    small = ["image_id", "source_id", "face_count", "status", "checkpoint_sha256", "source_size",
+             "source_mtime", "source_etag"]
+    taken: set[str] = set()  # inputs (source_id) adopted from an earlier run
     for run in run_dirs:
         if run in skip_runs:
             continue
+        files = []  # (rel, full path, small columns)
         for full in sorted(p for p in fs.find(f"{base}/{run}") if p.endswith(".parquet")):
             rel = full[len(root) + 1:]
             if rel in live:
                 continue
             try:  # the small columns first: a file adopted whole is never read further
-                rows = table.read_file(rel, ["image_id", "status", "checkpoint_sha256", "source_size",
-                                             "source_mtime", "source_etag"])
-            except Exception:  # noqa: BLE001, S112 - a file cut short by the crash: nothing to adopt
+                files.append((rel, full, table.read_file(rel, small)))
+            except Exception:  # noqa: BLE001, S112 - cut short by the crash, or another schema
                 continue
-            keep = []
+        rows_of: dict[str, list[tuple[int, int, str, bool]]] = {}  # source -> (file, row, image_id, ok)
+        expected: dict[str, int] = {}
+        for f, (_, _, rows) in enumerate(files):
             for i, r in enumerate(rows.to_pylist()):
-                want = facts.get(r["image_id"])
-                ok = (want is not None and r["image_id"] not in taken
-                      and (checkpoint_sha256 is None or r["checkpoint_sha256"] == checkpoint_sha256)
+                src = r["source_id"] or r["image_id"]
+                want = facts.get(src)
+                if want is None or src in taken:
+                    continue
+                ok = ((checkpoint_sha256 is None or r["checkpoint_sha256"] == checkpoint_sha256)
                       and not facts_changed(want, r)
                       and not (retry_failed and is_transient(r["status"])))
-                if ok:
-                    keep.append(i)
-                    taken.add(r["image_id"])
-            if not keep:
-                continue
-            if len(keep) == rows.num_rows:
+                rows_of.setdefault(src, []).append((f, i, r["image_id"], ok))
+                expected[src] = max(1, r["face_count"] or 1)
+        keep: dict[int, list[int]] = {}
+        for src, found in rows_of.items():
+            complete = len(found) == len({x[2] for x in found}) == expected[src]
+            if complete and all(x[3] for x in found):
+                taken.add(src)
+                for f, i, _, _ in found:
+                    keep.setdefault(f, []).append(i)
+        for f in sorted(keep):
+            rel, full, rows = files[f]
+            picked_idx = sorted(keep[f])
+            if len(picked_idx) == rows.num_rows:
                 from deltalake.transaction import AddAction
 
                 add = AddAction(rel, fs.size(full), {}, int(time.time() * 1000), True,
                                 json.dumps({"numRecords": rows.num_rows}))
                 picked = rows
             else:
-                picked = table.read_file(rel).take(pa.array(keep, pa.int64()))
+                picked = table.read_file(rel).take(pa.array(picked_idx, pa.int64()))
                 add = table.write_file(f"{RUN_FILES}/{exclude_run}/adopted-{uuid.uuid4().hex}.parquet", picked)
             out.extend([add], picked["image_id"], picked["status"])
     return out
@@ -507,7 +512,8 @@ def _conflicts(table: OutputTable, dt, read_version: int | None, ids: pa.Array) 
 
 
 def _removals(table: OutputTable, dt, drop_ids: pa.Array, run_id: str) -> tuple[list, int]:
-    """Actions that take the rows of `drop_ids` out of `dt`'s version: RemoveAction per file
+    """Actions that take the rows of `drop_ids` (image_id or source_id among them: every face row of
+    those inputs) out of `dt`'s version: RemoveAction per file
     holding one, plus an AddAction for a rewritten copy of the file's other rows. (actions, rows
     removed)."""
     from deltalake.transaction import RemoveAction
@@ -523,7 +529,8 @@ def _removals(table: OutputTable, dt, drop_ids: pa.Array, run_id: str) -> tuple[
     for rel in sorted(set(hit["_file"].to_pylist())):
         actions.append(RemoveAction(rel, True, now_ms, sizes.get(rel), {}))
         rows = table.read_file(rel)
-        rest = rows.filter(pc.invert(pc.is_in(rows["image_id"], value_set=drop_ids)))
+        gone = pc.or_(pc.is_in(rows["image_id"], value_set=drop_ids), pc.is_in(rows["source_id"], value_set=drop_ids))
+        rest = rows.filter(pc.invert(gone))
         if rest.num_rows:
             actions.append(table.write_file(f"{RUN_FILES}/{run_id}/rewrite-{uuid.uuid4().hex}.parquet", rest))
     return actions, hit.num_rows
@@ -558,8 +565,9 @@ def commit_run(
     read_version: int | None,
     remove_ids: Sequence[str] | pa.Array = (),
 ) -> CommitResult | None:
-    """Commit `run` (its rows replace any current row of the same inputs) and remove the rows of
-    `remove_ids` (deleted inputs), in one Delta commit carrying `summary` as `psp.run`.
+    """Commit `run` (its rows replace every current row of the same inputs: same image_id, or a
+    source_id among the run's image_ids) and remove the rows of `remove_ids` (deleted inputs'
+    source ids: all their face rows), in one Delta commit carrying `summary` as `psp.run`.
 
     `read_version`: the version the run planned against (None: no table then). Returns None when
     there is nothing to commit. Raises ConcurrentRunError when another run committed one of these

@@ -1,6 +1,6 @@
 """schemas: the versioned Arrow schemas of everything psp-pipeline writes, with readers.
 
-`output_schema(n_styles)` / `rows_to_table` build output schema v2; `read_outputs` and `read_latents`
+`output_schema(n_styles)` / `rows_to_table` build output schema v3; `read_outputs` and `read_latents`
 read the output Delta table back (local paths or fsspec URIs, current version or `as_of`).
 `image_id_for` and the run-id helpers are the keys every module uses. Names resolve lazily so that
 `import schemas` stays cheap. `python -m schemas export` regenerates the committed JSON exports.

@@ -1,4 +1,11 @@
-"""The keys every writer and reader agree on: `image_id` (one per input) and run ids.
+"""The keys every writer and reader agree on: `image_id` (one per output row), `source_id` (one per
+input) and run ids.
+
+An input's rows: with `--faces best|largest` (and for an input without a face) one row whose
+`image_id` is `image_id_for(source_uri)`; with `--faces all` one row per face, face 0 (the best
+detector score) keyed as before and face k > 0 by `face_image_id(source_uri, k)`. Every row carries
+`source_id = image_id_for(source_uri)`, so all rows of an input are found by it, and face 0's
+`image_id` equals it.
 
 Defined once here; `pipelines` and `jobs` import them from `schemas`.
 """
@@ -17,6 +24,18 @@ def image_id_for(source_uri: str) -> str:
     if not isinstance(source_uri, str) or not source_uri:
         raise ValueError(f"source_uri must be a non-empty string, got {source_uri!r}")
     return hashlib.sha256(source_uri.encode("utf-8")).hexdigest()[:32]
+
+
+def face_image_id(source_uri: str, face_index: int | None) -> str:
+    """Row key of face `face_index` of an input: `image_id_for(source_uri)` for face 0 or None (so
+    `--faces best` keeps the keys it always had), else the first 32 hex chars of
+    sha256(source_uri + NUL + "face" + index), a string no URI or path can equal (no NUL in them)."""
+    if face_index is None or int(face_index) == 0:
+        return image_id_for(source_uri)
+    if int(face_index) < 0:
+        raise ValueError(f"face_index must be >= 0 (or None for a row without a face), got {face_index!r}")
+    image_id_for(source_uri)  # the same check of source_uri
+    return hashlib.sha256(f"{source_uri}\x00face{int(face_index)}".encode()).hexdigest()[:32]
 
 
 def make_run_id(now: _dt.datetime | None = None) -> str:

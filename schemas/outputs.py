@@ -1,4 +1,10 @@
-"""Output schema v2: one row per input image in the output Delta table, and the helpers to build it.
+"""Output schema v3: one row per input image (per face with `--faces all`) in the output Delta table,
+and the helpers to build it.
+
+v3 (from v2): `source_id` (the input's key, `image_id_for(source_uri)`, on every row), and per face
+`face_index` (0 = best detector score), `face_count` (the input's face rows) and `face_box` [4].
+With `--faces all` an input with several faces has one row per face; `image_id` is then
+`schemas.ids.face_image_id(source_uri, face_index)` (face 0 keeps `image_id_for(source_uri)`).
 
 Every run writes the same Arrow schema (all columns always present, null when unused). Delta Lake
 has no fixed-size list type, so tensors are `list<float32>` (row-major, flattened); their shapes
@@ -19,10 +25,10 @@ import numpy as np
 import pyarrow as pa
 
 # The status vocabulary (and which statuses a rerun skips) lives in schemas.status.
-from schemas.ids import image_id_for
+from schemas.ids import face_image_id, image_id_for
 from schemas.status import STATUSES
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 STYLE_DIM = 512
 N_LANDMARKS = 68
 
@@ -34,10 +40,10 @@ META_N_STYLES = b"psp.n_styles"
 META_SHAPES = b"psp.tensor_shapes"
 
 # Columns that must be set on every row (non-nullable in the schema).
-REQUIRED_COLUMNS = ("image_id", "source_uri", "status", "run_id", "processed_at")
+REQUIRED_COLUMNS = ("image_id", "source_id", "source_uri", "status", "run_id", "processed_at")
 # The listing facts of the input a row was made from (what a nightly run compares).
 SOURCE_FACTS = ("source_size", "source_mtime", "source_etag")
-TENSOR_COLUMNS = ("landmarks", "quad", "w_plus", "mix_w_plus", "iteration_w_plus")
+TENSOR_COLUMNS = ("landmarks", "quad", "face_box", "w_plus", "mix_w_plus", "iteration_w_plus")
 
 
 def _list(item: pa.DataType) -> pa.DataType:
@@ -47,16 +53,21 @@ def _list(item: pa.DataType) -> pa.DataType:
 
 
 def output_schema(n_styles: int) -> pa.Schema:
-    """The v2 output schema for a model with `n_styles` style vectors (18 for 1024², 8 for 32²).
+    """The v3 output schema for a model with `n_styles` style vectors (18 for 1024², 8 for 32²).
 
     All columns are always present (null when a row or a run does not produce them: error rows,
     no `--mix`, no `--metrics`). Tensor columns are flattened float32 lists; their shapes are in the
     schema metadata `psp.tensor_shapes` (JSON): w_plus [n_styles, 512], landmarks [68, 2],
-    quad [4, 2], mix_w_plus [-1, n_styles, 512] (per row, a list of flattened w_plus),
+    quad [4, 2], face_box [4], mix_w_plus [-1, n_styles, 512] (per row, a list of flattened w_plus),
     iteration_w_plus [-1, n_styles, 512] (ReStyle with `--keep-iterations`: the W+ after each of the
     row's `n_iters` iterations, flattened into one list; the last equals w_plus).
     `model_family` is the checkpoint's family (psp, e4e, restyle_psp, restyle_e4e) and `n_iters` its
     refinement steps (1 for pSp and e4e).
+    `image_id` keys the row, `source_id` the input (every row of an input has it; face 0's
+    image_id equals it). `face_index`: 0 = the best detector score (the only face row with
+    `--faces best|largest`), null on a row without a face; `face_count`: the input's face rows
+    (null without a face); `face_box`: the dlib detection box (left, top, right, bottom; inclusive
+    pixel coordinates in the upright source image).
     `source_size` / `source_mtime` / `source_etag` are the input's listing facts when the row was
     made (a nightly run compares them with the next listing).
     """
@@ -67,6 +78,7 @@ def output_schema(n_styles: int) -> pa.Schema:
     w_plus_type = _list(f32)
     fields = [
         pa.field("image_id", s, nullable=False),
+        pa.field("source_id", s, nullable=False),
         pa.field("source_uri", s, nullable=False),
         pa.field("source_size", pa.int64()),
         pa.field("source_mtime", pa.timestamp("us", tz="UTC")),
@@ -77,6 +89,9 @@ def output_schema(n_styles: int) -> pa.Schema:
         pa.field("status", s, nullable=False),
         pa.field("error", s),
         pa.field("face_score", f32),
+        pa.field("face_index", pa.int32()),
+        pa.field("face_count", pa.int32()),
+        pa.field("face_box", _list(f32)),
         pa.field("landmarks", _list(f32)),
         pa.field("quad", _list(f32)),
         pa.field("task", s),
@@ -102,6 +117,7 @@ def output_schema(n_styles: int) -> pa.Schema:
         "w_plus": [n_styles, STYLE_DIM],
         "landmarks": [N_LANDMARKS, 2],
         "quad": [4, 2],
+        "face_box": [4],
         "mix_w_plus": [-1, n_styles, STYLE_DIM],
         "iteration_w_plus": [-1, n_styles, STYLE_DIM],
     }
@@ -116,7 +132,7 @@ def output_schema(n_styles: int) -> pa.Schema:
 COLUMNS: tuple[str, ...] = tuple(output_schema(1).names)
 
 # Column -> shape of one element, for the tensor columns of fixed shape (w_plus depends on n_styles).
-_FIXED_TENSORS = {"landmarks": (N_LANDMARKS, 2), "quad": (4, 2)}
+_FIXED_TENSORS = {"landmarks": (N_LANDMARKS, 2), "quad": (4, 2), "face_box": (4,)}
 
 
 def schema_version(schema: pa.Schema) -> str | None:
@@ -248,13 +264,14 @@ def _iterations_array(
 
 
 def columns_to_table(columns: Mapping[str, Sequence[Any]], n_styles: int) -> pa.Table:
-    """Build a v2 output table from a column dict (the batch-dict form Ray stages use).
+    """Build a v3 output table from a column dict (the batch-dict form Ray stages use).
 
     Each value is a sequence of length B (lists, numpy arrays). Tensor columns accept, per row, an
     array of the element shape (w_plus [n_styles,512], landmarks [68,2], quad [4,2], mix_w_plus
     [n_mix,n_styles,512], iteration_w_plus [n_iters,n_styles,512]) or None; a dense ndarray [B, ...] is taken without a per-row loop.
-    Missing columns are null; `image_id` defaults to `image_id_for(source_uri)` and
-    `processed_at` to now (UTC). Unknown column names raise ValueError (they would change the
+    Missing columns are null; `image_id` defaults to `face_image_id(source_uri, face_index)`
+    (`image_id_for(source_uri)` without a face index), `source_id` to `image_id_for(source_uri)`
+    and `processed_at` to now (UTC). Unknown column names raise ValueError (they would change the
     schema of one file and not the others).
     """
     schema = output_schema(n_styles)
@@ -270,14 +287,22 @@ def columns_to_table(columns: Mapping[str, Sequence[Any]], n_styles: int) -> pa.
         if len(values) != n:
             raise ValueError(f"column {name!r} has {len(values)} values, source_uri has {n}")
     source_uris = list(columns["source_uri"])
+    faces = columns.get("face_index")
+    faces = [None] * n if faces is None else [None if f is None or f < 0 else int(f) for f in faces]
     ids = columns.get("image_id")
-    ids = [image_id_for(u) if i is None else i for i, u in zip(ids or [None] * n, source_uris)]
+    ids = [face_image_id(u, f) if i is None else i for i, u, f in zip(ids or [None] * n, source_uris, faces)]
+    sources = columns.get("source_id")
+    sources = [image_id_for(u) if i is None else i for i, u in zip(sources or [None] * n, source_uris)]
 
     arrays: list[pa.Array] = []
     for field in schema:
         name = field.name
         if name == "image_id":
             values: Any = ids
+        elif name == "source_id":
+            values = sources
+        elif name == "face_index":
+            values = faces if "face_index" in columns else None
         elif name == "processed_at":
             now = _dt.datetime.now(_dt.UTC)
             given = columns.get(name)
@@ -314,7 +339,7 @@ def validate_tensors(table: pa.Table, n_styles: int) -> None:
     length (list columns do not carry their length in the type, so a cast cannot catch it)."""
     import pyarrow.compute as pc
 
-    sizes = {"w_plus": n_styles * STYLE_DIM, "landmarks": N_LANDMARKS * 2, "quad": 8}
+    sizes = {"w_plus": n_styles * STYLE_DIM, "landmarks": N_LANDMARKS * 2, "quad": 8, "face_box": 4}
     for name, size in sizes.items():
         col = table[name]
         bad = pc.and_(pc.is_valid(col), pc.not_equal(pc.list_value_length(col), size))
@@ -339,7 +364,7 @@ def validate_tensors(table: pa.Table, n_styles: int) -> None:
 
 
 def rows_to_table(rows: Sequence[Mapping[str, Any]], n_styles: int) -> pa.Table:
-    """Build a v2 output table from row dicts (see `columns_to_table` for the accepted values).
+    """Build a v3 output table from row dicts (see `columns_to_table` for the accepted values).
 
     Example: `rows_to_table([{"source_uri": "s3://b/a.jpg", "status": "ok", "w_plus": w,
     "run_id": "r1"}], n_styles=18)` with `w` a float32 array [18, 512].
@@ -375,14 +400,15 @@ EXPORT_N_STYLES = 18  # the released 1024x1024 checkpoints
 
 
 def export_json() -> dict:
-    """The committed `schemas/output_v2.json`: schema v2 shown for n_styles=18 (1024² models)."""
+    """The committed `schemas/output_v3.json`: schema v3 shown for n_styles=18 (1024² models)."""
     return {
         "name": "psp output",
         "schema_version": SCHEMA_VERSION,
         "generated_by": "python -m schemas export",
         "note": (
             "shown for n_styles=18 (1024x1024 checkpoints). The output is a Delta Lake table whose "
-            "current version holds one row per input; w_plus is a list of n_styles*512 float32 "
+            "current version holds one row per input (per face with --faces all: source_id keys the "
+            "input, image_id the row); w_plus is a list of n_styles*512 float32 "
             "(row-major), reshape with psp.tensor_shapes (schema metadata and table properties). "
             "Read with schemas.read_outputs / schemas.read_latents, or any Delta reader."
         ),

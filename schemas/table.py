@@ -1,7 +1,7 @@
 """Reading the output table: a Delta Lake table at OUTPUT (local path, file://, s3://, gs://, ...).
 
-Its current version holds exactly one row per live input (output schema v2); every earlier version
-stays readable by number or time (`as_of`) until `psp vacuum` removes its files. Table properties
+Its current version holds exactly one row per live input (per face with `--faces all`; output
+schema v3); every earlier version stays readable by number or time (`as_of`) until `psp vacuum` removes its files. Table properties
 carry `psp.schema_version`, `psp.n_styles` and `psp.tensor_shapes`; each commit of a run carries its
 summary in the commit info (`psp.run_id`, `psp.run`).
 

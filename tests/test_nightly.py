@@ -14,6 +14,7 @@ import pytest
 from pipelines.incremental import ListedInput, as_listed, plan_nightly
 from pipelines.table import STATE_COLUMNS
 from schemas import image_id_for, output_schema
+from schemas.ids import face_image_id
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -26,7 +27,8 @@ def state(*rows) -> pa.Table:
     for r in rows:
         mtime = r.get("mtime", 100.0)
         full.append({
-            "image_id": image_id_for(r["uri"]), "source_uri": r["uri"], "status": r.get("status", "ok"),
+            "image_id": face_image_id(r["uri"], r.get("face")), "source_id": image_id_for(r["uri"]),
+            "source_uri": r["uri"], "status": r.get("status", "ok"),
             "checkpoint_sha256": r.get("sha", SHA_A), "source_size": r.get("size", 10),
             "source_mtime": None if mtime is None else dt.datetime.fromtimestamp(mtime, dt.UTC),
             "source_etag": r.get("etag"), "run_id": "r1", "_file": "runs/r1/part-0.parquet",
@@ -90,6 +92,21 @@ def test_retry_failed_only_retries_transient_statuses():
     plan = plan_nightly(listing, current, SHA_A, retry_failed=True)
     assert sorted(plan.retry) == ["/d/invert.jpg", "/d/read.jpg"]
     assert plan.unchanged == 2
+
+
+def test_an_input_with_several_face_rows_is_planned_once():
+    """--faces all: three rows of one photo are one input to the plan (changed, deleted, retried)."""
+    faces = lambda uri, **kw: [{"uri": uri, "face": k, **kw} for k in range(3)]
+    current = state(*faces("/d/group.jpg", mtime=5.0), *faces("/d/gone.jpg"),
+                    *faces("/d/same.jpg"), {"uri": "/d/one_failed.jpg", "face": 0},
+                    {"uri": "/d/one_failed.jpg", "face": 1, "status": "invert_error"})
+    listing = [ListedInput("/d/group.jpg", 10, None, 6.0), ListedInput("/d/same.jpg", 10, None, 100.0),
+               ListedInput("/d/one_failed.jpg", 10, None, 100.0)]
+    plan = plan_nightly(listing, current, SHA_A)
+    assert (plan.changed, plan.deleted, plan.unchanged, plan.to_process) == (
+        ["/d/group.jpg"], ["/d/gone.jpg"], 2, ["/d/group.jpg"])
+    # one transient face row retries the whole input, once
+    assert plan_nightly(listing, current, SHA_A, retry_failed=True).retry == ["/d/one_failed.jpg"]
 
 
 def test_as_listed_normalises_source_items():

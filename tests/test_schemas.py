@@ -1,4 +1,4 @@
-"""Output schema v2 and the output table's readers, without Ray: tables built by the writers,
+"""Output schema v3 and the output table's readers, without Ray: tables built by the writers,
 committed to a real Delta table, read back exactly by `schemas.read_outputs` / `read_latents`,
 deltalake + pyarrow, pandas and DuckDB (over the Arrow dataset); one row per input after a
 replacement; time travel; and the JSON export is in sync."""
@@ -37,15 +37,15 @@ def write(table: pa.Table, folder: Path, name: str) -> Path:
 def test_schema_columns_types_and_metadata():
     schema = so.output_schema(18)
     assert schema.names == [
-        "image_id", "source_uri", "source_size", "source_mtime", "source_etag", "source_sha256",
+        "image_id", "source_id", "source_uri", "source_size", "source_mtime", "source_etag", "source_sha256",
         "source_width", "source_height", "status",
-        "error", "face_score", "landmarks", "quad", "task", "w_plus", "model_family", "n_iters",
-        "iteration_w_plus", "output_image",
+        "error", "face_score", "face_index", "face_count", "face_box", "landmarks", "quad", "task", "w_plus",
+        "model_family", "n_iters", "iteration_w_plus", "output_image",
         "image_format", "aligned_image", "mix_w_plus", "mix_images", "mse", "psnr", "ssim",
         "identity_distance", "checkpoint_sha256", "code_version", "run_id", "processed_at",
     ]
     f32_list = pa.list_(pa.field("element", pa.float32()))  # Delta has no fixed-size list
-    for name in ("w_plus", "landmarks", "quad", "iteration_w_plus"):
+    for name in ("w_plus", "landmarks", "quad", "face_box", "iteration_w_plus"):
         assert schema.field(name).type == f32_list
     assert schema.field("n_iters").type == pa.int32()
     assert so.tensor_shapes(schema)["iteration_w_plus"] == [-1, 18, 512]
@@ -53,11 +53,12 @@ def test_schema_columns_types_and_metadata():
     assert schema.field("source_width").type == pa.int32()
     assert schema.field("processed_at").type == pa.timestamp("us", tz="UTC")
     assert not schema.field("image_id").nullable and schema.field("w_plus").nullable
-    assert so.schema_version(schema) == "2"
+    assert not schema.field("source_id").nullable and schema.field("face_index").type == pa.int32()
+    assert so.schema_version(schema) == "3"
     assert so.schema_n_styles(schema) == 18
     assert so.tensor_shapes(schema) == {
-        "w_plus": [18, 512], "landmarks": [68, 2], "quad": [4, 2], "mix_w_plus": [-1, 18, 512],
-        "iteration_w_plus": [-1, 18, 512],
+        "w_plus": [18, 512], "landmarks": [68, 2], "quad": [4, 2], "face_box": [4],
+        "mix_w_plus": [-1, 18, 512], "iteration_w_plus": [-1, 18, 512],
     }
     with pytest.raises(ValueError, match="n_styles"):
         so.output_schema(0)
@@ -144,7 +145,7 @@ def test_table_reads_back_exactly_with_every_reader(tmp_path):
     rows = make_rows()
     commit_rows(out, rows, "run-a")
 
-    # schemas readers: exact v2 schema (metadata included), W+ as float32 [N, n_styles, 512]
+    # schemas readers: exact v3 schema (metadata included), W+ as float32 [N, n_styles, 512]
     back = schemas.read_outputs(str(out))
     assert back.schema.equals(so.output_schema(N_STYLES), check_metadata=True)
     by_id = {r["image_id"]: r for r in back.to_pylist()}
@@ -161,7 +162,7 @@ def test_table_reads_back_exactly_with_every_reader(tmp_path):
     # deltalake + pyarrow, and the table properties that say how to reshape
     dt = DeltaTable(str(out))
     conf = dt.metadata().configuration
-    assert conf["psp.schema_version"] == "2" and conf["psp.n_styles"] == str(N_STYLES)
+    assert conf["psp.schema_version"] == so.SCHEMA_VERSION == "3" and conf["psp.n_styles"] == str(N_STYLES)
     assert json.loads(conf["psp.tensor_shapes"])["w_plus"] == [N_STYLES, 512]
     assert dt.to_pyarrow_table().num_rows == 6
 
@@ -222,14 +223,14 @@ def test_readers_say_what_is_wrong(tmp_path):
 
 def test_json_export_in_sync_with_code():
     exports = collect_exports()
-    assert "output_v2.json" in exports
+    assert "output_v3.json" in exports
     for filename, doc in exports.items():
         committed = Path(so.__file__).parent / filename
         assert committed.read_text() == render(doc), f"run `python -m schemas export` ({filename})"
-    fields = {f["name"]: f for f in json.loads(render(exports["output_v2.json"]))["schema"]["fields"]}
+    fields = {f["name"]: f for f in json.loads(render(exports["output_v3.json"]))["schema"]["fields"]}
     assert fields["w_plus"]["type"] == "list<element: float>"
     assert fields["image_id"]["nullable"] is False
-    assert json.loads(render(exports["output_v2.json"]))["schema"]["metadata"]["psp.tensor_shapes"]["w_plus"] == [18, 512]
+    assert json.loads(render(exports["output_v3.json"]))["schema"]["metadata"]["psp.tensor_shapes"]["w_plus"] == [18, 512]
 
 
 def test_image_id_and_run_ids_have_one_definition():

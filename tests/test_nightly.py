@@ -96,7 +96,9 @@ def test_retry_failed_only_retries_transient_statuses():
 
 def test_an_input_with_several_face_rows_is_planned_once():
     """--faces all: three rows of one photo are one input to the plan (changed, deleted, retried)."""
-    faces = lambda uri, **kw: [{"uri": uri, "face": k, **kw} for k in range(3)]
+    def faces(uri, **kw):
+        return [{"uri": uri, "face": k, **kw} for k in range(3)]
+
     current = state(*faces("/d/group.jpg", mtime=5.0), *faces("/d/gone.jpg"),
                     *faces("/d/same.jpg"), {"uri": "/d/one_failed.jpg", "face": 0},
                     {"uri": "/d/one_failed.jpg", "face": 1, "status": "invert_error"})

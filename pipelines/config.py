@@ -347,6 +347,62 @@ def check_output_writable(output: str, storage_options: Mapping[str, Any] | None
         ) from None
 
 
+def _check_checkpoint_fits(config: InvertConfig, task_name: str, task, info: CheckpointInfo) -> None:
+    """ConfigError when the options ask the checkpoint for something it cannot do."""
+    if task.input_nc != info.input_nc or task.label_nc != info.label_nc:
+        raise ConfigError(
+            f"--task {task_name} expects {task.input_nc}-channel inputs (label_nc={task.label_nc}) but "
+            f"checkpoint {config.checkpoint!r} was trained for {info.dataset_type} with input_nc="
+            f"{info.input_nc}, label_nc={info.label_nc}: drop --task to use the checkpoint's own task, "
+            "or pass the checkpoint trained for this task"
+        )
+    restyle = info.family.startswith("restyle")
+    if not restyle and (config.n_iters is not None or config.keep_iterations):
+        flag = "--n-iters" if config.n_iters is not None else "--keep-iterations"
+        raise ConfigError(
+            f"{flag} only applies to ReStyle checkpoints (iterative refinement); {config.checkpoint!r} is a "
+            f"{info.family} checkpoint, which encodes in one pass: drop {flag}, or pass a ReStyle checkpoint "
+            "(e.g. restyle_e4e_ffhq_encode.pt)"
+        )
+    if task.input_size != (256, 256) and config.metrics:
+        raise ConfigError(
+            f"--metrics compares 256x256 face crops; task {task_name} takes {task.input_size[0]}x"
+            f"{task.input_size[1]} inputs: drop --metrics for this checkpoint"
+        )
+    if task.needs_factor and config.resize_factor is None:
+        factors = ",".join(map(str, task.trained_factors)) or "1,2,4,8,16,32"
+        raise ConfigError(
+            f"task {task_name} (super-resolution) needs --resize-factor F, the downsampling factor to "
+            f"simulate (trained with {factors}; the pSp demo uses 16)"
+        )
+
+
+def _latent_mask_for(config: InvertConfig, task, info: CheckpointInfo) -> tuple[int, ...] | None:
+    """The style indices `--mix` mixes (the task's default when --latent-mask is absent), checked
+    against the model's styles; None without --mix."""
+    if not config.mix:
+        if config.latent_mask is not None or config.mix_alpha is not None:
+            raise ConfigError("--latent-mask / --mix-alpha only apply to style mixing: add --mix N")
+        return None
+    mask = parse_latent_mask(config.latent_mask)
+    if mask is None:
+        default = [i for i in (task.default_latent_mask or range(8, 18)) if i < info.n_styles]
+        if not default:
+            raise ConfigError(
+                f"--mix needs --latent-mask: this {info.output_size}px model has only "
+                f"{info.n_styles} styles (0-{info.n_styles - 1}), e.g. --latent-mask "
+                f"{info.n_styles // 2}-{info.n_styles - 1}"
+            )
+        mask = default
+    bad = [i for i in mask if not 0 <= i < info.n_styles]
+    if bad:
+        raise ConfigError(
+            f"--latent-mask has style indices {bad} outside 0-{info.n_styles - 1} "
+            f"(checkpoint {config.checkpoint!r} has {info.n_styles} styles)"
+        )
+    return tuple(mask)
+
+
 def resolve_config(config: InvertConfig, check_output: bool = True) -> ResolvedConfig:
     """Validate `config` on the driver (no Ray), reading only the checkpoint's opts.
 
@@ -370,55 +426,9 @@ def resolve_config(config: InvertConfig, check_output: bool = True) -> ResolvedC
     info = read_checkpoint_info(config.checkpoint, config.storage_options)
     task_name = config.task or info.dataset_type
     task = get_task(task_name)  # a bad --task was refused by check_options
-    if task.input_nc != info.input_nc or task.label_nc != info.label_nc:
-        raise ConfigError(
-            f"--task {task_name} expects {task.input_nc}-channel inputs (label_nc={task.label_nc}) but "
-            f"checkpoint {config.checkpoint!r} was trained for {info.dataset_type} with input_nc="
-            f"{info.input_nc}, label_nc={info.label_nc}: drop --task to use the checkpoint's own task, "
-            "or pass the checkpoint trained for this task"
-        )
-    restyle = info.family.startswith("restyle")
-    if not restyle and (config.n_iters is not None or config.keep_iterations):
-        flag = "--n-iters" if config.n_iters is not None else "--keep-iterations"
-        raise ConfigError(
-            f"{flag} only applies to ReStyle checkpoints (iterative refinement); {config.checkpoint!r} is a "
-            f"{info.family} checkpoint, which encodes in one pass: drop {flag}, or pass a ReStyle checkpoint "
-            "(e.g. restyle_e4e_ffhq_encode.pt)"
-        )
+    _check_checkpoint_fits(config, task_name, task, info)
     n_iters = config.n_iters if config.n_iters is not None else info.n_iters
-    if task.input_size != (256, 256) and config.metrics:
-        raise ConfigError(
-            f"--metrics compares 256x256 face crops; task {task_name} takes {task.input_size[0]}x"
-            f"{task.input_size[1]} inputs: drop --metrics for this checkpoint"
-        )
-    if task.needs_factor and config.resize_factor is None:
-        factors = ",".join(map(str, task.trained_factors)) or "1,2,4,8,16,32"
-        raise ConfigError(
-            f"task {task_name} (super-resolution) needs --resize-factor F, the downsampling factor to "
-            f"simulate (trained with {factors}; the pSp demo uses 16)"
-        )
-
-    latent_mask = None
-    if config.mix:
-        mask = parse_latent_mask(config.latent_mask)
-        if mask is None:
-            default = [i for i in (task.default_latent_mask or range(8, 18)) if i < info.n_styles]
-            if not default:
-                raise ConfigError(
-                    f"--mix needs --latent-mask: this {info.output_size}px model has only "
-                    f"{info.n_styles} styles (0-{info.n_styles - 1}), e.g. --latent-mask "
-                    f"{info.n_styles // 2}-{info.n_styles - 1}"
-                )
-            mask = default
-        bad = [i for i in mask if not 0 <= i < info.n_styles]
-        if bad:
-            raise ConfigError(
-                f"--latent-mask has style indices {bad} outside 0-{info.n_styles - 1} "
-                f"(checkpoint {config.checkpoint!r} has {info.n_styles} styles)"
-            )
-        latent_mask = tuple(mask)
-    elif config.latent_mask is not None or config.mix_alpha is not None:
-        raise ConfigError("--latent-mask / --mix-alpha only apply to style mixing: add --mix N")
+    latent_mask = _latent_mask_for(config, task, info)
 
     align = config.align or ("dlib" if task.needs_alignment else "none")
     try:

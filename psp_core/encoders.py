@@ -189,14 +189,18 @@ class GradualStyleEncoder(nn.Module):
     def _upsample_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, size=y.shape[-2:], mode="bilinear", align_corners=True) + y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The body's three feature taps (c1, c2, c3): 128, 256 and 512 channels at 1/4, 1/8, 1/16."""
         x = self.input_layer(x)
         feats = {}
         for i, unit in enumerate(self.body):
             x = unit(x)
             if i in self._taps:
                 feats[i] = x
-        c1, c2, c3 = (feats[i] for i in self._taps)
+        return tuple(feats[i] for i in self._taps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c1, c2, c3 = self.features(x)
 
         latents = [self.styles[j](c3) for j in range(min(self.coarse_ind, self.style_count))]
         p2 = self._upsample_add(c3, self.latlayer1(c2))
@@ -269,13 +273,7 @@ class Encoder4Editing(GradualStyleEncoder):
         self.progressive_stage = INFERENCE_STAGE
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.input_layer(x)
-        feats = {}
-        for i, unit in enumerate(self.body):
-            x = unit(x)
-            if i in self._taps:
-                feats[i] = x
-        c1, c2, c3 = (feats[i] for i in self._taps)
+        c1, c2, c3 = self.features(x)
         w0 = self.styles[0](c3)
         features, deltas = c3, []
         for i in range(1, min(self.progressive_stage + 1, self.style_count)):

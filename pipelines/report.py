@@ -82,8 +82,10 @@ def _thumb(data: bytes | None) -> tuple[str | None, str]:
         return None, "no image"
     from PIL import Image
 
+    from psp_core.images import open_untrusted
+
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_untrusted(io.BytesIO(data)) as im:
             im = im.convert("RGB")
             im.thumbnail((THUMB, THUMB))
             buf = io.BytesIO()

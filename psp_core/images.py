@@ -5,6 +5,10 @@ pipeline's decode stage, metrics, identity -- does not depend on dlib. What is d
 
 - what an image is: `sniff_format` reads the magic bytes (JPEG, PNG, GIF, BMP, TIFF, WebP, PNM,
   JPEG 2000, QOI, HEIC/HEIF, AVIF); the file name plays no part;
+- what is decoded: only `ALLOWED_FORMATS`, passed as `formats=` to every `Image.open` of untrusted
+  bytes (Pillow's advice for untrusted input). Anything else -- PostScript/EPS and PDF, whose
+  Pillow plugins run Ghostscript, ICO, PSD, ... -- is a `decode_error` naming the detected format
+  (`detect_format`), so no decoder ever starts a subprocess;
 - decompression bombs (`max_pixels`, checked from the header before any pixel is decoded), tiny
   images and undecodable files are `ImageDecodeError` statuses, not crashes;
 - a decode has a time limit (`timeout_s`): checked each time the decoder pulls more bytes and
@@ -33,8 +37,11 @@ __all__ = [
     "DEFAULT_MAX_PIXELS",
     "MIN_SIDE",
     "SNIFF_BYTES",
+    "ALLOWED_FORMATS",
     "ImageDecodeError",
+    "detect_format",
     "load_image",
+    "open_untrusted",
     "normalize_image",
     "sniff_format",
 ]
@@ -48,6 +55,13 @@ MIN_SIDE = 40
 DEFAULT_DECODE_TIMEOUT_S = 30.0
 #: How many leading bytes `sniff_format` needs.
 SNIFF_BYTES = 32
+
+#: The Pillow formats decoded from untrusted bytes: those of the documented input extensions
+#: (README "What counts as an input"). Pillow's other plugins never see input bytes; EPS in
+#: particular would start Ghostscript (`gs`) on them.
+ALLOWED_FORMATS: tuple[str, ...] = (
+    "JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "JPEG2000", "QOI", "AVIF", "HEIF",
+)
 
 ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image, np.ndarray]
 
@@ -102,6 +116,54 @@ def sniff_format(head: bytes) -> str | None:
         if brands & _HEIF_BRANDS:
             return "HEIF"
     return None
+
+
+# Formats that are not decoded, named from their magic bytes for the error message.
+_OTHER_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"%!PS-Adobe", "PostScript/EPS"),
+    (b"%!", "PostScript"),
+    (b"\xc5\xd0\xd3\xc6", "PostScript/EPS (DOS EPS binary)"),
+    (b"%PDF", "PDF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"\x00\x00\x02\x00", "CUR"),
+    (b"8BPS", "PSD"),
+    (b"icns", "ICNS"),
+    (b"SIMPLE  =", "FITS"),
+    (b"\x89HDF", "HDF5"),
+    (b"\xd7\xcd\xc6\x9a", "WMF"),
+    (b"/* XPM */", "XPM"),
+    (b"#define", "XBM"),
+    (b"DDS ", "DDS"),
+    (b"PK\x03\x04", "ZIP"),
+    (b"\x1f\x8b", "gzip"),
+    (b"<?xml", "XML/SVG"),
+    (b"<svg", "SVG"),
+)
+
+
+def detect_format(head: bytes) -> str | None:
+    """The format named by the magic bytes of `head`: an image format (`sniff_format`) or one that is
+    not decoded (e.g. "PostScript/EPS", "PDF", "ICO", "PSD"); None when unknown."""
+    name = sniff_format(head)
+    if name is not None:
+        return name
+    h = bytes(head[:SNIFF_BYTES]).lstrip(b"\xef\xbb\xbf")
+    for magic, label in _OTHER_MAGIC:
+        if h.startswith(magic):
+            return label
+    return None
+
+
+def open_untrusted(fp, label: str = "<bytes>") -> Image.Image:
+    """`Image.open(fp, formats=ALLOWED_FORMATS)`: only the allowed decoders look at the bytes.
+
+    Raises UnidentifiedImageError for anything else (the caller names the detected format)."""
+    return Image.open(fp, formats=_allowed_formats())
+
+
+def _allowed_formats() -> list[str]:
+    Image.init()  # registers the plugins (pillow-heif's too, when installed) before filtering
+    return [f for f in ALLOWED_FORMATS if f in Image.OPEN]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,18 +306,23 @@ def load_image(
 
 def _decode(blob: bytes, max_pixels: int, min_side: int, label: str, deadline: float | None) -> Image.Image:
     """Header, size guard, pixels: the decoded (not yet normalised) first frame of `blob`."""
-    fmt_sniffed = sniff_format(blob[:SNIFF_BYTES])
+    fmt_sniffed = detect_format(blob[:SNIFF_BYTES])
     with warnings.catch_warnings():
         # Above Pillow's limit the caller vouched for the size with max_pixels; below it, an image
         # over Pillow's limit is also over ours and is rejected by _check_size.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(_DeadlineBytesIO(blob, deadline))
+            img = open_untrusted(_DeadlineBytesIO(blob, deadline), label)
         except _DecodeTimeout:
             raise
         except Image.DecompressionBombError as e:
             raise ImageDecodeError("too_large", f"{label}: too large: {e}") from None
         except UnidentifiedImageError as e:
+            if fmt_sniffed is not None and sniff_format(blob[:SNIFF_BYTES]) is None:
+                raise ImageDecodeError(
+                    "decode_error", f"{label}: {fmt_sniffed} content is not an accepted image format "
+                    f"(accepted: {', '.join(ALLOWED_FORMATS)}); convert it to PNG or JPEG"
+                ) from None
             if fmt_sniffed is not None:
                 raise ImageDecodeError(
                     "decode_error", f"{label}: {fmt_sniffed} image that this Pillow cannot read"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import uuid
 from dataclasses import dataclass, field
 
@@ -26,6 +27,18 @@ _TEST_ENV = {
 }
 for _k, _v in _TEST_ENV.items():
     os.environ.setdefault(_k, _v)
+
+# Recording stand-ins for the external programs an image decoder could start (Ghostscript for
+# EPS/PDF, ImageMagick), first on PATH for this process and every Ray worker: any call is appended
+# to SUBPROCESS_RECORDER, which tests/test_hostile_inputs.py requires to stay empty.
+SUBPROCESS_RECORDER = os.path.join(tempfile.mkdtemp(prefix="psp-recorder-"), "calls.log")
+for _prog in ("gs", "gsc", "gswin64c", "convert", "magick"):
+    _script = os.path.join(os.path.dirname(SUBPROCESS_RECORDER), _prog)
+    with open(_script, "w") as _f:
+        _f.write(f'#!/bin/sh\necho "{_prog} $*" >> "{SUBPROCESS_RECORDER}"\nexit 1\n')
+    os.chmod(_script, 0o755)
+os.environ["PATH"] = os.path.dirname(SUBPROCESS_RECORDER) + os.pathsep + os.environ.get("PATH", "")
+os.environ["PSP_TEST_SUBPROCESS_RECORDER"] = SUBPROCESS_RECORDER
 
 # 2 shared cores: keep intra-op threads low in the test process (workers set their own).
 try:

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from pipelines.decode import DecodeImages
-from pipelines.sources import SourceItem, list_inputs, read_batch
+from pipelines.sources import InputError, SourceItem, list_inputs, read_batch
 from psp_core.images import ImageDecodeError, load_image, sniff_format
 from schemas.status import FINAL_STATUSES, STATUSES
 
@@ -347,3 +347,80 @@ def test_a_slow_decode_stops_at_its_time_limit():
         load_image(blob, name="big.png", timeout_s=1e-6)
     assert e.value.status == "decode_timeout" and "big.png" in e.value.message
     assert load_image(blob, timeout_s=30).size == (1024, 1024)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. only the allowed decoders see input bytes; none starts a program
+
+# PostScript, EPS (text and the DOS binary header) and PDF: Pillow's EPS plugin would run
+# Ghostscript on any of them if it were allowed to look.
+_EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n"
+        b"newpath 0 0 moveto 64 64 lineto stroke showpage\n%%EOF\n")
+PROGRAM_CONTENT = {
+    "ps_as.jpg": (b"%!PS\n/Helvetica findfont 12 scalefont setfont 10 10 moveto (x) show showpage\n", "PostScript"),
+    "eps_as.png": (_EPS, "PostScript/EPS"),
+    "eps_noext": (_EPS, "PostScript/EPS"),
+    "dos_eps.jpg": (b"\xc5\xd0\xd3\xc6" + (30).to_bytes(4, "little") + len(_EPS).to_bytes(4, "little")
+                    + bytes(18) + b"\xff\xff" + _EPS, "PostScript/EPS"),
+    "pdf_as.png": (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n", "PDF"),
+    "pdf_noext": (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "PDF"),
+}
+_PROGRAMS = ("ghostscript", "'gs'", "gs --", "imagemagick", "magick ", "subprocess", "exit status", "command '")
+
+
+def _recorded_calls() -> str:
+    path = os.environ["PSP_TEST_SUBPROCESS_RECORDER"]  # tests/conftest.py: recording gs/convert/magick
+    return open(path).read() if os.path.exists(path) else ""
+
+
+def assert_no_program_ran_and_rows_name_the_format(rows: dict, names_to_format: dict) -> None:
+    """Each row decode_error, its error naming the file and the detected format and no program."""
+    for uri, (status, error) in rows.items():
+        name = next(n for n in names_to_format if uri.endswith(n.replace("#", "%23")))
+        assert status == "decode_error", (uri, status, error)
+        assert name.split("#")[-1] in error and names_to_format[name] in error, (uri, error)
+        assert not any(p in error.lower() for p in _PROGRAMS), (uri, error)
+    assert _recorded_calls() == ""
+
+
+def test_postscript_eps_and_pdf_under_image_names_never_reach_a_program(tmp_path):
+    before = _recorded_calls()
+    assert before == "" and os.environ["PATH"].split(os.pathsep)[0] in os.environ["PSP_TEST_SUBPROCESS_RECORDER"]
+    for name, (blob, _) in PROGRAM_CONTENT.items():
+        (tmp_path / name).write_bytes(blob)
+    _tar(tmp_path / "shard.tar", [(f"m_{n}", b) for n, (b, _) in PROGRAM_CONTENT.items()])
+    pq.write_table(pa.table({"jpg": [b for b, _ in PROGRAM_CONTENT.values()]}), tmp_path / "rows.parquet")
+    # without an image extension the content is sniffed, never decoded: skipped when listed, refused
+    # when named; nameless Parquet cells reach the decoder
+    for n in PROGRAM_CONTENT:
+        if "." not in n:
+            with pytest.raises(InputError, match="not an image"):
+                list_inputs(str(tmp_path / n))
+    items = list_inputs(str(tmp_path))
+    got = DecodeImages(timeout_s=10)(_read(items))
+    rows = {u: (s, e) for u, s, e in zip(got["source_uri"], got["status"], got["error"])}
+    expect = {n: f for n, (_, f) in PROGRAM_CONTENT.items()}
+    expect = {n: f for n, f in expect.items() if "." in n}
+    expect |= {f"shard.tar#m_{n}": f for n, f in list(expect.items())}
+    assert len(rows) == len(expect) + len(PROGRAM_CONTENT), sorted(rows)
+    parquet = {u: r for u, r in rows.items() if ".parquet#row=" in u}
+    assert_no_program_ran_and_rows_name_the_format({u: r for u, r in rows.items() if u not in parquet}, expect)
+    formats = [f for _, f in PROGRAM_CONTENT.values()]
+    for i, (status, error) in enumerate(rows[f"file://{tmp_path}/rows.parquet#row={r}"] for r in range(len(formats))):
+        assert status == "decode_error" and "rows.parquet#row=" in error and formats[i] in error, error
+    # the report's thumbnails open source bytes too: same allowlist
+    from pipelines.report import _thumb
+
+    assert _thumb(_EPS)[0] is None and _thumb(PROGRAM_CONTENT["pdf_as.png"][0])[0] is None
+    assert _recorded_calls() == ""
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "QOI"])
+def test_every_allowed_format_still_decodes(fmt):
+    from psp_core.images import ALLOWED_FORMATS
+
+    assert fmt in ALLOWED_FORMATS
+    b = io.BytesIO()
+    img = Image.new("RGB", (48, 40), (10, 200, 30))
+    img.save(b, fmt)
+    assert load_image(b.getvalue(), name=f"x.{fmt}").size == (48, 40)

@@ -35,13 +35,13 @@ def inspect_output(
     |w_plus|, source_uri, error) and how to read the table with other tools.
     """
     from schemas.outputs import output_schema
-    from schemas.table import open_table, read_runs, status_counts, table_info
+    from schemas.table import open_table, read_runs, status_counts, table_dataset, table_info
 
     dt = open_table(uri, storage_options, as_of)
     info = table_info(dt, uri)
-    ds = dt.to_pyarrow_dataset()
+    ds = table_dataset(dt, uri, storage_options)
     table = ds.to_table(columns=_SUMMARY_COLUMNS)
-    counts = status_counts(dt)
+    counts = status_counts(dt, uri, storage_options)
     history = {c.get("version"): c for c in dt.history()}
     made = history.get(dt.version(), {}).get("timestamp")
     when = _dt.datetime.fromtimestamp(made / 1000, _dt.UTC).isoformat()[:19] + "Z" if made else "?"
@@ -86,7 +86,7 @@ def inspect_output(
         f"  images: column `output_image` ({len(formats)} rows with bytes). To read the table:",
         f"    ids, w = schemas.read_latents({uri!r}{opts})      # w float32 [N, n_styles, 512], status ok",
         f"    t = schemas.read_outputs({uri!r}, columns=['image_id', 'output_image', 'image_format']{opts})",
-        f"    deltalake.DeltaTable({uri!r}).to_pandas()          # or .to_pyarrow_dataset() for DuckDB",
+        f"    schemas.open_dataset({uri!r}{opts})      # pyarrow dataset: .to_table(), DuckDB, Polars",
     ]
     ok = counts.get("ok", 0)
     lines.append(f"  ok: {ok}/{table.num_rows}")

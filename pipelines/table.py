@@ -57,6 +57,7 @@ from schemas.table import (
     delta_storage_options,
     is_local,
     status_counts,
+    table_dataset,
     table_info,
     table_properties,
     table_uri,
@@ -145,7 +146,7 @@ class OutputTable:
             t = fragment.to_table(columns=list(columns), filter=flt)
             return t.append_column("_file", pa.array([fragment.path] * t.num_rows, pa.string()))
 
-        fragments = list(dt.to_pyarrow_dataset().get_fragments())
+        fragments = list(table_dataset(dt, self.uri, self.storage_options).get_fragments())
         # Object stores answer many small reads in parallel far faster than one after another.
         with ThreadPoolExecutor(max_workers=max(1, min(16, len(fragments)))) as pool:
             tables = [t.cast(schema) for t in pool.map(read, fragments)]
@@ -620,7 +621,7 @@ def write_run_summary(table: OutputTable, summary: Mapping[str, Any], version: i
 
     doc = dict(summary)
     dt = table.load(version)
-    counts = status_counts(dt)
+    counts = status_counts(dt, table.uri, table.storage_options)
     doc["table"] = {"version": version, "rows": sum(counts.values()), "counts": counts}
     fs, root = table.filesystem()
     text = json.dumps(doc, indent=2, sort_keys=True, default=_json_default) + "\n"

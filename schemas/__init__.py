@@ -33,6 +33,8 @@ _EXPORTS = {
     "read_latents": "schemas.table",
     "read_runs": "schemas.table",
     "open_table": "schemas.table",
+    "open_dataset": "schemas.table",
+    "arrow_filesystem": "schemas.table",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -130,7 +130,7 @@ def read_edits(
     import pyarrow.compute as pc
     from deltalake import DeltaTable
 
-    from schemas.table import delta_storage_options, table_uri
+    from schemas.table import arrow_filesystem, delta_storage_options, table_uri
 
     if columns is not None:
         unknown = sorted(set(columns) - set(EDIT_COLUMNS))
@@ -140,7 +140,8 @@ def read_edits(
     if not DeltaTable.is_deltatable(path, storage_options=opts):
         raise FileNotFoundError(f"no edits table at {uri!r} (no _delta_log): has `psp edit` written there?")
     read = None if columns is None else list(dict.fromkeys([*columns, "edit_id", "processed_at"]))
-    table = DeltaTable(path, storage_options=opts).to_pyarrow_table(columns=read)
+    table = DeltaTable(path, storage_options=opts).to_pyarrow_table(
+        columns=read, filesystem=arrow_filesystem(uri, storage_options))
     if "w_plus" in table.column_names and table.num_rows:
         n_styles = len(table["w_plus"][0]) // STYLE_DIM if table["w_plus"][0].is_valid else 1
         table = table.replace_schema_metadata(edits_schema(max(n_styles, 1)).metadata)

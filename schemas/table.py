@@ -5,8 +5,15 @@ schema v3); every earlier version stays readable by number or time (`as_of`) unt
 carry `psp.schema_version`, `psp.n_styles` and `psp.tensor_shapes`; each commit of a run carries its
 summary in the commit info (`psp.run_id`, `psp.run`).
 
-`read_outputs` / `read_latents` are the readers most users need; `open_table` gives the
-`deltalake.DeltaTable` for pandas, Polars, DuckDB (`to_pyarrow_dataset()`) or Spark. Storage
+`read_outputs` / `read_latents` are the readers most users need; `open_dataset` gives a pyarrow
+dataset of the current version for pandas, Polars or DuckDB, `open_table` the `deltalake.DeltaTable`.
+
+Every read scans through a native Arrow filesystem (`arrow_filesystem`: local, S3), never through
+deltalake's default Python filesystem: Arrow's scan finishes tearing down on its own threads after
+`to_table` returns (apache/arrow#36389); when what it releases last is a Python object (deltalake's
+`PyFileSystem` handler, the `bytes` its reads return), that thread needs the GIL, and if the
+interpreter is already finalizing, Python ends the thread with a forced unwind through a C++
+destructor: "terminate called without an active exception", SIGABRT at exit. Storage
 options are fsspec's (`key`, `secret`, `client_kwargs.endpoint_url`, ...), translated for
 delta-rs by `delta_storage_options`.
 """
@@ -120,6 +127,45 @@ def open_table(uri: str, storage_options: Mapping[str, Any] | None = None, as_of
     return dt
 
 
+def arrow_filesystem(uri: str, storage_options: Mapping[str, Any] | None = None):
+    """A native (C++) pyarrow filesystem rooted at the table `uri`, for
+    `DeltaTable.to_pyarrow_dataset(filesystem=...)` / `to_pandas(filesystem=...)`: local paths and
+    s3:// (fsspec options: key/secret/token, client_kwargs.endpoint_url/region_name, anon; without
+    them the AWS environment). None for other schemes (deltalake's own filesystem is used)."""
+    import pyarrow.fs as pafs
+
+    if is_local(uri):
+        return pafs.SubTreeFileSystem(table_uri(uri), pafs.LocalFileSystem())
+    if not uri.startswith(("s3://", "s3a://")):
+        return None
+    opts = delta_storage_options(uri, storage_options) or {}
+    kw: dict[str, Any] = {}
+    if opts.get("AWS_ACCESS_KEY_ID"):
+        kw.update(access_key=opts["AWS_ACCESS_KEY_ID"], secret_key=opts.get("AWS_SECRET_ACCESS_KEY"),
+                  session_token=opts.get("AWS_SESSION_TOKEN"))
+    if opts.get("AWS_SKIP_SIGNATURE"):
+        kw["anonymous"] = True
+    endpoint = opts.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kw.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    if opts.get("AWS_REGION"):
+        kw["region"] = opts["AWS_REGION"]
+    root = uri.split("://", 1)[1].rstrip("/")
+    return pafs.SubTreeFileSystem(root, pafs.S3FileSystem(**kw))
+
+
+def table_dataset(dt, uri: str, storage_options: Mapping[str, Any] | None = None):
+    """The pyarrow dataset of `dt`'s loaded version, read through `arrow_filesystem(uri)`."""
+    return dt.to_pyarrow_dataset(filesystem=arrow_filesystem(uri, storage_options))
+
+
+def open_dataset(uri: str, storage_options: Mapping[str, Any] | None = None, as_of: AsOf = None):
+    """The output table at `uri` (current version, or `as_of`) as a pyarrow dataset: one row per
+    input, for DuckDB, Polars or `.to_table(columns=...)`; scans exit cleanly (see the module doc)."""
+    return table_dataset(open_table(uri, storage_options, as_of), uri, storage_options)
+
+
 def parse_as_of(value: AsOf) -> int | str | _dt.datetime:
     """`--as-of` text -> a version number (digits) or a time (ISO 8601; naive means UTC)."""
     if isinstance(value, (int, _dt.datetime)) and not isinstance(value, bool):
@@ -196,7 +242,7 @@ def read_outputs(
     target = info.schema()
     if columns is not None:
         target = pa.schema([target.field(c) for c in columns], metadata=target.metadata)
-    table = dt.to_pyarrow_dataset().to_table(columns=list(target.names), filter=filter)
+    table = table_dataset(dt, uri, storage_options).to_table(columns=list(target.names), filter=filter)
     return table.select(target.names).cast(target)
 
 
@@ -226,9 +272,9 @@ def read_runs(uri: str, storage_options: Mapping[str, Any] | None = None, as_of:
     return sorted(runs, key=lambda r: r["version"])
 
 
-def status_counts(dt) -> dict[str, int]:
-    """Rows per status in the loaded version of `dt` (reads only the status column)."""
-    table = dt.to_pyarrow_dataset().to_table(columns=["status"])
+def status_counts(dt, uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """Rows per status in the loaded version of `dt` at `uri` (reads only the status column)."""
+    table = table_dataset(dt, uri, storage_options).to_table(columns=["status"])
     if table.num_rows == 0:
         return {}
     counts = table.group_by("status").aggregate([("status", "count")])

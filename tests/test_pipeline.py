@@ -168,10 +168,17 @@ def test_hostile_folder_one_row_per_input_no_hang_and_a_rerun_leaves_permanent_r
     sock.bind(str(folder / "sock.jpg"))
     (folder / "dangling.jpg").symlink_to(folder / "nowhere.jpg")
     (folder / "corrupt.tar").write_bytes(b"\x01" * 3000)
+    # PostScript/EPS/PDF under image names, in a tar shard and a Parquet row: never decoded, no gs run
+    from test_hostile_inputs import PROGRAM_CONTENT, _recorded_calls
+
+    (folder / "ps_as.jpg").write_bytes(PROGRAM_CONTENT["ps_as.jpg"][0])
+    (folder / "pdf_as.png").write_bytes(PROGRAM_CONTENT["pdf_as.png"][0])
+    pq.write_table(pa.table({"jpg": [PROGRAM_CONTENT["dos_eps.jpg"][0]]}), folder / "eps_rows.parquet")
     with tarfile.open(folder / "good.tar", "w") as tar:
-        ti = tarfile.TarInfo("m#1.jpg")
-        ti.size = len(files["bad_text.jpg"])
-        tar.addfile(ti, io.BytesIO(files["bad_text.jpg"]))
+        for name, blob in [("m#1.jpg", files["bad_text.jpg"]), ("eps.png", PROGRAM_CONTENT["eps_as.png"][0])]:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(blob)
+            tar.addfile(ti, io.BytesIO(blob))
     pq.write_table(pa.table({"caption": ["x"]}), folder / "captions.parquet")
     (folder / "notes.txt").write_text("not an input")
     (folder / ".hidden.jpg").write_bytes(files["face_full.jpg"])
@@ -186,7 +193,8 @@ def test_hostile_folder_one_row_per_input_no_hang_and_a_rerun_leaves_permanent_r
         "_DSC0001.JPG": "ok", "IMG_0002": "ok", "odd::name#1 %2541.jpg": "ok", "xmp_heavy.png": "ok",
         "pipe.jpg": "not_a_file", "sock.jpg": "not_a_file", "dangling.jpg": "not_a_file",
         "corrupt.tar": "container_error", "captions.parquet": "container_error",
-        "good.tar#m%231.jpg": "decode_error",
+        "good.tar#m%231.jpg": "decode_error", "ps_as.jpg": "decode_error", "pdf_as.png": "decode_error",
+        "good.tar#eps.png": "decode_error", "eps_rows.parquet#row=0": "decode_error",
     }
     assert table.num_rows == len(rows) == summary.processed == len(expected)
     assert {u.removeprefix(root + "/"): r["status"] for u, r in rows.items()} == expected, rows
@@ -194,6 +202,11 @@ def test_hostile_folder_one_row_per_input_no_hang_and_a_rerun_leaves_permanent_r
     assert summary.not_inputs.pop("output") >= 1
     assert summary.not_inputs == {"hidden": 1, "not_an_image": 1}
     assert "not inputs" in summary.format() and "hidden=1" in summary.format()
+    for name, says in [("ps_as.jpg", "PostScript"), ("pdf_as.png", "PDF"), ("good.tar#eps.png", "PostScript/EPS"),
+                       ("eps_rows.parquet#row=0", "PostScript/EPS")]:
+        error = rows[f"{root}/{name}"]["error"]
+        assert name in error and says in error and "ghostscript" not in error.lower(), error
+    assert _recorded_calls() == ""  # the Ray workers' PATH starts with the recording gs/convert/magick
 
     rerun = run_invert(config)  # everything left is permanent: nothing is redone
     assert (rerun.processed, rerun.skipped) == (0, len(expected))

@@ -80,7 +80,6 @@ def _thumb(data: bytes | None) -> tuple[str | None, str]:
     """Encoded image bytes -> (a JPEG thumbnail data URI, note); (None, why) when unreadable."""
     if not data:
         return None, "no image"
-    from PIL import Image
 
     from psp_core.images import open_untrusted
 

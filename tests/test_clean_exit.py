@@ -19,9 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from output_tables import commit_table
 
 import schemas
-from output_tables import commit_table
 from schemas.testing import example_rows
 
 REPEATS = 10

@@ -266,7 +266,7 @@ class ListingRules:
 
     def skip_reason(self, rel: str) -> str | None:
         parts = [p for p in rel.split("/") if p and p != "."]  # './x.jpg' (tar of '.') is not hidden
-        if any(p.startswith(".") for p in parts):
+        if any(p.startswith(".") and p != ".." for p in parts):  # a tar member '../x.jpg' is only a name
             return SKIP_HIDDEN
         if any(p in BOOKKEEPING_NAMES for p in parts):
             return SKIP_BOOKKEEPING

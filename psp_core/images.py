@@ -138,6 +138,9 @@ _OTHER_MAGIC: tuple[tuple[bytes, str], ...] = (
     (b"\x1f\x8b", "gzip"),
     (b"<?xml", "XML/SVG"),
     (b"<svg", "SVG"),
+    (b"<!doctype html", "HTML"),
+    (b"<html", "HTML"),
+    (b"PAR1", "Parquet"),
 )
 
 
@@ -149,7 +152,7 @@ def detect_format(head: bytes) -> str | None:
         return name
     h = bytes(head[:SNIFF_BYTES]).lstrip(b"\xef\xbb\xbf")
     for magic, label in _OTHER_MAGIC:
-        if h.startswith(magic):
+        if h.startswith(magic) or (magic.startswith(b"<") and h.lower().startswith(magic)):
             return label
     return None
 

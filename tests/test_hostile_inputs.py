@@ -9,9 +9,11 @@ import http.server
 import io
 import os
 import socket
+import struct
 import tarfile
 import threading
 import time
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -424,3 +426,164 @@ def test_every_allowed_format_still_decodes(fmt):
     img = Image.new("RGB", (48, 40), (10, 200, 30))
     img.save(b, fmt)
     assert load_image(b.getvalue(), name=f"x.{fmt}").size == (48, 40)
+
+
+# ------------------------------------------------------------------------------------------------
+# 8. more kinds: multi-frame files, header bombs, twin and non-UTF-8 names, hostile tar members,
+#    truncated shards, content that does not match its name
+
+
+def _frames(fmt: str, colors: list[tuple[int, int, int]], **save) -> bytes:
+    b = io.BytesIO()
+    first, *rest = [Image.new("RGB", (64, 64), c) for c in colors]
+    first.save(b, fmt, save_all=True, append_images=rest, **save)
+    return b.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PNG", "WEBP", "GIF"])
+def test_multi_frame_files_give_their_first_frame(fmt, tmp_path):
+    blob = _frames(fmt, [(250, 0, 0), (0, 0, 250), (0, 250, 0)], **({"lossless": True} if fmt == "WEBP" else {}))
+    with Image.open(io.BytesIO(blob)) as im:
+        assert getattr(im, "n_frames", 1) == 3  # really multi-frame (APNG for PNG)
+    name = f"anim.{fmt.lower()}"
+    (tmp_path / name).write_bytes(blob)
+    got = DecodeImages(timeout_s=10)(_read(list_inputs(str(tmp_path))))
+    assert list(got["status"]) == ["ok"], got["error"]
+    assert got["image"][0].shape[:2] == (64, 64) and tuple(got["image"][0][10, 10]) == (250, 0, 0)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _header_bombs() -> dict[str, bytes]:
+    """Files of a few hundred bytes whose headers declare gigapixel images."""
+    png = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0))
+           + _png_chunk(b"IDAT", zlib.compress(b"")) + _png_chunk(b"IEND", b""))
+    jpg = bytearray(_jpeg((64, 48)))
+    struct.pack_into(">HH", jpg, jpg.find(b"\xff\xc0") + 5, 60_000, 60_000)  # SOF0 height, width
+    gif = bytearray(_frames("GIF", [(1, 2, 3)]))
+    struct.pack_into("<HH", gif, 6, 65_535, 65_535)  # logical screen
+    bmp = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(bmp, "BMP")
+    bmp = bytearray(bmp.getvalue())
+    struct.pack_into("<ii", bmp, 18, 40_000, 40_000)
+    # under Pillow's own bomb limit (about 179 Mpx), over the pipeline's max_pixels (8192^2)
+    mid = (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 10_000, 10_000, 8, 2, 0, 0, 0))
+           + _png_chunk(b"IEND", b""))
+    return {"bomb.png": png, "bomb.jpg": bytes(jpg), "bomb.gif": bytes(gif), "bomb.bmp": bytes(bmp),
+            "bomb_100mpx.png": mid}
+
+
+def test_header_bombs_are_too_large_before_any_pixel_is_decoded(tmp_path):
+    for name, blob in _header_bombs().items():
+        (tmp_path / name).write_bytes(blob)
+    t0 = time.monotonic()
+    got = DecodeImages(timeout_s=10)(_read(list_inputs(str(tmp_path))))
+    assert time.monotonic() - t0 < 3.0  # nothing was allocated or decoded
+    for uri, status, error in zip(got["source_uri"], got["status"], got["error"]):
+        name = uri.rsplit("/", 1)[1]
+        assert status == "too_large" and name in error, (name, status, error)
+    assert "max_pixels=67108864" in dict(zip(got["source_uri"], got["error"]))[f"file://{tmp_path}/bomb_100mpx.png"]
+    assert len(got["status"]) == 5
+
+
+def test_nfc_nfd_twins_and_non_utf8_names_are_separate_inputs(tmp_path):
+    import unicodedata
+
+    nfc = unicodedata.normalize("NFC", "caf\u00e9.jpg")
+    nfd = unicodedata.normalize("NFD", nfc)
+    assert nfc != nfd
+    names = {nfc.encode(): b"\xff\xd8\xff nfc", nfd.encode(): b"\xff\xd8\xff nfd",
+             b"caf\xe9.jpg": b"\xff\xd8\xff latin-1", b"\x80\xfe\xff.jpg": b"\xff\xd8\xff invalid utf-8"}
+    for name, payload in names.items():
+        with open(os.path.join(os.fsencode(str(tmp_path)), name), "wb") as f:
+            f.write(payload)
+    _tar(tmp_path / "twins.tar", [(nfc, b"\xff\xd8\xff member nfc"), (nfd, b"\xff\xd8\xff member nfd")])
+    items = list_inputs(str(tmp_path))
+    assert len(items) == len({i.uri for i in items}) == 6  # no twin collapses into the other
+    rows = _rows(items)
+    assert {s for s, _, _ in rows.values()} == {"ok"}
+    pa.array(list(rows), pa.string())  # every URI is valid UTF-8
+    # each name read from its own file / member, and its URI tells the twins apart
+    assert rows[f"file://{tmp_path}/{nfc}"][2] == b"\xff\xd8\xff nfc"
+    assert rows[f"file://{tmp_path}/{nfd}"][2] == b"\xff\xd8\xff nfd"
+    assert sorted(d for _, _, d in rows.values()) == sorted([*names.values(), b"\xff\xd8\xff member nfc",
+                                                             b"\xff\xd8\xff member nfd"])
+
+
+def test_tar_members_with_dotdot_absolute_names_links_and_directories(tmp_path):
+    def member(name, kind=tarfile.REGTYPE, link="", payload=b""):
+        info = tarfile.TarInfo(name)
+        info.type, info.linkname, info.size = kind, link, len(payload)
+        return info, io.BytesIO(payload)
+
+    body = {n: b"\xff\xd8\xff " + n.encode() for n in ("../up.jpg", "/abs/root.jpg", "a/../../x.jpg", "sub/in.jpg")}
+    shard = tmp_path / "in" / "evil.tar"
+    shard.parent.mkdir()
+    with tarfile.open(shard, "w") as tar:
+        for name, payload in body.items():
+            tar.addfile(*member(name, payload=payload))
+        for name, kind, link in [("dir.jpg", tarfile.DIRTYPE, ""), ("sub", tarfile.DIRTYPE, ""),
+                                 ("hard.jpg", tarfile.LNKTYPE, "sub/in.jpg"), ("up_link.jpg", tarfile.SYMTYPE, "../up.jpg"),
+                                 ("passwd.jpg", tarfile.SYMTYPE, "/etc/passwd"),
+                                 ("hard_out.jpg", tarfile.LNKTYPE, "../../etc/hostname")]:
+            tar.addfile(*member(name, kind, link))
+    rows = _rows(list_inputs(str(shard)))
+    by_member = {u.split("#", 1)[1]: r for u, r in rows.items()}
+    # names are only names: members are read from the archive, never extracted, so '..' and '/'
+    # reach nothing outside it
+    for name, payload in body.items():
+        assert by_member[name.replace("#", "%23")] == ("ok", "", payload)
+    assert by_member["hard.jpg"] == ("ok", "", body["sub/in.jpg"])
+    assert by_member["up_link.jpg"] == ("ok", "", body["../up.jpg"])
+    for name in ("passwd.jpg", "hard_out.jpg"):  # a link out of the archive: never followed
+        status, error, data = by_member[name]
+        assert status == "not_a_file" and name in error and "leads nowhere" in error and data == b"", error
+    assert "dir.jpg" not in by_member and "sub" not in by_member  # directories are not inputs
+    assert len(rows) == 8
+    assert sorted(os.listdir(tmp_path)) == ["in"] and os.listdir(shard.parent) == ["evil.tar"]
+
+
+def test_shards_cut_short_keep_what_is_whole_and_name_the_rest(tmp_path):
+    good = _jpeg((64, 64))
+    _tar(tmp_path / "whole.tar", [("m1.jpg", good), ("m2.jpg", good * 20)])
+    blob = (tmp_path / "whole.tar").read_bytes()
+    (tmp_path / "whole.tar").unlink()
+    (tmp_path / "cut.tar").write_bytes(blob[: 1024 + 512 + 512 + 700])  # m2 cut inside its data
+    (tmp_path / "cut_header.tar").write_bytes(blob[:100])  # not even one whole header
+    pq.write_table(pa.table({"jpg": [good] * 5}), tmp_path / "p.parquet")
+    pqb = (tmp_path / "p.parquet").read_bytes()
+    (tmp_path / "p.parquet").unlink()
+    (tmp_path / "cut.parquet").write_bytes(pqb[: len(pqb) // 2])
+    root = f"file://{tmp_path}"
+    rows = _rows(list_inputs(str(tmp_path)))
+    assert rows[f"{root}/cut.tar#m1.jpg"][0] == "ok"
+    status, error, _ = rows[f"{root}/cut.tar#m2.jpg"]
+    assert status == "read_error" and "cut.tar#m2.jpg" in error and "shard ended" in error, error
+    for name, says in [("cut.tar", ".tar shard"), ("cut_header.tar", ".tar shard"), ("cut.parquet", "Parquet")]:
+        status, error, _ = rows[f"{root}/{name}"]
+        assert status == "container_error" and name in error and says in error, (name, error)
+    assert len(rows) == 5
+
+
+def test_content_that_does_not_match_its_name_is_decoded_by_content_or_named(tmp_path):
+    good, png = _jpeg((64, 64)), _png(Image.new("RGB", (64, 64), (0, 90, 0)))
+    _tar(tmp_path / "t.tar", [("m.jpg", good)])
+    pq.write_table(pa.table({"jpg": [good]}), tmp_path / "p.parquet")
+    files = {"png_as.jpg": (png, "ok", ""), "jpeg_as.png": (good, "ok", ""), "jpeg_as.gif": (good, "ok", ""),
+             "text_as.jpg": (b"hello, not an image at all", "decode_error", "not an image"),
+             "html_as.png": (b"<!DOCTYPE html><html>404</html>", "decode_error", "HTML"),
+             "parquet_as.jpg": ((tmp_path / "p.parquet").read_bytes(), "decode_error", "Parquet"),
+             "tar_as.jpg": ((tmp_path / "t.tar").read_bytes(), "decode_error", "not an image"),
+             "zip_as.webp": (b"PK\x03\x04" + bytes(40), "decode_error", "ZIP")}
+    for name in ("t.tar", "p.parquet"):
+        (tmp_path / name).unlink()
+    for name, (blob, _, _) in files.items():
+        (tmp_path / name).write_bytes(blob)
+    got = DecodeImages(timeout_s=10)(_read(list_inputs(str(tmp_path))))
+    rows = {u.rsplit("/", 1)[1]: (s, e) for u, s, e in zip(got["source_uri"], got["status"], got["error"])}
+    assert len(rows) == len(files)
+    for name, (_, status, says) in files.items():
+        assert rows[name][0] == status and says in rows[name][1], (name, rows[name])
+        assert status == "ok" or name in rows[name][1], rows[name]

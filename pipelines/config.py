@@ -95,7 +95,8 @@ class InvertConfig:
     min_face: int = option(
         DEFAULT_MIN_FACE, f"with --faces all, the smallest face kept: its detection box's shorter side in px "
         f"(default {DEFAULT_MIN_FACE}; 0 keeps every face the detector finds)", parse=int, minimum=0, metavar="PX")
-    images: str = option("png", "output image encoding", choices=IMAGE_FORMATS)
+    images: str = option("png", "output image encoding: png (lossless; fpng, else Pillow zlib level 1), "
+                         "jpeg (quality 95, 4:2:0 chroma) or none", choices=IMAGE_FORMATS)
     image_size: str = option("256", "256 (pSp's resized output) or full (the generator's size, e.g. 1024)",
                              choices=IMAGE_SIZES)
     metrics: bool = option(False, "mse/psnr/ssim/identity of reconstruction vs input", kind="flag")

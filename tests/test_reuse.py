@@ -52,7 +52,7 @@ def test_a_rerun_with_another_checkpoint_reuses_the_stored_alignment(ray_cluster
     for name, blob, _ in sample_files(20):
         if name in NAMES:
             (inp / name).write_bytes(blob)
-    r1 = run_nightly(_config(inp, out, tiny_checkpoint))
+    run_nightly(_config(inp, out, tiny_checkpoint))
     first = _rows(out)
     assert [first[n]["status"] for n in NAMES] == ["ok", "ok", "no_face"] and _reused(out) == 0
 

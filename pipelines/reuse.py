@@ -132,18 +132,32 @@ def _fixed(column: pa.ChunkedArray, n: int, shape: tuple[int, ...]) -> np.ndarra
     return out.reshape(n, *shape)
 
 
-def matching_runs(dt, signature: str) -> set[str]:
-    """Run ids of the table's commits whose summary records alignment `signature`."""
-    from schemas.table import COMMIT_RUN, COMMIT_RUN_ID
+def matching_runs(table: Any, dt, signature: str, run_ids: Sequence[str] = ()) -> set[str]:
+    """Run ids of the table's commits whose summary records alignment `signature`. The commit log
+    forgets old commits (delta-rs cleans up logs past `delta.logRetentionDuration`, 30 days by
+    default, at each checkpoint), so each of `run_ids` (the runs of the stored rows) it no longer
+    holds is looked up in its ``_runs/<run_id>.json`` summary (`pipelines.table.write_run_summary`)."""
+    from schemas.table import COMMIT_RUN, COMMIT_RUN_ID, RUNS_DIR
 
-    out = set()
+    out, seen = set(), set()
     for commit in dt.history():
         run = commit.get(COMMIT_RUN)
         if not run or not commit.get(COMMIT_RUN_ID):
             continue
+        seen.add(commit[COMMIT_RUN_ID])
         doc = json.loads(run) if isinstance(run, str) else dict(run)
         if doc.get("alignment") == signature:
             out.add(commit[COMMIT_RUN_ID])
+    missing = sorted({r for r in run_ids if r} - seen)
+    if missing:
+        fs, root = table.filesystem()
+        for run_id in missing:
+            try:
+                doc = json.loads(fs.cat_file(f"{root}/{RUNS_DIR}/{run_id}.json"))
+            except (FileNotFoundError, ValueError):  # no summary (a crashed run's adopted rows): not reused
+                continue
+            if doc.get("alignment") == signature:
+                out.add(run_id)
     return out
 
 
@@ -205,10 +219,10 @@ def load_stored_alignment(resolved: Any, items: Sequence[Any], table: Any) -> St
                 continue
             raise ConfigError(f"--alignment-from {source.uri!r}: no output table there; name a psp OUTPUT "
                               "(or drop the flag)")
-        runs = matching_runs(dt, signature)
+        rows = source.state(dt, STORED_COLUMNS, ids=ids).drop_columns(["_file"])
+        runs = matching_runs(source, dt, signature, pc.unique(rows["run_id"]).to_pylist())
         if not runs:
             continue
-        rows = source.state(dt, STORED_COLUMNS, ids=ids).drop_columns(["_file"])
         rows = rows.filter(pc.and_(pc.is_in(rows["run_id"], value_set=pa.array(sorted(runs), pa.string())),
                                    pc.is_in(rows["status"], value_set=pa.array(REUSABLE_STATUSES))))
         rows = _complete(rows)

@@ -108,3 +108,35 @@ def test_reuse_is_off_with_the_flag_or_without_detection(tmp_path, tiny_checkpoi
     for change in ({"faces": "all"}, {"min_face": 32}, {"align_detect_size": 640}):
         assert alignment_signature(_config(tmp_path, "o", "c", **change), "dlib") != base
     assert alignment_signature(_config(tmp_path, "o", "c", align_actors=4, images="jpeg"), "dlib") == base
+
+
+def test_runs_the_commit_log_forgot_are_matched_by_their_summary_file(tmp_path):
+    """Delta drops old commits from its log (retention) at checkpoints: a run whose commit is gone
+    is still matched through its _runs/<run_id>.json, so months-old rows stay reusable."""
+    import json
+
+    import pyarrow as pa
+    from deltalake import DeltaTable, write_deltalake
+    from deltalake.transaction import CommitProperties
+
+    from pipelines.reuse import matching_runs
+    from pipelines.table import OutputTable
+    from schemas.table import COMMIT_RUN, COMMIT_RUN_ID, RUNS_DIR
+
+    path = tmp_path / "out"
+    runs = {"old-same": "sig A", "old-other": "sig B", "new-same": "sig A"}
+    for i, (run_id, sig) in enumerate(runs.items()):
+        meta = {COMMIT_RUN_ID: run_id, COMMIT_RUN: json.dumps({"run_id": run_id, "alignment": sig})}
+        write_deltalake(str(path), pa.table({"a": [i]}), mode="append", commit_properties=CommitProperties(
+            custom_metadata=meta), configuration={"delta.logRetentionDuration": "interval 0 seconds"})
+        if run_id.startswith("old"):
+            (path / RUNS_DIR).mkdir(exist_ok=True)
+            (path / RUNS_DIR / f"{run_id}.json").write_text(json.dumps({"run_id": run_id, "alignment": sig}))
+    dt = DeltaTable(str(path))
+    dt.create_checkpoint()
+    dt.cleanup_metadata()
+    dt = DeltaTable(str(path))
+    assert {c.get(COMMIT_RUN_ID) for c in dt.history()} == {"new-same"}  # the log forgot the old runs
+    table = OutputTable(str(path))
+    assert matching_runs(table, dt, "sig A") == {"new-same"}
+    assert matching_runs(table, dt, "sig A", ["old-same", "old-other", "crashed", "new-same"]) == {"old-same", "new-same"}

@@ -17,8 +17,13 @@ process's CPU time per image. Reported per setting:
                       outside the stage callable; zero-copy for tensor columns)
   prepare (align)     `Task.prepare` per image, now in the align actors (a 256 crop: a copy)
   outputs pool        `pipelines.outputs.EncodeOutputs` per image (PNG/JPEG, metrics, identity, table)
+  identity            of which the `--metrics` identity distance (two dlib face descriptors) alone
   old actor           the same batch through the pre-split invert actor's per-row host path
                       (PIL transform, numpy tensor2im, codec, metrics, table): today's ceiling
+
+Then the PNG encoders of `pipelines.outputs.encode_png` (fpng, Pillow zlib level 1) and Pillow's
+default level, per image at 256² and 1024², on random content and on a photo (scikit-image's
+astronaut, resized), each checked to decode to exactly its pixels.
 
 Random-content images (compress worse than faces); ratios from one run are what to compare.
 """
@@ -38,7 +43,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pipelines.invert import InvertFaces  # noqa: E402
-from pipelines.outputs import EncodeOutputs, encode_image  # noqa: E402
+from pipelines.outputs import EncodeOutputs, encode_image, encode_png  # noqa: E402
 from pipelines.sources import object_column  # noqa: E402
 from psp_core.tasks import get_task, tensor2im  # noqa: E402
 
@@ -236,6 +241,53 @@ def ray_block_seconds(out: dict, repeats: int) -> float | None:
     return cpu_seconds(lambda: BlockAccessor.batch_to_block(out), repeats)
 
 
+def identity_seconds(outputs: EncodeOutputs, out: dict, repeats: int) -> float:
+    """Median CPU seconds of the identity distances of one batch (crop vs 256 reconstruction)."""
+    recon = out["image256"] if "image256" in out else out["image"]
+    return cpu_seconds(lambda: [outputs._identity_distance(a, b) for a, b in zip(out["aligned"], recon)], repeats)
+
+
+def png_codecs(repeats: int) -> None:
+    """ms per image of each PNG encoder at 256² and 1024² (random content and a photo); every
+    encoding is decoded and compared with its pixels."""
+    import io
+
+    from PIL import Image
+    from skimage.data import astronaut
+
+    rng = np.random.default_rng(1)
+    photo = Image.fromarray(astronaut())
+    encoders = {
+        "fpng": lambda a: encode_png(a, "fpng"),
+        "pillow level 1": lambda a: encode_png(a, "pillow"),
+        "pillow default": lambda a: _pillow_png(a),
+    }
+    print(f"\nPNG encoders, ms per image (median of {repeats}; KiB per image); every one round-trips exactly")
+    print(f"{'image':18s} " + " ".join(f"{n:>22s}" for n in encoders) + f" {'level 1 / fpng':>15s}")
+    for size in (256, 1024):
+        for content, pixels in (("random", rng.integers(0, 256, (size, size, 3), dtype=np.uint8)),
+                                ("photo", np.asarray(photo.resize((size, size), Image.Resampling.LANCZOS)))):
+            cells, times = [], {}
+            for name, enc in encoders.items():
+                data = enc(pixels)
+                if not np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), pixels):
+                    raise SystemExit(f"{name} does not round-trip at {size} {content}")
+                times[name] = cpu_seconds(lambda enc=enc: enc(pixels), repeats)
+                cells.append(f"{times[name] * 1e3:9.2f} ms {len(data) / 1024:7.0f} KiB")
+            ratio = times["pillow level 1"] / times["fpng"] if times["fpng"] > 0 else float("inf")
+            print(f"{f'{size}² {content}':18s} " + " ".join(f"{c:>22s}" for c in cells) + f" {ratio:14.1f}x")
+
+
+def _pillow_png(a: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(a, "RGB").save(buf, format="PNG")  # Pillow's default level (6)
+    return buf.getvalue()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
@@ -250,7 +302,7 @@ def main(argv=None) -> int:
     B = args.batch
     print(f"torch {torch.__version__}, 1 thread, batch {B}, median of {repeats} batches; ms per image")
     header = (f"{'setting':30s} {'actor host':>10s} {'tensor ops':>10s} {'ray block':>9s} {'ceiling/GPU':>11s} "
-              f"{'prepare':>8s} {'outputs':>8s} {'old actor':>9s} {'old/new':>8s}")
+              f"{'prepare':>8s} {'outputs':>8s} {'identity':>8s} {'old actor':>9s} {'old/new':>8s}")
     print(header)
     worst = 0.0
     for name, (size, images, image_size, metrics, mix) in SETTINGS.items():
@@ -267,6 +319,7 @@ def main(argv=None) -> int:
         block = ray_block_seconds(out, repeats)
         prepare = cpu_seconds(lambda: [task.prepare(c) for c in batch["model_input"]], repeats)
         pool = cpu_seconds(lambda: outputs(out), max(1, repeats // 2) if metrics else repeats)
+        ident = identity_seconds(outputs, out, max(1, repeats // 2)) if metrics else None
         old = cpu_seconds(lambda: old_style(actor, outputs, batch, task), max(1, repeats // 2) if metrics else repeats)
         worst = max(worst, host / B * 1e3)
         ms = lambda s: s / B * 1e3  # noqa: E731
@@ -274,11 +327,13 @@ def main(argv=None) -> int:
             f"{name:30s} {ms(host):10.3f} {ms(tensor):10.3f} "
             f"{('%9.3f' % ms(block)) if block is not None else '        -'} "
             f"{(B / host if host > 0 else float('inf')):9.0f}/s "
-            f"{ms(prepare):8.3f} {ms(pool):8.2f} {ms(old):9.2f} {old / host if host > 0 else float('inf'):7.0f}x",
+            f"{ms(prepare):8.3f} {ms(pool):8.2f} {('%8.2f' % ms(ident)) if ident is not None else '       -'} "
+            f"{ms(old):9.2f} {old / host if host > 0 else float('inf'):7.0f}x",
             flush=True,
         )
     verdict = "meets" if worst <= 0.5 else "MISSES"
     print(f"worst model-actor host work: {worst:.3f} ms/img ({verdict} the 0.5 ms/img target)")
+    png_codecs(max(repeats, 3))
     return 0
 
 

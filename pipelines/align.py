@@ -86,7 +86,9 @@ class AlignFaces:
     mode: 'dlib' or 'none'. gray: sketch/seg task (only used with mode 'none').
     aligner_kwargs: passed to `FaceAligner` (e.g. detect_size).
     faces: 'best' | 'largest' | 'all' (see the module docstring); min_face: with 'all', the
-    smallest box side (px) that becomes a row.
+    smallest box side (px) that becomes a row. stored_alignment: a `pipelines.reuse.StoredAlignment`
+    (or an ObjectRef to one): inputs whose bytes (source_sha256) it holds are aligned from their
+    stored landmarks, without detection (the same crop), and counted as stage 'align_reused'.
     decode_timeout_s: time limit of one image's decode (`DecodeImages`).
     task: dataset_type whose `prepare` fills `model_input` (None: no model_input column).
     resize_factor: super-resolution factor for `prepare`. keep_aligned: also hand on the crop
@@ -105,6 +107,7 @@ class AlignFaces:
         keep_aligned: bool = True,
         faces: str = "best",
         min_face: int = DEFAULT_MIN_FACE,
+        stored_alignment: Any = None,
     ):
         if mode not in ("dlib", "none"):
             raise ValueError(f"align mode {mode!r}: expected 'dlib' or 'none'")
@@ -129,11 +132,18 @@ class AlignFaces:
             from psp_core.align import FaceAligner
 
             self.aligner = FaceAligner(output_size=CROP_SIZE, select=faces, **dict(aligner_kwargs or {}))
+        if stored_alignment is not None and not hasattr(stored_alignment, "results"):
+            import ray  # an ObjectRef: one StoredAlignment in the object store, shared by the actors
+
+            stored_alignment = ray.get(stored_alignment)
+        self.stored = stored_alignment if mode == "dlib" else None
+        self._reused, self._reused_s = 0, 0.0
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         decoded = self.decode(batch)
         start = time.perf_counter()
         n = len(decoded["source_uri"])
+        self._reused, self._reused_s = 0, 0.0
         rows = [self._align(decoded, i) for i in range(n)]  # per input: its output rows
         take = np.array([i for i, found in enumerate(rows) for _ in found], dtype=np.int64)
         flat = [r for found in rows for r in found]
@@ -180,6 +190,8 @@ class AlignFaces:
             out["aligned"] = aligned
         if self.stage_clock is not None:
             self.stage_clock.record("align", m, time.perf_counter() - start)
+            if self._reused:  # inputs aligned from a stored alignment, without detection
+                self.stage_clock.record("align_reused", self._reused, self._reused_s)
         return out
 
     def _align(self, decoded: Mapping[str, Any], i: int) -> list[tuple]:
@@ -193,7 +205,7 @@ class AlignFaces:
         try:
             if self.aligner is None:
                 return [(status, error, resize_unaligned(rgb, self.gray), None, -1, -1)]
-            found = self.aligner(rgb, name=str(uri))
+            found = self._stored_results(decoded, i, rgb) or self.aligner(rgb, name=str(uri))
             results = found if isinstance(found, list) else [found]
             if results[0].status != "ok":
                 r = results[0]
@@ -210,6 +222,17 @@ class AlignFaces:
                     for k, r in enumerate(results)]
         except Exception as e:  # an aligner bug must not lose the row
             return [("align_error", f"{uri}: alignment failed ({type(e).__name__}: {e})", None, None, -1, -1)]
+
+    def _stored_results(self, decoded: Mapping[str, Any], i: int, rgb: np.ndarray) -> list | None:
+        """The alignment stored for these bytes by an earlier run (`pipelines.reuse`), or None."""
+        if self.stored is None or "source_sha256" not in decoded:
+            return None
+        start = time.perf_counter()
+        found = self.stored.results(decoded["source_sha256"][i], rgb, self.aligner, str(decoded["source_uri"][i]))
+        if found is not None:
+            self._reused += 1
+            self._reused_s += time.perf_counter() - start
+        return found
 
     def _prepare(self, images, status: list, error: list, uris) -> np.ndarray:
         """The PIL part of the task transform per ok row (a failing row fails alone, as

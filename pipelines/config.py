@@ -50,6 +50,12 @@ def _check_latent_mask(text: str | Sequence[int]) -> None:
     parse_latent_mask(text)
 
 
+def _check_table_uris(uris: str | Sequence[str]) -> None:
+    for u in [uris] if isinstance(uris, str) else uris:
+        if not isinstance(u, str) or not u:
+            raise ValueError("expected the URI of a psp output table (repeat the flag for more)")
+
+
 def _check_globs(patterns: str | Sequence[str]) -> None:
     for g in [patterns] if isinstance(patterns, str) else patterns:
         if not isinstance(g, str) or not g:
@@ -95,7 +101,16 @@ class InvertConfig:
     min_face: int = option(
         DEFAULT_MIN_FACE, f"with --faces all, the smallest face kept: its detection box's shorter side in px "
         f"(default {DEFAULT_MIN_FACE}; 0 keeps every face the detector finds)", parse=int, minimum=0, metavar="PX")
-    images: str = option("png", "output image encoding", choices=IMAGE_FORMATS)
+    reuse_alignment: bool | None = option(
+        None, "reuse the alignment an earlier run stored for the same input bytes (same source_sha256, same "
+        "alignment options) in OUTPUT or an --alignment-from table, instead of detecting again; the crop is "
+        "identical (default: on; --no-reuse-alignment detects every input)", kind="switch")
+    alignment_from: list[str] | None = option(
+        None, "also reuse alignments stored in this output table (e.g. another checkpoint's OUTPUT; "
+        "repeatable; OUTPUT itself is always looked at first)", kind="append", check=_check_table_uris,
+        metavar="TABLE")
+    images: str = option("png", "output image encoding: png (lossless; fpng, else Pillow zlib level 1), "
+                         "jpeg (quality 95, 4:2:0 chroma) or none", choices=IMAGE_FORMATS)
     image_size: str = option("256", "256 (pSp's resized output) or full (the generator's size, e.g. 1024)",
                              choices=IMAGE_SIZES)
     metrics: bool = option(False, "mse/psnr/ssim/identity of reconstruction vs input", kind="flag")

@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.config import ConfigError, InvertConfig, ResolvedConfig, code_version, resolve_config
+from pipelines.reuse import alignment_signature
 from pipelines.secrets import WORKER_SETUP_HOOK, redact, redacted_rows
 from pipelines.sources import SourceItem, list_inputs
 from pipelines.table import (
@@ -97,6 +98,7 @@ class RunSummary:
     kind: str = "invert"
     model_family: str = "psp"  # the checkpoint's family (psp, e4e, restyle_psp, restyle_e4e)
     n_iters: int = 1  # ReStyle's refinement steps in this run (1 for pSp and e4e)
+    alignment: str = ""  # the alignment options (pipelines.reuse.alignment_signature): what reuse matches
 
     def format(self) -> str:
         """The end-of-run report printed by the CLI."""
@@ -116,6 +118,9 @@ class RunSummary:
             if s:
                 per_row = 1e3 * s["busy_s"] / s["rows"] if s["rows"] else 0.0
                 lines.append(f"  {name:<8} {s['rows']:>7} {s['rows_per_s']:>9.2f} {s['busy_s']:>9.2f} {per_row:>9.1f}")
+        reused = self.stages.get("align_reused")
+        if reused:
+            lines.append(f"  alignment reused (no detection) for {reused['rows']} inputs; --no-reuse-alignment detects again")
         if self.operators:
             lines.append("  ray operators: " + " | ".join(self.operators))
         return "\n".join(lines)
@@ -190,7 +195,8 @@ class StageClock:
 # The graph
 
 
-def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resources: Mapping[str, Any], clock=None):
+def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resources: Mapping[str, Any], clock=None,
+                  stored_alignment=None):
     """The Ray Data graph for `items` (not executed): read -> decode+align -> invert -> outputs.
 
     Read is a task operator (fractional CPU, I/O bound); align, invert and outputs are separate
@@ -198,6 +204,7 @@ def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resourc
     detection and the PIL part of the task transform, the model actors only tensor work on their
     device, the outputs actors PNG/JPEG encoding, metrics and the table. Each pool scales on its own.
     resources: `{"model": invert_resources(...), "outputs": outputs_resources(...)}`.
+    stored_alignment: an ObjectRef to the `pipelines.reuse.StoredAlignment` the align actors reuse.
     """
     import ray
     from ray.data import ActorPoolStrategy
@@ -236,6 +243,7 @@ def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resourc
             "keep_aligned": config.metrics or config.save_aligned,
             "faces": config.faces,
             "min_face": config.min_face,
+            "stored_alignment": stored_alignment,
         },
         compute=ActorPoolStrategy(min_size=1, max_size=config.align_actors),
         batch_size=ALIGN_BATCH,
@@ -394,8 +402,10 @@ def process_items(resolved: ResolvedConfig, items: Sequence[SourceItem], table: 
     (not committed: `pipelines.table.commit_run` does that)."""
     import ray
 
+    from pipelines.reuse import load_stored_alignment
 
     config = resolved.config
+    stored = load_stored_alignment(resolved, items, table)
     ensure_ray()
     try:
         resources = pipeline_resources(ray.cluster_resources(), resolved)
@@ -414,7 +424,8 @@ def process_items(resolved: ResolvedConfig, items: Sequence[SourceItem], table: 
     clock = StageClock(clock_actor)
     try:
         # Credentials are masked in the rows' free text right before they are written.
-        ds = redacted_rows(build_dataset(items, resolved, resources, clock), config.storage_options)
+        stored_ref = ray.put(stored) if stored is not None else None
+        ds = redacted_rows(build_dataset(items, resolved, resources, clock, stored_ref), config.storage_options)
         written = write_run(ds, table, resolved.run_id, resolved.checkpoint.n_styles, items)
         timings, counts, meta = clock.collect(len(items))
         operators = _operator_names(ds)
@@ -481,6 +492,7 @@ def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) 
         operators=processed.operators if processed else [], started_at=started.isoformat(),
         code_version=code_version(), adopted=adopted, not_inputs=dict(sorted(not_inputs.items())),
         model_family=resolved.checkpoint.family, n_iters=resolved.n_iters,
+        alignment=alignment_signature(config, resolved.align),
     )
     written.run_id = resolved.run_id
     return commit_summary(table, written, resolved.checkpoint.n_styles, summary, dt.version(), t0)

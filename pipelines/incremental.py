@@ -39,6 +39,7 @@ from pipelines.graph import (
     process_items,
     stage_dict,
 )
+from pipelines.reuse import alignment_signature
 from pipelines.table import (
     ConcurrentRunError,
     SourceFacts,
@@ -434,6 +435,7 @@ def run_nightly(
         stages=stage_dict(processed.timings) if processed else {}, operators=processed.operators if processed else [], started_at=started.isoformat(),
         adopted=result.adopted, kind="nightly",
         model_family=resolved.checkpoint.family, n_iters=resolved.n_iters,
+        alignment=alignment_signature(config, resolved.align),
     )
     try:
         summary = commit_summary(

@@ -11,7 +11,7 @@ from PIL import Image
 from jobs.demo import sample_files
 from pipelines.align import AlignFaces
 from pipelines.invert import InvertFaces, invert_resources, model_actor_memory
-from pipelines.outputs import EncodeOutputs, outputs_resources
+from pipelines.outputs import EncodeOutputs, encode_image, encode_png, outputs_resources
 
 
 def _read_batch(named_blobs: list[tuple[str, bytes]]) -> dict[str, np.ndarray]:
@@ -108,6 +108,33 @@ def test_invert_stage_one_row_per_input_and_direct_encode(inverted, aligned, tin
     assert rows[0]["landmarks"] is not None and rows[5]["landmarks"] is None
     assert all(r["w_plus"] is None and r["output_image"] is None for r in rows[2:])
     assert {r["run_id"] for r in rows} == {"test-run"}
+
+
+@pytest.mark.parametrize("impl", ["auto", "fpng", "pillow"])
+def test_png_outputs_decode_to_exactly_the_pixels(impl, files):
+    """Every PNG encoder is lossless: RGB and grayscale, odd sizes, a photo and noise."""
+    if impl == "fpng":
+        pytest.importorskip("fpng")
+    photo = np.asarray(Image.open(io.BytesIO(files["face_full.png"])).convert("RGB"))
+    rng = np.random.default_rng(7)
+    cases = [photo, photo[:255, 3:260], rng.integers(0, 256, (64, 37, 3), dtype=np.uint8)]
+    grays = [photo[:, :, 1], rng.integers(0, 256, (33, 70, 1), dtype=np.uint8)]
+    for pixels in cases + (grays if impl != "fpng" else []):
+        img = Image.open(io.BytesIO(encode_png(pixels, impl)))
+        assert img.format == "PNG" and img.mode == ("RGB" if pixels.ndim == 3 and pixels.shape[2] == 3 else "L")
+        assert np.array_equal(np.asarray(img), pixels.reshape(np.asarray(img).shape))
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png(photo.astype(np.float32), impl)
+
+
+def test_output_rows_record_their_image_format(model_out):
+    """image_format says how output_image is encoded: PNG and JPEG bytes, or none."""
+    for fmt, pil_format in (("png", "PNG"), ("jpeg", "JPEG"), ("none", None)):
+        rows = EncodeOutputs("ffhq_encode", run_id="fmt", n_styles=8, images=fmt)(model_out).to_pylist()
+        assert rows[0]["image_format"] == fmt
+        got = rows[0]["output_image"]
+        assert (Image.open(io.BytesIO(got)).format if got else None) == pil_format
+        assert rows[0]["output_image"] == encode_image(model_out["image"][0], fmt)
 
 
 def test_invert_mix_is_per_row_seeded_and_full_size_jpeg(tiny_checkpoint, aligned):

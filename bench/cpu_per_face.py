@@ -215,7 +215,8 @@ def measure(name: str, extra: list[str], inputs: dict[int, Path], tmp: Path, che
             shutil.rmtree(out, ignore_errors=True)
         per_row.append(1e3 * (cpu[n3] - cpu[n]) / (n3 - n))
         print(f"  {name}: N={n} {cpu[n]:.1f} CPU-s ({walls[n]:.0f} s wall), 3N={n3} {cpu[n3]:.1f} CPU-s "
-              f"({walls[n3]:.0f} s wall) -> {per_row[-1]:.1f} ms CPU per row", flush=True)
+              f"({walls[n3]:.0f} s wall) -> {per_row[-1]:.1f} ms CPU per row; stages (3N run, busy ms/row): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True)
     return {"ms": statistics.median(per_row), "lo": min(per_row), "hi": max(per_row), "stages": stages,
             "rows_per_s": n3 / walls[n3]}
 

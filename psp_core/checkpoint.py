@@ -35,6 +35,7 @@ from psp_core.encoders import ENCODER_TYPES
 from psp_core.psp import PSP, STYLE_DIM, encoder_input_size, n_styles_for
 from psp_core.restyle import DEFAULT_N_ITERS, ReStyle, check_n_iters
 from psp_core.stylegan2 import Generator
+from psp_core.zero_time import ZERO_TIME_KEY, ZeroTimeModel
 
 __all__ = [
     "FAMILIES",
@@ -458,7 +459,8 @@ def load_psp(
     Returns:
         :class:`PSP` for pSp files, :class:`E4E` for e4e, :class:`ReStyle` for ReStyle (its
         ``avg_image`` computed, except on the meta device); all with ``family``, ``n_iters``,
-        ``encode``, ``decode`` and ``mix``.
+        ``encode``, ``decode`` and ``mix``. A benchmark's zero-time stand-in file
+        (``psp_core.zero_time.write_zero_time_checkpoint``) loads as a ``ZeroTimeModel``.
 
     Beyond the original loader: a state dict whose keys ALL start with ``module.`` (saved from
     an ``nn.DataParallel`` wrapper) is loaded with the prefix stripped; ``latent_avg`` is ignored
@@ -475,6 +477,9 @@ def load_psp(
     uri = os.fspath(path_or_uri)
     ckpt, sha = read_checkpoint(uri, storage_options)
     raw_opts, state = _opts_and_state(ckpt, uri)
+    if raw_opts.get(ZERO_TIME_KEY) is True:  # a benchmark's stand-in file (psp_core.zero_time)
+        logger.warning("checkpoint %s is a zero-time stand-in (no weights, constant W+): benchmarks only", uri)
+        return ZeroTimeModel(int(raw_opts["output_size"]), sha, int(raw_opts.get("input_nc", 3)))
     family = checkpoint_family(raw_opts)
     size_key = "stylegan_size" if family == "e4e" else "output_size"
     _check_output_size(uri, raw_opts, state, size_key)

@@ -69,21 +69,28 @@ def test_align_none_prepares_car_inputs_from_the_photo(cars, astronaut):
     assert torch.equal(got, expected)
 
 
+@pytest.fixture(scope="module")
+def restyle_cars_direct(cars, restyle_cars):
+    """(align-none batch, ReStyle's own encode_iterations of its two photos [2, 3, 10, 512]):
+    computed once, both image sizes compare against it."""
+    aligned = AlignFaces(mode="none", task="cars_encode", keep_aligned=False)(cars)
+    model = load_psp(restyle_cars, n_iters=3)
+    x = get_task("cars_encode").to_model_input(torch.from_numpy(aligned["model_input"][:2]))
+    with torch.inference_mode():
+        return aligned, torch.stack(model.encode_iterations(x), dim=1).numpy()
+
+
 @pytest.mark.parametrize("image_size", ["256", "full"])
-def test_restyle_cars_rows_keep_every_iteration(cars, restyle_cars, image_size):
+def test_restyle_cars_rows_keep_every_iteration(restyle_cars_direct, restyle_cars, image_size):
     """ReStyle on cars: W+ and every iteration's W+ as ReStyle's own encode_iterations, the car rows
     of the reconstruction (3/4 as high as wide), the family columns on every row."""
-    aligned = AlignFaces(mode="none", task="cars_encode", keep_aligned=False)(cars)
+    aligned, direct = restyle_cars_direct
     stage = InvertFaces(restyle_cars, "cars_encode", device="cpu", cpu_threads=2, image_size=image_size,
                         n_iters=3, keep_iterations=True)
     out = stage(aligned)
     side = 256 if image_size == "256" else 64
     assert out["image"].shape == (3, side * 3 // 4, side, 3)
     assert out["iteration_w_plus"].shape == (3, 3, 10, 512)
-    model = load_psp(restyle_cars, n_iters=3)
-    x = get_task("cars_encode").to_model_input(torch.from_numpy(aligned["model_input"][:2]))
-    with torch.inference_mode():
-        direct = torch.stack(model.encode_iterations(x), dim=1).numpy()
     np.testing.assert_allclose(out["iteration_w_plus"][:2], direct, atol=1e-4)
     np.testing.assert_allclose(out["w_plus"][:2], direct[:, -1], atol=1e-4)
 

@@ -195,32 +195,34 @@ def test_nightly_processes_only_new_and_changed_inputs_and_reprocesses_on_model_
     from psp_core.testing import random_checkpoint
 
     inp, out = tmp_path / "in", tmp_path / "out"
-    paths = write_images(inp, range(30))
+    # Small counts (each image costs a full IR-SE50 pass on CPU); batches of 2 still give each run
+    # several tasks.
+    paths = write_images(inp, range(12))
     config = nightly_config(inp, out, tiny_checkpoint)
 
     r1 = run_nightly(config)
-    assert r1.committed and r1.plan.counts()["new"] == 30 and r1.replaced == 0
-    assert r1.processed == 30 and r1.lost == 0 and r1.live == 30
+    assert r1.committed and r1.plan.counts()["new"] == 12 and r1.replaced == 0
+    assert r1.processed == 12 and r1.lost == 0 and r1.live == 12
     ids1, w1 = schemas.read_latents(str(out))
-    assert len(ids1) == len(set(ids1)) == 30 and w1.shape == (30, 8, 512)
+    assert len(ids1) == len(set(ids1)) == 12 and w1.shape == (12, 8, 512)
 
-    # add 10, change 2, delete 1
-    write_images(inp, range(100, 110))
+    # add 4, change 2, delete 1
+    write_images(inp, range(100, 104))
     time.sleep(0.01)
     for p, seed in ((paths[3], 1003), (paths[4], 1004)):
         with open(p, "wb") as f:
             f.write(png_bytes(seed, size=41))
     os.remove(paths[5])
     r2 = run_nightly(config)
-    assert r2.plan.counts() == {"new": 10, "changed": 2, "model_changed": 0, "retry": 0,
-                                "deleted": 1, "unchanged": 27, "to_process": 12}
-    assert r2.processed == 12 and r2.lost == 0 and r2.live == 39
+    assert r2.plan.counts() == {"new": 4, "changed": 2, "model_changed": 0, "retry": 0,
+                                "deleted": 1, "unchanged": 9, "to_process": 6}
+    assert r2.processed == 6 and r2.lost == 0 and r2.live == 15
     assert r2.replaced == 3  # two changed inputs' old rows and the deleted input's row
     seen = committed_rows(str(out))
-    assert len(seen) == 39 and file_uri(paths[5]) not in seen
+    assert len(seen) == 15 and file_uri(paths[5]) not in seen
     # history keeps what the night before saw
     before = committed_rows_as_of(str(out), r1.version)
-    assert len(before) == 30 and file_uri(paths[5]) in before
+    assert len(before) == 12 and file_uri(paths[5]) in before
     assert seen[file_uri(paths[3])][1] == r2.run_id and seen[file_uri(paths[0])][1] == r1.run_id
     ids2, _ = schemas.read_latents(str(out))
     assert sorted(ids2) == sorted(v[0] for v in seen.values())
@@ -234,11 +236,11 @@ def test_nightly_processes_only_new_and_changed_inputs_and_reprocesses_on_model_
     r4 = run_nightly(nightly_config(inp, out, str(ckpt2)))
     assert r4.plan.to_process == []
     r5 = run_nightly(nightly_config(inp, out, str(ckpt2)), reprocess_on_model_change=True)
-    assert r5.plan.counts()["model_changed"] == 39 and r5.processed == 39 and r5.lost == 0
+    assert r5.plan.counts()["model_changed"] == 15 and r5.processed == 15 and r5.lost == 0
     seen = committed_rows(str(out))
-    assert len(seen) == 39 and {v[1] for v in seen.values()} == {r5.run_id}
+    assert len(seen) == 15 and {v[1] for v in seen.values()} == {r5.run_id}
     ids5, w5 = schemas.read_latents(str(out))
-    assert len(ids5) == len(set(ids5)) == 39
+    assert len(ids5) == len(set(ids5)) == 15
     runs = schemas.read_runs(str(out))  # every committed run's summary, from the table's history
     assert [r["run_id"] for r in runs] == [r1.run_id, r2.run_id, r5.run_id]
     assert runs[1]["plan"]["deleted"] == 1 and runs[2]["kind"] == "nightly"

@@ -157,7 +157,7 @@ def detect_format(head: bytes) -> str | None:
     return None
 
 
-def open_untrusted(fp, label: str = "<bytes>") -> Image.Image:
+def open_untrusted(fp) -> Image.Image:
     """`Image.open(fp, formats=ALLOWED_FORMATS)`: only the allowed decoders look at the bytes.
 
     Raises UnidentifiedImageError for anything else (the caller names the detected format)."""
@@ -315,7 +315,7 @@ def _decode(blob: bytes, max_pixels: int, min_side: int, label: str, deadline: f
         # over Pillow's limit is also over ours and is rejected by _check_size.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = open_untrusted(_DeadlineBytesIO(blob, deadline), label)
+            img = open_untrusted(_DeadlineBytesIO(blob, deadline))
         except _DecodeTimeout:
             raise
         except Image.DecompressionBombError as e:

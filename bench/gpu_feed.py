@@ -136,8 +136,7 @@ def old_style(actor: InvertFaces, outputs: EncodeOutputs, batch: dict, task) -> 
     metrics, the table."""
     from PIL import Image
 
-    from pipelines.config import row_seed
-    from schemas import image_id_for
+    from schemas.ids import image_id_for, row_seed
 
     crops = batch["model_input"]
     x = torch.stack([task.transform(Image.fromarray(c, "RGB")) for c in crops])

@@ -50,7 +50,6 @@ def setup(workdir: Path, n: int, new: int, checkpoint: str) -> None:
     """N - NEW inputs already committed to the output table (one synthetic data file of status-only
     rows, stamped with their listing facts), NEW inputs not yet seen."""
     from pipelines.config import read_checkpoint_info
-    from pipelines.graph import checkpoint_sha256
     from pipelines.sources import list_inputs
     from pipelines.table import OutputTable, SourceFacts, WrittenRun, commit_run
     from schemas import columns_to_table
@@ -64,10 +63,11 @@ def setup(workdir: Path, n: int, new: int, checkpoint: str) -> None:
         (folder / f"img_{i:07d}.png").write_bytes(blob)
     items = list_inputs(str(inp))
     run_id = "seed-run"
-    n_styles = read_checkpoint_info(checkpoint).n_styles
+    info = read_checkpoint_info(checkpoint)
+    n_styles = info.n_styles
     rows = columns_to_table({"source_uri": [it.source_uri for it in items], "status": ["ok"] * len(items),
                              "run_id": [run_id] * len(items),
-                             "checkpoint_sha256": [checkpoint_sha256(checkpoint)] * len(items)}, n_styles)
+                             "checkpoint_sha256": [info.sha256] * len(items)}, n_styles)
     rows = SourceFacts.from_items(items).stamp(rows)
     table = OutputTable(str(out))
     version = table.ensure(n_styles).version()

@@ -7,10 +7,7 @@ unreadable file, no face) never raises: it becomes the row's `status`.
 """
 from __future__ import annotations
 
-import io
-import pickle
 import uuid
-import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -175,6 +172,7 @@ class CheckpointInfo:
     size_bytes: int | None = None  # the checkpoint file's size (sizes the model actor's memory request)
     family: str = "psp"  # psp, e4e, restyle_psp or restyle_e4e (psp_core.checkpoint.checkpoint_family)
     n_iters: int = 1  # the family's default encoder passes (ReStyle: 5)
+    sha256: str | None = None  # of the file's bytes: what the run's rows record as checkpoint_sha256
 
 
 @dataclass(frozen=True)
@@ -217,109 +215,37 @@ def parse_latent_mask(text: str | Sequence[int] | None) -> list[int] | None:
     return sorted(out)
 
 
-def row_seed(seed: int, image_id: str) -> int:
-    """The per-row seed for style mixing: a function of (--seed, image_id) only, so a row's result
-    does not depend on which batch or actor it lands in."""
-    import hashlib
-
-    digest = hashlib.sha256(f"{int(seed)}:{image_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
 # ------------------------------------------------------------------------------------------------
-# Checkpoint opts without the weights
-
-
-class _OptsUnpickler(pickle.Unpickler):
-    """Unpickles a torch zip checkpoint's `data.pkl` without its tensors (they become None)."""
-
-    def find_class(self, module: str, name: str):
-        if module == "collections" and name == "OrderedDict":
-            return _Namespace  # a dict that accepts attributes (state_dict's _metadata)
-        if module.startswith("torch"):
-            return _ignore
-        if module == "argparse" and name == "Namespace":
-            return _Namespace
-        if module in ("builtins", "_codecs") and name in ("set", "frozenset", "list", "dict", "tuple", "encode"):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's opts")
-
-    def persistent_load(self, pid):
-        return None
-
-
-def _ignore(*args, **kwargs):
-    return None
-
-
-class _Namespace(dict):
-    """Stands in for argparse.Namespace / OrderedDict: keeps the items, ignores attributes."""
-
-    def __setstate__(self, state):
-        if isinstance(state, dict):
-            self.update(state)
-
-
-def _opts_from_zip(f) -> dict | None:
-    with zipfile.ZipFile(f) as z:
-        name = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
-        if name is None:
-            return None
-        obj = _OptsUnpickler(io.BytesIO(z.read(name))).load()
-    return obj if isinstance(obj, dict) else None
+# The checkpoint, read once per run
 
 
 def read_checkpoint_info(uri: str, storage_options: Mapping[str, Any] | None = None) -> CheckpointInfo:
-    """Read a pSp checkpoint's opts (dataset_type, input_nc, label_nc, output_size) cheaply: only
-    the pickle record of the torch zip file is fetched, not the weights (1.2 GB for released ones).
+    """What a run needs to know of its checkpoint (task, channels, output size, family, size and
+    sha256), from one read of the file (`psp_core.checkpoint.read_checkpoint_header`: the opts are
+    unpickled from the zip's pickle record without the weights, the bytes hashed as they stream).
 
     Raises ConfigError when the file is missing or is not a pSp checkpoint.
     """
-    import fsspec
+    from psp_core.checkpoint import CheckpointError, model_spec, read_checkpoint_header
 
     try:
-        fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
-    except Exception as e:  # bad protocol / options
-        raise ConfigError(f"checkpoint {uri!r}: cannot open its filesystem ({e}); check --storage-options") from None
-    try:
-        exists = fs.exists(path)
-    except Exception as e:
-        raise ConfigError(f"checkpoint {uri!r} cannot be reached ({e}): check the URI and --storage-options") from None
-    if not exists or fs.isdir(path):
+        header = read_checkpoint_header(uri, storage_options)
+    except FileNotFoundError:
         raise ConfigError(
             f"checkpoint {uri!r} does not exist: pass --checkpoint a pSp .pt file "
             "(e.g. psp_ffhq_encode.pt from the pSp release), a path or s3://... URI"
-        )
-    try:
-        size_bytes = int(fs.size(path))
-    except Exception:  # informative only (the memory request): a store without sizes still works
-        size_bytes = None
-    ckpt = None
-    try:
-        with fs.open(path, "rb") as f:
-            ckpt = {"opts": None}
-            top = _opts_from_zip(f)
-            if top is not None:
-                ckpt = top
-    except zipfile.BadZipFile:
-        ckpt = None
-    except Exception as e:
-        raise ConfigError(f"checkpoint {uri!r} could not be read ({e}): is it a pSp .pt file?") from None
-    if ckpt is None:  # legacy (pre-zip) torch format: load it whole
-        from psp_core.checkpoint import read_checkpoint
-
-        try:
-            ckpt, _ = read_checkpoint(uri, storage_options)
-        except Exception as e:
-            raise ConfigError(f"checkpoint {uri!r} could not be read ({e}): is it a pSp .pt file?") from None
-    opts = ckpt.get("opts") if isinstance(ckpt, dict) else None
-    if not isinstance(opts, dict):
-        hint = " (it looks like a StyleGAN2 generator checkpoint)" if isinstance(ckpt, dict) and "g_ema" in ckpt else ""
+        ) from None
+    except CheckpointError as e:
+        raise ConfigError(f"{e} (--checkpoint)") from None
+    except Exception as e:  # a bad protocol, options or credentials; a damaged file
+        raise ConfigError(f"checkpoint {uri!r} could not be read ({type(e).__name__}: {e}): check the URI, "
+                          "--storage-options, and that it is a pSp .pt file") from None
+    opts = header.opts
+    if opts is None:
+        hint = " (it looks like a StyleGAN2 generator checkpoint)" if "g_ema" in header.keys else ""
         raise ConfigError(
             f"checkpoint {uri!r} has no pSp 'opts'{hint}: pass a pSp checkpoint such as psp_ffhq_encode.pt"
         )
-    from psp_core.checkpoint import CheckpointError, model_spec
-
     try:
         spec = model_spec(opts)  # the family's legacy defaults (e4e's stylegan_size, ReStyle's 6 channels)
     except CheckpointError as e:
@@ -331,9 +257,10 @@ def read_checkpoint_info(uri: str, storage_options: Mapping[str, Any] | None = N
         label_nc=int(opts.get("label_nc", 0)),
         output_size=spec.output_size,
         n_styles=spec.n_styles,
-        size_bytes=size_bytes,
+        size_bytes=header.size_bytes,
         family=spec.family,
         n_iters=spec.n_iters,
+        sha256=header.sha256,
     )
 
 
@@ -485,7 +412,6 @@ __all__ = [
     "resolve_config",
     "read_checkpoint_info",
     "parse_latent_mask",
-    "row_seed",
     "check_output_writable",
     "code_version",
 ]

@@ -474,7 +474,7 @@ def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) 
     facts = SourceFacts.from_items(todo)
     wanted = pa.table({"image_id": facts.image_id, "source_size": facts.size, "source_mtime": facts.mtime,
                        "source_etag": facts.etag})
-    sha = checkpoint_sha256(config.checkpoint, config.storage_options) if todo else None
+    sha = resolved.checkpoint.sha256
     written = adoptable_rows(table, dt, wanted, sha, retry_failed=True, exclude_run=resolved.run_id)
     adopted = len(written.ids)
     adopted_ids = set(written.ids.to_pylist())
@@ -520,24 +520,6 @@ def stage_dict(timings: Mapping[str, StageTiming]) -> dict[str, dict[str, float]
             "rows_per_s": round(v.rows_per_s, 3)}
         for k, v in timings.items()
     }
-
-
-def checkpoint_sha256(uri: str, storage_options: Mapping[str, Any] | None = None) -> str:
-    """sha256 hex of the checkpoint file's bytes (the value rows record as checkpoint_sha256)."""
-    import hashlib
-
-    import fsspec
-
-    h = hashlib.sha256()
-    try:
-        with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    except FileNotFoundError as exc:
-        raise ConfigError(
-            f"checkpoint {uri!r} not found: pass --checkpoint with a path or URI every node can read"
-        ) from exc
-    return h.hexdigest()
 
 
 __all__ = ["FINAL_STATUSES", "ConcurrentRunError", "RunSummary", "build_dataset", "process_items", "run_invert"]

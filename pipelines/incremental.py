@@ -33,7 +33,6 @@ import pyarrow.compute as pc
 from pipelines.config import ConfigError, InvertConfig, resolve_config
 from pipelines.graph import (
     RunSummary,
-    checkpoint_sha256,
     commit_summary,
     open_output,
     process_items,
@@ -383,7 +382,7 @@ def run_nightly(
     resolved = resolve_config(config)
     config = resolved.config
     run_id = resolved.run_id
-    sha = checkpoint_sha256(config.checkpoint, config.storage_options)
+    sha = resolved.checkpoint.sha256
     listing = read_listing(config.input, config.storage_options, image_column=config.image_column,
                            include=config.include or (), exclude=config.exclude or (), output=config.output)
     clock.lap("list_s")

@@ -273,9 +273,8 @@ class InvertFaces:
 
     # -- the stage --------------------------------------------------------------------------------
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipelines.config import row_seed
         from pipelines.sources import object_column
-        from schemas.ids import face_image_id
+        from schemas.ids import face_image_id, row_seed
 
         start = time.perf_counter()
         n = len(batch["source_uri"])

@@ -17,12 +17,15 @@ ReStyle's encoder types (``BackboneEncoder``, ``ResNetBackboneEncoder`` -> 'rest
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import os
 import pickle
 import re
+import struct
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +43,7 @@ from psp_core.zero_time import ZERO_TIME_KEY, ZeroTimeModel
 __all__ = [
     "FAMILIES",
     "CheckpointError",
+    "CheckpointHeader",
     "ModelSpec",
     "checkpoint_family",
     "load_psp",
@@ -47,6 +51,7 @@ __all__ = [
     "model_opts",
     "model_spec",
     "read_checkpoint",
+    "read_checkpoint_header",
     "sha256_file",
 ]
 
@@ -238,6 +243,128 @@ def _torch_load(local: str, name: str) -> Any:
             f"checkpoint {name!r} is not a readable torch checkpoint ({type(e).__name__}: {e}); "
             "check that the file is complete and was written by torch.save"
         ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The header: opts, top-level keys, size and sha256 in one pass over the bytes, no weights loaded
+
+
+@dataclass(frozen=True)
+class CheckpointHeader:
+    """What a driver needs of a checkpoint before any model loads it, from ONE read of its bytes.
+
+    ``opts``: the raw opts dict (None when the file has none); ``keys``: the top-level keys
+    (``state_dict``, ``opts``, ``latent_avg``; ``g_ema`` for a generator file); ``sha256``: of the
+    whole file (what rows record as ``checkpoint_sha256``); ``size_bytes``: the file's size.
+    """
+
+    uri: str
+    sha256: str
+    size_bytes: int
+    opts: Mapping[str, Any] | None
+    keys: tuple[str, ...]
+
+
+class _OptsUnpickler(pickle.Unpickler):
+    """Unpickles a torch zip checkpoint's ``data.pkl`` without its tensors (they become None)."""
+
+    def find_class(self, module: str, name: str):
+        if module == "collections" and name == "OrderedDict":
+            return _Namespace  # a dict that accepts attributes (state_dict's _metadata)
+        if module.startswith("torch"):
+            return _ignore
+        if module == "argparse" and name == "Namespace":
+            return _Namespace
+        if module in ("builtins", "_codecs") and name in ("set", "frozenset", "list", "dict", "tuple", "encode"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint's opts")
+
+    def persistent_load(self, pid):
+        return None
+
+
+def _ignore(*args, **kwargs):
+    return None
+
+
+class _Namespace(dict):
+    """Stands in for argparse.Namespace / OrderedDict: keeps the items, ignores attributes."""
+
+    def __setstate__(self, state):
+        if isinstance(state, dict):
+            self.update(state)
+
+
+_LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # a zip member's local file header
+_PREFIX_BYTES = 64 << 20  # data.pkl (the first member torch writes) is looked for in this much
+
+
+def _pickle_record(prefix: bytes | bytearray) -> bytes | None:
+    """The bytes of ``data.pkl`` when it is the zip's first member, stored, whole in ``prefix``."""
+    if len(prefix) < _LOCAL_HEADER.size:
+        return None
+    sig, _, flags, method, _, _, _, csize, _, nlen, xlen = _LOCAL_HEADER.unpack_from(prefix)
+    name = bytes(prefix[_LOCAL_HEADER.size:_LOCAL_HEADER.size + nlen]).decode("utf-8", "replace")
+    start = _LOCAL_HEADER.size + nlen + xlen
+    if sig != 0x04034B50 or method != 0 or flags & 0x08 or csize == 0xFFFFFFFF or not (
+            name == "data.pkl" or name.endswith("/data.pkl")) or len(prefix) < start + csize:
+        return None
+    return bytes(prefix[start:start + csize])
+
+
+def _pickle_from_zip(f) -> bytes | None:
+    """``data.pkl`` read by random access (the zip's directory), or None when it has none."""
+    with zipfile.ZipFile(f) as z:
+        name = next((n for n in z.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        return z.read(name) if name is not None else None
+
+
+def read_checkpoint_header(
+    path_or_uri: str | os.PathLike, storage_options: Mapping[str, Any] | None = None
+) -> CheckpointHeader:
+    """Read a checkpoint's :class:`CheckpointHeader` in one streaming pass over its bytes (hashed
+    as they come; the opts unpickled from the zip's ``data.pkl`` with every tensor left out), from a
+    local path or any fsspec URI. A legacy (pre-zip) torch file is loaded whole, with
+    ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: no such file. CheckpointError: a directory, or not a torch checkpoint.
+    """
+    import fsspec
+
+    uri = os.fspath(path_or_uri)
+    fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+    if not fs.exists(path):
+        raise FileNotFoundError(f"checkpoint {uri!r} does not exist")
+    if fs.isdir(path):
+        raise CheckpointError(f"checkpoint {uri!r} is a directory (prefix), not a checkpoint file: give the "
+                              "path of the .pt file itself")
+    h, size, prefix, record = hashlib.sha256(), 0, bytearray(), None
+    with fs.open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+            size += len(chunk)
+            if record is None and len(prefix) < _PREFIX_BYTES:
+                prefix += chunk
+                record = _pickle_record(prefix)
+    if record is None and bytes(prefix[:4]) == b"PK\x03\x04":
+        with fs.open(path, "rb") as f:  # an unusual zip layout: its directory says where data.pkl is
+            try:
+                record = _pickle_from_zip(f)
+            except zipfile.BadZipFile:
+                record = None
+    if record is not None:
+        try:
+            top = _OptsUnpickler(io.BytesIO(record)).load()
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {uri!r}: its data.pkl cannot be read ({e})") from None
+    else:  # legacy torch format (no zip): only a full load says what it holds
+        top, _ = read_checkpoint(uri, storage_options)
+    if isinstance(top, Mapping):
+        opts = top.get("opts")
+        return CheckpointHeader(uri, h.hexdigest(), size, dict(opts) if isinstance(opts, Mapping) else None,
+                                tuple(str(k) for k in top))
+    return CheckpointHeader(uri, h.hexdigest(), size, None, ())
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -38,6 +38,13 @@ def face_image_id(source_uri: str, face_index: int | None) -> str:
     return hashlib.sha256(f"{source_uri}\x00face{int(face_index)}".encode()).hexdigest()[:32]
 
 
+def row_seed(seed: int, image_id: str) -> int:
+    """The per-row seed for style mixing: a function of (--seed, image_id) only, so a row's result
+    does not depend on which batch or actor it lands in."""
+    digest = hashlib.sha256(f"{int(seed)}:{image_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
 def make_run_id(now: _dt.datetime | None = None) -> str:
     """A fresh, sortable run id: UTC time plus 8 random hex chars, e.g. `20261126T231500Z-1a2b3c4d`."""
     now = now or _dt.datetime.now(_dt.UTC)

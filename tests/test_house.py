@@ -67,6 +67,43 @@ def test_psp_core_never_imports_ray_or_the_pipeline():
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
 
 
+def _module_imports(path: Path) -> set[str]:
+    """Every module a file imports, at module level or inside functions (absolute imports only)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+    return names
+
+
+def test_no_import_cycles_between_modules_of_any_package():
+    """No two modules of psp_core, pipelines, jobs or schemas import each other, directly or
+    through others -- counting imports inside functions, which hide a cycle from import time."""
+    modules = {f"{p}.{f.stem}": f for p in PACKAGES for f in (ROOT / p).glob("*.py") if f.stem != "__init__"}
+    graph = {m: sorted(n for n in _module_imports(f) if n in modules and n != m) for m, f in modules.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for n in graph[m]:
+            if state.get(n) == 1:
+                cycle = path[path.index(n):] + [n]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if n not in state:
+                visit(n)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(modules):
+        if m not in state:
+            visit(m)
+
+
 def test_jobs_modules_import_without_cycles():
     """Every jobs/ module imports on its own, in a fresh interpreter, and no jobs module imports
     jobs.cli (the CLI imports them; a module-level cycle would hide behind function imports)."""

@@ -379,6 +379,35 @@ def test_load_from_s3_with_storage_options(tmp_path, s3_server):
     assert net.n_styles == 8
 
 
+def test_header_is_one_pass_of_opts_keys_size_and_sha256(tmp_path):
+    """The run's one read of its checkpoint: the opts exactly as torch.load gives them (tensors
+    never loaded), the top-level keys, the size and the sha256 the model's loader computes -- for
+    a zip file on disk or behind an fsspec URI, a legacy (pre-zip) file and a generator file."""
+    from psp_core.checkpoint import read_checkpoint_header
+
+    path = random_checkpoint(tmp_path / "h.pt", device="meta", output_size=32, dataset_type="toonify")
+    data = open(path, "rb").read()
+    with fsspec.open("memory://ckpts/h.pt", "wb") as f:
+        f.write(data)
+    for uri in (path, f"file://{path}", "memory://ckpts/h.pt"):
+        header = read_checkpoint_header(uri, {})
+        assert header.sha256 == hashlib.sha256(data).hexdigest() == load_psp(uri, device="meta").checkpoint_sha256
+        assert header.opts == torch.load(path, weights_only=True, mmap=True)["opts"]
+        assert set(header.keys) == {"state_dict", "opts", "latent_avg"} and header.size_bytes == len(data)
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"opts": {"output_size": 32, "dataset_type": "ffhq_encode"}, "state_dict": {"w": torch.ones(2)}},
+               legacy, _use_new_zipfile_serialization=False)
+    header = read_checkpoint_header(str(legacy))
+    assert header.opts == {"output_size": 32, "dataset_type": "ffhq_encode"}
+    assert header.sha256 == hashlib.sha256(legacy.read_bytes()).hexdigest()
+    generator = read_checkpoint_header(random_stylegan2_checkpoint(tmp_path / "sg.pt", size=8))
+    assert generator.opts is None and "g_ema" in generator.keys
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        read_checkpoint_header(str(tmp_path / "nope.pt"))
+    with pytest.raises(CheckpointError, match="directory"):
+        read_checkpoint_header(str(tmp_path))
+
+
 def _save(tmp_path, obj, name="bad.pt"):
     path = tmp_path / name
     torch.save(obj, path)

@@ -48,7 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0), or a flag refused by its declaration (2, message printed)
+        return e.code if isinstance(e.code, int) else 2
     from pipelines import secrets
     from pipelines.config import ConfigError
     from pipelines.sources import InputError

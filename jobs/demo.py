@@ -13,6 +13,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipelines.options import add_arguments, from_args, option
+
 RELEASED_HINT = (
     "psp invert s3://bucket/faces/ out/ --checkpoint /path/to/psp_ffhq_encode.pt "
     "(the released checkpoints are linked from the pSp README: github.com/eladrich/pixel2style2pixel)"
@@ -162,12 +164,24 @@ def run_demo(output: str | None = None, inputs: str | None = None, n_good: int =
     return 0
 
 
+@dataclass
+class DemoOptions:
+    """`psp demo`'s options."""
+
+    output: str | None = option(None, "output table (default: a temporary folder)", scope="demo")
+    inputs: str | None = option(None, "where to write the sample inputs (default: temporary)", scope="demo")
+    checkpoint: str | None = option(None, "use this checkpoint instead of the random demo one", scope="demo")
+    photos: int = option(20, "how many astronaut-derived photos to generate (1-24), besides the broken files",
+                         parse=int, minimum=1, maximum=24, metavar="N", scope="demo")
+
+
 def register(subparsers) -> None:
     """Add `psp demo` to the `psp` CLI's subparsers."""
     p = subparsers.add_parser("demo", help="run the pipeline on generated samples with a random-weight checkpoint")
-    p.add_argument("--output", default=None, help="output table (default: a temporary folder)")
-    p.add_argument("--inputs", default=None, help="where to write the sample inputs (default: temporary)")
-    p.add_argument("--checkpoint", default=None, help="use this checkpoint instead of the random demo one")
-    p.add_argument("--faces", type=int, default=20, help="how many astronaut-derived faces to generate (1-24)")
-    p.set_defaults(func=lambda args: run_demo(output=args.output, inputs=args.inputs, n_good=args.faces,
-                                              checkpoint=args.checkpoint))
+    add_arguments(p, DemoOptions, scopes=("demo",))
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    o = from_args(DemoOptions, args)
+    return run_demo(output=o.output, inputs=o.inputs, n_good=o.photos, checkpoint=o.checkpoint)

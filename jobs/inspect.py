@@ -4,10 +4,23 @@ from __future__ import annotations
 import datetime as _dt
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow.compute as pc
+
+from pipelines.options import add_arguments, from_args, option, shared
+
+
+@dataclass
+class InspectOptions:
+    """`psp inspect OUTPUT`'s options."""
+
+    rows: int = option(3, "rows to show", parse=int, minimum=0, scope="inspect")
+    as_of: str | None = option(None, "inspect an earlier version of the table (a number, or e.g. "
+                               "2026-11-27T02:00:00Z)", metavar="VERSION|TIMESTAMP", scope="inspect")
+    storage_options: dict[str, Any] | None = shared("storage_options", scope="inspect")
 
 # Read everything except the large binary and tensor columns (images are only counted).
 _SUMMARY_COLUMNS = [
@@ -95,13 +108,13 @@ def inspect_output(
 
 def register(subparsers: Any) -> None:
     """Add `psp inspect` to the `psp` CLI's subparsers."""
-    from pipelines.options import parse_json_object
-
     p = subparsers.add_parser("inspect", help="counts per status, runs, schema and a few rows of an output table")
     p.add_argument("output", metavar="OUTPUT")
-    p.add_argument("--rows", type=int, default=3)
-    p.add_argument("--as-of", default=None, metavar="VERSION|TIMESTAMP",
-                   help="inspect an earlier version of the table (a number, or e.g. 2026-11-27T02:00:00Z)")
-    p.add_argument("--storage-options", type=parse_json_object, default=None, help="JSON object passed to fsspec")
-    p.set_defaults(func=lambda args: print(inspect_output(args.output, args.storage_options, n_rows=args.rows,
-                                                          as_of=args.as_of)))
+    add_arguments(p, InspectOptions, scopes=("inspect",))
+    p.set_defaults(func=_main)
+
+
+def _main(args: Any) -> int:
+    o = from_args(InspectOptions, args)
+    print(inspect_output(args.output, o.storage_options, n_rows=o.rows, as_of=o.as_of))
+    return 0

@@ -8,11 +8,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 from pipelines.config import InvertConfig
 from pipelines.incremental import NightlyError, run_nightly
-from pipelines.options import add_arguments, from_args
+from pipelines.options import add_arguments, from_args, option
+
+
+@dataclass
+class NightlyOptions:
+    """What `psp nightly` adds to the run options (`InvertConfig`, scopes run + nightly)."""
+
+    reprocess_on_model_change: bool = option(False, "reprocess rows made by another checkpoint",
+                                             kind="flag", scope="nightly")
+    retry_failed: bool = option(
+        False, "reprocess failed rows whose cause may be transient (read_error, decode_timeout, align_error, "
+        "invert_error); never the permanent not_a_file/container_error/decode_error/no_face/too_small/too_large",
+        kind="flag", scope="nightly")
+    dry_run: bool = option(False, "print the plan, process nothing", kind="flag", scope="nightly")
+    no_resume: bool = option(False, "do not adopt rows written by an earlier crashed run", kind="flag",
+                             scope="nightly")
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -24,36 +40,28 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("input", help="input URI (dir, prefix, tar or parquet; s3://, gs://, file://)")
     p.add_argument("output", help="the output table (Delta Lake; created by the first run)")
-    p.add_argument("--reprocess-on-model-change", action="store_true",
-                   help="reprocess rows made by another checkpoint")
-    p.add_argument("--retry-failed", action="store_true",
-                   help="reprocess failed rows whose cause may be transient (read_error, decode_timeout, "
-                        "align_error, invert_error); never the permanent not_a_file/container_error/"
-                        "decode_error/no_face/too_small/too_large")
-    p.add_argument("--dry-run", action="store_true", help="print the plan, process nothing")
-    p.add_argument("--no-resume", action="store_true",
-                   help="do not adopt rows written by an earlier crashed run")
-    p.add_argument("--run-id", default=None, help="run id (default: UTC time + random suffix)")
-    add_arguments(p, InvertConfig, scopes=("run",))  # the same run options as `psp invert`
+    add_arguments(p, NightlyOptions, scopes=("nightly",))
+    add_arguments(p, InvertConfig, scopes=("run", "nightly"))  # the same run options as `psp invert`
     p.set_defaults(func=main)
     return p
 
 
 def _config_from_args(args: argparse.Namespace):
-    return from_args(InvertConfig, args, input=args.input, output=args.output, run_id=args.run_id)
+    return from_args(InvertConfig, args, input=args.input, output=args.output)
 
 
 def main(args: argparse.Namespace) -> int:
     """Run ``psp nightly`` from parsed arguments; prints the result as JSON; returns the exit code:
     0, 2 when nothing was committed (with the reason), 3 when some inputs got no row."""
     config = _config_from_args(args)
+    nightly = from_args(NightlyOptions, args)
     try:
         result = run_nightly(
             config,
-            reprocess_on_model_change=args.reprocess_on_model_change,
-            retry_failed=args.retry_failed,
-            dry_run=args.dry_run,
-            resume=not args.no_resume,
+            reprocess_on_model_change=nightly.reprocess_on_model_change,
+            retry_failed=nightly.retry_failed,
+            dry_run=nightly.dry_run,
+            resume=not nightly.no_resume,
         )
     except NightlyError as exc:
         print(f"psp nightly: error: {exc}", file=sys.stderr)

@@ -22,9 +22,11 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from pipelines.options import add_arguments, option, shared
 from pipelines.secrets import (
     HOW_TO_PASS_CREDENTIALS,
     WORKER_SETUP_HOOK,
@@ -239,32 +241,45 @@ def wait(client: Any, submission_id: str, timeout_s: float = 3600.0, poll_s: flo
 
 # -- CLI --------------------------------------------------------------------------------------
 
+def _check_env(kv: str) -> None:
+    if "=" not in kv:
+        raise ValueError("expected KEY=VALUE")
+
+
+@dataclass
+class SubmitOptions:
+    """`psp submit`'s and `psp jobs`' options (`--address` is both's)."""
+
+    address: str | None = shared("address", scope=("submit", "jobs"))
+    submission_id: str | None = option(
+        None, "idempotency key; a used id is refused (nightly default: date + OUTPUT)", scope="submit")
+    working_dir: str = option(str(PROJECT_ROOT), "code shipped with the job", scope="submit")
+    runtime_env: str = option(str(DEFAULT_RUNTIME_ENV),
+                              "YAML runtime_env merged under working_dir (no pip/conda: use the image)",
+                              scope="submit")
+    env: list[str] | None = option(None, "extra environment variable for the job (repeatable)", kind="append",
+                                   check=_check_env, metavar="KEY=VALUE", scope="submit")
+    entrypoint_num_cpus: float | None = option(None, "CPUs reserved for the job's driver", parse=float,
+                                               minimum=0, scope="submit")
+    wait: bool = option(False, "wait for the job to finish, print its logs", kind="flag", scope="submit")
+    follow: bool = option(False, "logs: follow until the job ends", kind="flag", scope="jobs")
+
+
 def register(subparsers: Any) -> None:
     """Add ``psp submit`` and ``psp jobs`` to the `psp` CLI's subparsers."""
-    address_help = "job server URL, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS/$RAY_ADDRESS)"
     s = subparsers.add_parser(
         "submit",
         help="submit `psp invert|nightly ...` to a Ray cluster (Ray Jobs API)",
         description="Submit a psp command as a Ray job. Put the command after '--'.",
     )
-    s.add_argument("--address", default=None, help=address_help)
-    s.add_argument("--submission-id", default=None,
-                   help="idempotency key; a used id is refused (nightly default: date + OUTPUT)")
-    s.add_argument("--working-dir", default=str(PROJECT_ROOT), help="code shipped with the job")
-    s.add_argument("--runtime-env", default=str(DEFAULT_RUNTIME_ENV),
-                   help="YAML runtime_env merged under working_dir (no pip/conda: use the image)")
-    s.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra environment variable for the job (repeatable)")
-    s.add_argument("--entrypoint-num-cpus", type=float, default=None)
-    s.add_argument("--wait", action="store_true", help="wait for the job to finish, print its logs")
+    add_arguments(s, SubmitOptions, scopes=("submit",))
     s.add_argument("command", nargs=argparse.REMAINDER, help="-- invert|nightly ARGS...")
     s.set_defaults(func=_main_submit)
 
     j = subparsers.add_parser("jobs", help="status, logs, stop or list Ray jobs")
     j.add_argument("action", choices=["status", "logs", "stop", "list"])
     j.add_argument("submission_id", nargs="?", default=None)
-    j.add_argument("--address", default=None, help=address_help)
-    j.add_argument("--follow", action="store_true", help="logs: follow until the job ends")
+    add_arguments(j, SubmitOptions, scopes=("jobs",))
     j.set_defaults(func=_main_jobs)
 
 
@@ -272,13 +287,7 @@ def _main_submit(args: argparse.Namespace) -> int:
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
-    env_vars = {}
-    for kv in args.env:
-        key, sep, value = kv.partition("=")
-        if not sep:
-            print(f"psp submit: error: --env {kv!r} is not KEY=VALUE", file=sys.stderr)
-            return 2
-        env_vars[key] = value
+    env_vars = dict(kv.split("=", 1) for kv in args.env or ())
     try:
         ns = check_entrypoint(command)
         for warning in local_path_warnings(ns):

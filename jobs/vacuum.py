@@ -4,11 +4,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+from dataclasses import dataclass
 from typing import Any
 
-from pipelines.options import parse_json_object
+from pipelines.options import add_arguments, from_args, option, shared
 from pipelines.table import vacuum
+
+
+@dataclass
+class VacuumOptions:
+    """`psp vacuum OUTPUT`'s options."""
+
+    retention_hours: int = option(
+        168, "keep files younger than this (default 168 = 7 days): runs still in flight and time travel "
+        "(--as-of) within it keep working; 0 deletes everything unreferenced", parse=int, minimum=0,
+        scope="vacuum")
+    no_compact: bool = option(False, "only delete, do not compact", kind="flag", scope="vacuum")
+    dry_run: bool = option(False, "list the files that would be deleted", kind="flag", scope="vacuum")
+    storage_options: dict[str, Any] | None = shared("storage_options", scope="vacuum")
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -16,23 +29,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser("vacuum", help="compact small files, delete files of crashed runs and old versions",
                               description=__doc__)
     p.add_argument("output", metavar="OUTPUT")
-    p.add_argument("--retention-hours", type=int, default=168,
-                   help="keep files younger than this (default 168 = 7 days): runs still in flight and "
-                        "time travel (--as-of) within it keep working; 0 deletes everything unreferenced")
-    p.add_argument("--no-compact", dest="compact", action="store_false", help="only delete, do not compact")
-    p.add_argument("--dry-run", action="store_true", help="list the files that would be deleted")
-    p.add_argument("--storage-options", type=parse_json_object, default=None)
+    add_arguments(p, VacuumOptions, scopes=("vacuum",))
     p.set_defaults(func=main)
     return p
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.retention_hours < 0:
-        print("psp vacuum: --retention-hours must be >= 0", file=sys.stderr)
-        return 2
-    result = vacuum(args.output, args.storage_options, retention_hours=args.retention_hours,
-                    compact=args.compact, dry_run=args.dry_run)
+    o = from_args(VacuumOptions, args)
+    result = vacuum(args.output, o.storage_options, retention_hours=o.retention_hours,
+                    compact=not o.no_compact, dry_run=o.dry_run)
     compacted = {k: result.compacted.get(k) for k in ("numFilesAdded", "numFilesRemoved")} if result.compacted else {}
     print(json.dumps({"version": result.version, "compacted": compacted,
-                      "deleted" if not args.dry_run else "would_delete": result.deleted_files}, indent=2))
+                      "deleted" if not o.dry_run else "would_delete": result.deleted_files}, indent=2))
     return 0

@@ -14,15 +14,12 @@ from typing import Any
 
 from pipelines.align import DEFAULT_MIN_FACE, FACE_MODES, check_faces
 from pipelines.invert import PRECISIONS, check_precision
-from pipelines.options import ConfigError, check_options, option, parse_json_object
+from pipelines.options import ConfigError, check_options, option, shared
 from pipelines.sources import DEFAULT_READ_TIMEOUT_S
 from psp_core.images import DEFAULT_DECODE_TIMEOUT_S
 from schemas.ids import check_run_id, make_run_id
-from schemas.outputs import IMAGE_FORMATS
 
 ALIGN_MODES = ("dlib", "none")
-DEVICES = ("auto", "cpu", "cuda")
-IMAGE_SIZES = ("256", "full")
 
 
 def _check_task(name: str) -> None:
@@ -82,10 +79,9 @@ class InvertConfig:
     align: str | None = option(
         None, "dlib FFHQ alignment, or none for sketches, seg maps and pre-aligned faces "
         "(default: dlib for face photos, none for sketch/seg tasks)", choices=ALIGN_MODES)
-    device: str = option("auto", "where the model runs: cuda when the model actor sees a GPU (auto)",
-                         choices=DEVICES)
-    batch_size: int | None = option(None, "rows per model batch (default 32 GPU / 8 CPU)", parse=int, minimum=1)
-    gpus: int | None = option(None, "at most this many GPU model actors (default: all GPUs)", parse=int, minimum=0)
+    device: str = shared("device")
+    batch_size: int | None = shared("batch_size")
+    gpus: int | None = shared("gpus")
     align_actors: int = option(2, "at most this many alignment actors", parse=int, minimum=1)
     align_detect_size: int | None = option(
         None, "opt-in fast alignment: detect faces on a copy at most PX on its longest side (e.g. 1024; "
@@ -106,10 +102,8 @@ class InvertConfig:
         None, "also reuse alignments stored in this output table (e.g. another checkpoint's OUTPUT; "
         "repeatable; OUTPUT itself is always looked at first)", kind="append", check=_check_table_uris,
         metavar="TABLE")
-    images: str = option("png", "output image encoding: png (lossless; fpng, else Pillow zlib level 1), "
-                         "jpeg (quality 95, 4:2:0 chroma) or none", choices=IMAGE_FORMATS)
-    image_size: str = option("256", "256 (pSp's resized output) or full (the generator's size, e.g. 1024)",
-                             choices=IMAGE_SIZES)
+    images: str = shared("images")
+    image_size: str = shared("image_size")
     metrics: bool = option(False, "mse/psnr/ssim/identity of reconstruction vs input", kind="flag")
     mix: int = option(0, "N style-mixed outputs per input (multi-modal synthesis)", parse=int, minimum=0,
                       metavar="N")
@@ -122,14 +116,10 @@ class InvertConfig:
                                        check=_check_resize_factor)
     image_column: str | None = option(None, "Parquet inputs: the image-bytes column (default: autodetect)")
     save_aligned: bool = option(False, "also store the aligned input crop (PNG)", kind="flag")
-    cpu_threads: int | None = option(None, "torch threads in a CPU model actor (default: the node's cores)",
-                                     parse=int, minimum=1)
-    storage_options: dict[str, Any] | None = option(
-        None, "JSON object passed to fsspec for input, output and checkpoint", parse=parse_json_object)
-    limit: int | None = option(None, "process at most N new inputs", parse=int, minimum=0, metavar="N",
-                               scope="invert")
-    run_id: str | None = option(None, "recorded on every row (default: UTC time + random suffix)",
-                                check=check_run_id, scope="invert")
+    cpu_threads: int | None = shared("cpu_threads")
+    storage_options: dict[str, Any] | None = shared("storage_options")
+    limit: int | None = shared("limit", scope="invert")
+    run_id: str | None = shared("run_id", scope=("invert", "nightly"))
     progress: bool | None = option(None, "Ray progress bars (default: when stderr is a terminal)",
                                    kind="switch", scope="invert")
     include: list[str] | None = option(

@@ -22,13 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.config import ConfigError
+from pipelines.options import ConfigError, check_options, option, shared
 from pipelines.secrets import redact
+from schemas.outputs import IMAGE_FORMATS
 
 DEFAULT_GPU_BATCH = 32
 DEFAULT_CPU_BATCH = 8
 INPUT_BLOCK_ROWS = 64  # rows per input block: small enough that model actors start early
-IMAGE_FORMATS = ("png", "jpeg", "none")
 
 
 def parse_strengths(text: str | Sequence[float]) -> list[float]:
@@ -88,15 +88,6 @@ def expand_strengths(batch: Mapping[str, Any], strengths: Sequence[float], n_sty
     }
 
 
-def images_to_uint8(images):
-    """Images ``[B, 3, H, W]`` (~[-1, 1]) -> uint8 ``[B, H, W, 3]`` on their device: the arithmetic of
-    ``psp_core.tasks.tensor2im`` ((x+1)/2, NaN -> 0, clip to [0, 1], x255, floor), batched."""
-    import torch
-
-    x = ((images + 1) / 2).nan_to_num(0.0).clamp(0, 1) * 255
-    return x.to(torch.uint8).permute(0, 2, 3, 1)
-
-
 class EditLatents:
     """Batch dict stage on the model pool: (w_plus, strength) rows -> edited W+ and uint8 images.
 
@@ -134,6 +125,8 @@ class EditLatents:
 
     def _decode(self, w):
         import torch
+
+        from psp_core.tasks import images_to_uint8
 
         with torch.inference_mode():
             return images_to_uint8(self.decoder(w.to(self.decoder.device), resize=self.resize)).cpu().numpy()
@@ -252,24 +245,48 @@ def write_edit_summary(output_uri: str, doc: Mapping[str, Any], storage_options:
 
 @dataclass
 class EditConfig:
-    """`psp edit TABLE OUTPUT` (one field per flag)."""
+    """`psp edit TABLE OUTPUT`: every option declared once, here (the CLI is generated from it)."""
 
     table: str
     output: str
-    generator: str
-    direction: str
-    strengths: Sequence[float] | str = (-3.0, 0.0, 3.0)
-    ganspace_edit: Any = None
-    direction_name: str | None = None
-    device: str = "auto"
-    batch_size: int | None = None
-    gpus: int | None = None
-    images: str = "png"
-    image_size: str = "256"
-    limit: int | None = None
-    storage_options: Mapping[str, Any] | None = None
-    run_id: str | None = None
-    cpu_threads: int | None = None
+    generator: str = option(None, "pSp checkpoint (its decoder is used) or rosinality StyleGAN2 file (g_ema)",
+                            required=True, scope="edit")
+    direction: str = option(None, "direction file (.pt, .npy, .npz), path or fsspec URI", required=True,
+                            scope="edit")
+    strengths: Sequence[float] | str = option(
+        "-3,0,3", "comma-separated strengths, one row each (default -3,0,3)", check=parse_strengths, scope="edit")
+    ganspace_edit: Any = option(
+        None, "GANSpace PCA files: component and styles START..END-1 (END exclusive, e4e's tuples without the "
+        "strength), e.g. 54,7,8", check=parse_ganspace_edit, metavar="C,START,END", scope="edit")
+    direction_name: str | None = option(None, "direction name recorded on rows (default: file name)",
+                                        flag="--name", scope="edit")
+    device: str = shared("device", scope="edit")
+    batch_size: int | None = shared("batch_size", help="rows per decode batch (default 32 GPU / 8 CPU)",
+                                    scope="edit")
+    gpus: int | None = shared("gpus", scope="edit")
+    images: str = shared("images", scope="edit")
+    image_size: str = shared("image_size", scope="edit")
+    limit: int | None = shared("limit", help="edit at most the first N ok latents", scope="edit")
+    storage_options: Mapping[str, Any] | None = shared("storage_options", scope="edit")
+    run_id: str | None = shared("run_id", scope="edit")
+    cpu_threads: int | None = shared("cpu_threads", scope="edit")
+
+
+@dataclass
+class DirectionConfig:
+    """`psp direction TABLE`: fit a direction on W+ against a boolean label."""
+
+    table: str
+    labels: str = option(None, "Parquet or CSV with image_id (or source_uri) and the label column",
+                         required=True, scope="direction")
+    label: str = option("label", "the boolean column (default: label)", metavar="COLUMN", scope="direction")
+    output: str = option(None, "where to write the direction (.npy)", short="-o", required=True,
+                         scope="direction")
+    method: str = option("logistic", "logistic regression or the difference of the class means",
+                         choices=("logistic", "mean_difference"), scope="direction")
+    storage_options: Mapping[str, Any] | None = shared("storage_options", scope="direction")
+    shared: bool = option(False, "one [512] offset for every style (fit on the mean over styles); default "
+                          "[n_styles, 512]", kind="flag", scope="direction")
 
 
 @dataclass
@@ -327,13 +344,12 @@ def run_edit(config: EditConfig) -> EditSummary:
     from psp_core.checkpoint import CheckpointError
     from psp_core.editing import DirectionError, load_decoder, load_direction
     from schemas.edits import read_edits
-    from schemas.ids import check_run_id, make_run_id
+    from schemas.ids import make_run_id
 
     t0 = time.perf_counter()
     strengths = parse_strengths(config.strengths)
-    run_id = check_run_id(config.run_id) if config.run_id else make_run_id()
-    if config.images not in IMAGE_FORMATS:
-        raise ConfigError(f"--images {config.images!r}: expected one of {', '.join(IMAGE_FORMATS)}")
+    check_options(config)  # what the CLI would have refused, for library callers
+    run_id = config.run_id or make_run_id()
     try:
         direction = load_direction(config.direction, parse_ganspace_edit(config.ganspace_edit),
                                    name=config.direction_name, storage_options=config.storage_options)

@@ -8,7 +8,10 @@ accepts too.
     class RunOptions:
         batch_size: int | None = option(None, "rows per model batch", parse=int, minimum=1)
 
-`pipelines.config.InvertConfig` is the options object of `psp invert`, `frontalize` and `nightly`.
+`pipelines.config.InvertConfig` is the options object of `psp invert`, `frontalize` and `nightly`;
+every other command declares its own the same way (`pipelines.edit.EditConfig`, `DirectionConfig`,
+`jobs.inspect.InspectOptions`, ...). An option several commands share (`--storage-options`,
+`--run-id`, `--device`, `--images`, ...) is declared once, in `SHARED`, and used with `shared(name)`.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+from schemas.outputs import IMAGE_FORMATS
 
 
 class ConfigError(ValueError):
@@ -45,10 +50,11 @@ class Option:
     maximum: float | None = None
     check: Callable[[Any], Any] | None = None
     metavar: str | None = None
-    scope: str = "run"
+    scope: str | tuple[str, ...] = "run"
     kind: str = "value"
     required: bool = False
     cli: bool = True
+    short: str | None = None
 
 
 def option(default: Any = None, help: str = "", **meta: Any) -> Any:
@@ -63,6 +69,10 @@ def declared(cls: type) -> list[tuple[dataclasses.Field, Option]]:
 
 def flag_of(field: dataclasses.Field, opt: Option) -> str:
     return opt.flag or "--" + field.name.replace("_", "-")
+
+
+def _scopes_of(opt: Option) -> set[str]:
+    return {opt.scope} if isinstance(opt.scope, str) else set(opt.scope)
 
 
 def check_value(field: dataclasses.Field, opt: Option, value: Any) -> Any:
@@ -122,20 +132,20 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, scopes: Iterable[s
     """Add the flags of `cls`'s options whose scope is in `scopes` to `parser`."""
     scopes = set(scopes)
     for field, opt in declared(cls):
-        if not opt.cli or opt.scope not in scopes:
+        if not opt.cli or not _scopes_of(opt) & scopes:
             continue
-        flag = flag_of(field, opt)
+        flags = [opt.short, flag_of(field, opt)] if opt.short else [flag_of(field, opt)]
         if opt.kind == "flag":
-            parser.add_argument(flag, dest=field.name, action="store_true", help=opt.help)
+            parser.add_argument(*flags, dest=field.name, action="store_true", help=opt.help)
         elif opt.kind == "switch":
-            parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction,
+            parser.add_argument(*flags, dest=field.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=opt.help)
         elif opt.kind == "append":  # repeatable: a list of values, None when absent
-            parser.add_argument(flag, dest=field.name, action="append", type=_argparse_type(field, opt),
+            parser.add_argument(*flags, dest=field.name, action="append", type=_argparse_type(field, opt),
                                 default=None, metavar=_metavar(field, opt), help=opt.help)
         else:
             parser.add_argument(
-                flag, dest=field.name, type=_argparse_type(field, opt), default=field.default,
+                *flags, dest=field.name, type=_argparse_type(field, opt), default=field.default,
                 required=opt.required, metavar=_metavar(field, opt), help=opt.help,
             )
 
@@ -162,8 +172,52 @@ def parse_json_object(text: str) -> dict:
     return value
 
 
+def _check_run_id(run_id: str) -> None:
+    from schemas.ids import check_run_id
+
+    check_run_id(run_id)
+
+
+DEVICES = ("auto", "cpu", "cuda")
+IMAGE_SIZES = ("256", "full")
+
+# The options several commands share, each declared once: `shared(name, **changes)` makes the field.
+SHARED: dict[str, dict[str, Any]] = {
+    "storage_options": dict(
+        default=None, parse=parse_json_object,
+        help="JSON object passed to fsspec for every location of the command (credentials, endpoint_url; "
+             "a value 'env:NAME' is read from the environment variable NAME)"),
+    "run_id": dict(default=None, check=_check_run_id,
+                   help="recorded on every row (default: UTC time + random suffix)"),
+    "device": dict(default="auto", choices=DEVICES,
+                   help="where the model runs: cuda when the model actor sees a GPU (auto)"),
+    "batch_size": dict(default=None, parse=int, minimum=1, help="rows per model batch (default 32 GPU / 8 CPU)"),
+    "gpus": dict(default=None, parse=int, minimum=0, help="at most this many GPU model actors (default: all GPUs)"),
+    "cpu_threads": dict(default=None, parse=int, minimum=1,
+                        help="torch threads in a CPU model actor (default: the node's cores)"),
+    "images": dict(default="png", choices=IMAGE_FORMATS,
+                   help="output image encoding: png (lossless; fpng, else Pillow zlib level 1), "
+                        "jpeg (quality 95, 4:2:0 chroma) or none"),
+    "image_size": dict(default="256", choices=IMAGE_SIZES,
+                       help="256 (pSp's resized output) or full (the generator's size, e.g. 1024)"),
+    "limit": dict(default=None, parse=int, minimum=0, metavar="N", help="process at most N new inputs"),
+    "address": dict(default=None, help="job server URL, e.g. http://HEAD:8265 "
+                                       "(default: $RAY_API_SERVER_ADDRESS/$RAY_ADDRESS)"),
+}
+
+
+def shared(name: str, **changes: Any) -> Any:
+    """The dataclass field of the shared option `name` (see `SHARED`), with `changes` to its
+    declaration (e.g. another help text or scope)."""
+    spec = {**SHARED[name], **changes}
+    default, text = spec.pop("default"), spec.pop("help")
+    return option(default, text, **spec)
+
+
 __all__ = [
     "ConfigError",
+    "SHARED",
+    "shared",
     "Option",
     "option",
     "declared",

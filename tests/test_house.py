@@ -2,6 +2,7 @@
 jobs/ has no import cycles, and no function grows past ~80 lines without a stated reason."""
 from __future__ import annotations
 
+import argparse
 import ast
 import shutil
 import subprocess
@@ -102,6 +103,40 @@ def test_no_import_cycles_between_modules_of_any_package():
     for m in sorted(modules):
         if m not in state:
             visit(m)
+
+
+def test_every_command_flag_is_a_declared_option():
+    """No command adds a flag by hand: each `--flag` of every command comes from a dataclass field
+    declared with `pipelines.options.option`/`shared` (add_argument is only called for positionals
+    outside pipelines/options.py), so its check, default and help live in one place."""
+    by_hand = []
+    for path in sorted([*(ROOT / "jobs").glob("*.py"), *(ROOT / "pipelines").glob("*.py")]):
+        if path.name == "options.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "add_argument" and node.args
+                    and isinstance(node.args[0], ast.Constant) and str(node.args[0].value).startswith("-")):
+                by_hand.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.args[0].value}")
+    assert not by_hand, "flags declared by hand: " + ", ".join(by_hand)
+
+
+def test_shared_options_are_one_declaration_across_commands():
+    """--storage-options (and the other shared options) read the same in every command's --help."""
+    from jobs.cli import build_parser
+    from pipelines.options import SHARED
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    helps: dict[str, set[str]] = {}
+    for p in sub.choices.values():
+        for action in p._actions:
+            if action.dest in SHARED:
+                helps.setdefault(action.dest, set()).add(action.help)
+    assert {"storage_options", "run_id", "device", "images"} <= set(helps)
+    storage = {name for name, p in sub.choices.items() if any(a.dest == "storage_options" for a in p._actions)}
+    assert {"invert", "nightly", "edit", "direction", "inspect", "report", "vacuum"} <= storage
+    assert all(len(v) == 1 for k, v in helps.items() if k in ("storage_options", "device", "images")), helps
 
 
 def test_jobs_modules_import_without_cycles():

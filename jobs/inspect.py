@@ -22,10 +22,31 @@ class InspectOptions:
                                "2026-11-27T02:00:00Z)", metavar="VERSION|TIMESTAMP", scope="inspect")
     storage_options: dict[str, Any] | None = shared("storage_options", scope="inspect")
 
-# Read everything except the large binary and tensor columns (images are only counted).
-_SUMMARY_COLUMNS = [
-    "image_id", "source_uri", "status", "error", "task", "image_format", "run_id", "processed_at",
-]
+class TableCounts:
+    """Rows, rows per status and per task, rows with an image: folded from column batches
+    (`pipelines.scan.scan_table`), so inspecting a table of any size holds only the counts."""
+
+    def __init__(self):
+        self.rows, self.images = 0, 0
+        self.status: dict[str, int] = {}
+        self.task: dict[str, int] = {}
+
+    def add(self, batch, file: str = "") -> None:
+        self.rows += batch.num_rows
+        for name, counts in (("status", self.status), ("task", self.task)):
+            for value in batch.column(name).drop_null().to_pylist():
+                counts[value] = counts.get(value, 0) + 1
+        formats = batch.column("image_format").drop_null()
+        self.images += len(formats) - pc.sum(pc.equal(formats, "none")).as_py() if len(formats) else 0
+
+    def merge(self, other: TableCounts) -> None:
+        self.rows += other.rows
+        self.images += other.images
+        for mine, theirs in ((self.status, other.status), (self.task, other.task)):
+            for k, v in theirs.items():
+                mine[k] = mine.get(k, 0) + v
+
+
 _RUN_KEYS = ("kind", "processed", "adopted", "replaced", "skipped", "counts", "plan", "lost",
              "checkpoint_sha256", "wall_s")
 
@@ -47,30 +68,28 @@ def inspect_output(
     committed runs with their summaries, the schema, the first `n_rows` rows (image_id, status,
     |w_plus|, source_uri, error) and how to read the table with other tools.
     """
+    from pipelines.scan import first_rows, scan_table, table_files
     from schemas.outputs import output_schema
-    from schemas.table import open_table, read_runs, status_counts, table_dataset, table_info
+    from schemas.table import open_table, read_runs, table_info
 
     dt = open_table(uri, storage_options, as_of)
     info = table_info(dt, uri)
-    ds = table_dataset(dt, uri, storage_options)
-    table = ds.to_table(columns=_SUMMARY_COLUMNS)
-    counts = status_counts(dt, uri, storage_options)
+    files = table_files(uri, storage_options, dt.version())
+    stats = scan_table(files, ["status", "task", "image_format"], TableCounts)
     history = {c.get("version"): c for c in dt.history()}
     made = history.get(dt.version(), {}).get("timestamp")
     when = _dt.datetime.fromtimestamp(made / 1000, _dt.UTC).isoformat()[:19] + "Z" if made else "?"
 
     lines = [f"psp output table: {uri}"]
     lines.append(f"  version {dt.version()} ({when})" + (f", as of {as_of!r}" if as_of is not None else ", current"))
-    lines.append(f"  rows: {table.num_rows} inputs (one row each) in {len(dt.file_uris())} data files")
+    lines.append(f"  rows: {stats.rows} inputs (one row each) in {len(files.paths)} data files")
     lines.append(f"  schema version: {info.schema_version}   n_styles: {info.n_styles}"
                  f"   tensor shapes: {json.dumps(info.tensor_shapes, sort_keys=True)}")
     lines.append("  status counts:")
-    for status, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+    for status, n in sorted(stats.status.items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"    {status:<14} {n}")
-    tasks = {t: n for t, n in zip(*np.unique([t for t in table["task"].to_pylist() if t], return_counts=True))} \
-        if table.num_rows else {}
-    if tasks:
-        lines.append("  tasks: " + ", ".join(f"{t} ({n})" for t, n in sorted(tasks.items())))
+    if stats.task:
+        lines.append("  tasks: " + ", ".join(f"{t} ({n})" for t, n in sorted(stats.task.items())))
 
     runs = read_runs(uri, storage_options, as_of)
     lines.append(f"  runs: {len(runs)} committed" + (f", the last {n_runs}:" if len(runs) > n_runs else ":"))
@@ -81,28 +100,22 @@ def inspect_output(
     for field in output_schema(info.n_styles):
         lines.append(f"    {field.name:<18} {field.type}{'' if field.nullable else ' not null'}")
 
-    head = table.slice(0, n_rows)
+    head = first_rows(files, n_rows, ["image_id", "source_uri", "status", "error", "w_plus"])
     lines.append(f"  first {head.num_rows} rows:")
-    if head.num_rows:
-        w = ds.to_table(columns=["image_id", "w_plus"], filter=pc.field("image_id").isin(head["image_id"]))
-        norms = {i: (None if v is None else float(np.linalg.norm(np.asarray(v, np.float32))))
-                 for i, v in zip(w["image_id"].to_pylist(), w["w_plus"].to_pylist())}
-        for row in head.select(["image_id", "source_uri", "status", "error"]).to_pylist():
-            norm = norms.get(row["image_id"])
-            err = f"  error={row['error']!r}" if row["error"] else ""
-            lines.append(f"    {row['image_id']}  {row['status']:<12} |w_plus|="
-                         f"{'null' if norm is None else f'{norm:.3f}'}  {row['source_uri']}{err}")
+    for row in head.to_pylist():
+        norm = None if row["w_plus"] is None else float(np.linalg.norm(np.asarray(row["w_plus"], np.float32)))
+        err = f"  error={row['error']!r}" if row["error"] else ""
+        lines.append(f"    {row['image_id']}  {row['status']:<12} |w_plus|="
+                     f"{'null' if norm is None else f'{norm:.3f}'}  {row['source_uri']}{err}")
 
-    formats = [f for f in table["image_format"].to_pylist() if f not in (None, "none")]
     opts = ", storage_options=opts" if storage_options else ""
     lines += [
-        f"  images: column `output_image` ({len(formats)} rows with bytes). To read the table:",
+        f"  images: column `output_image` ({stats.images} rows with bytes). To read the table:",
         f"    ids, w = schemas.read_latents({uri!r}{opts})      # w float32 [N, n_styles, 512], status ok",
         f"    t = schemas.read_outputs({uri!r}, columns=['image_id', 'output_image', 'image_format']{opts})",
         f"    schemas.open_dataset({uri!r}{opts})      # pyarrow dataset: .to_table(), DuckDB, Polars",
     ]
-    ok = counts.get("ok", 0)
-    lines.append(f"  ok: {ok}/{table.num_rows}")
+    lines.append(f"  ok: {stats.status.get('ok', 0)}/{stats.rows}")
     return "\n".join(lines) + "\n"
 
 

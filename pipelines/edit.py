@@ -28,7 +28,6 @@ from schemas.outputs import IMAGE_FORMATS
 
 DEFAULT_GPU_BATCH = 32
 DEFAULT_CPU_BATCH = 8
-INPUT_BLOCK_ROWS = 64  # rows per input block: small enough that model actors start early
 
 
 def parse_strengths(text: str | Sequence[float]) -> list[float]:
@@ -314,22 +313,41 @@ class EditSummary:
         )
 
 
-def read_latent_table(uri: str, storage_options: Mapping[str, Any] | None = None, limit: int | None = None):
-    """The `status == 'ok'` rows of an output table: pyarrow (image_id, source_uri, w_plus), n_styles."""
-    import pyarrow.compute as pc
+LATENT_COLUMNS = ["image_id", "source_uri", "w_plus"]
 
-    from schemas import read_outputs
+
+def _latent_files(uri: str, storage_options: Mapping[str, Any] | None):
+    """The output table's data files and its n_styles; ConfigError naming TABLE when there is none."""
+    from pipelines.scan import table_files
     from schemas.outputs import schema_n_styles
 
     try:
-        table = read_outputs(uri, storage_options, columns=["image_id", "source_uri", "status", "w_plus"])
+        files = table_files(uri, storage_options)
     except FileNotFoundError as e:
         raise ConfigError(f"TABLE {uri!r}: {e}") from None
-    n_styles = schema_n_styles(table.schema)
-    table = table.filter(pc.equal(table["status"], "ok")).select(["image_id", "source_uri", "w_plus"])
-    if limit is not None:
-        table = table.slice(0, limit)
-    return table, n_styles
+    return files, schema_n_styles(files.schema)
+
+
+def _ok():
+    import pyarrow.compute as pc
+
+    return pc.field("status") == "ok"
+
+
+def latent_plan(files, limit: int | None) -> list[dict]:
+    """[{path, limit}] of the files holding the table's ok rows, in file order, up to `limit` rows
+    in all (the first `limit` ok latents; -1: all of a file), from a scan of the status column."""
+    from pipelines.scan import RowsPerFile, scan_table
+
+    per_file = scan_table(files, ["status"], RowsPerFile, filter=_ok()).rows
+    plan, left = [], limit
+    for path in files.paths:
+        n = per_file.get(path, 0)
+        if not n or left == 0:
+            continue
+        plan.append({"path": path, "limit": -1 if left is None or left >= n else left})
+        left = None if left is None else left - min(n, left)
+    return plan
 
 
 def run_edit(config: EditConfig) -> EditSummary:
@@ -355,7 +373,9 @@ def run_edit(config: EditConfig) -> EditSummary:
                                    name=config.direction_name, storage_options=config.storage_options)
     except (DirectionError, FileNotFoundError) as e:
         raise ConfigError(f"--direction: {e}") from None
-    table, n_styles = read_latent_table(config.table, config.storage_options, config.limit)
+    files, n_styles = _latent_files(config.table, config.storage_options)
+    plan = latent_plan(files, config.limit)
+    n_inputs = 0
     try:
         # On the meta device: shapes only, to fail here rather than in every actor.
         meta = load_decoder(config.generator, device="meta", storage_options=config.storage_options)
@@ -373,7 +393,7 @@ def run_edit(config: EditConfig) -> EditSummary:
 
     counts: dict[str, int] = {}
     device = config.device
-    if table.num_rows:
+    if plan:
         ensure_ray()
         try:
             resources = invert_resources(ray.cluster_resources(), config.device, config.gpus)
@@ -382,8 +402,12 @@ def run_edit(config: EditConfig) -> EditSummary:
         device = resources["device"]
         on_gpu = device == "cuda"
         batch_size = config.batch_size or (DEFAULT_GPU_BATCH if on_gpu else DEFAULT_CPU_BATCH)
-        blocks = [table.slice(i, INPUT_BLOCK_ROWS) for i in range(0, table.num_rows, INPUT_BLOCK_ROWS)]
-        ds = ray.data.from_arrow(blocks)
+        from pipelines.scan import read_files
+
+        # The driver holds the file list; Ray tasks read the ok latents, file by file.
+        ds = ray.data.from_items(plan, override_num_blocks=len(plan))
+        ds = ds.map_batches(read_files, fn_kwargs={"files": files, "columns": LATENT_COLUMNS, "filter": _ok()},
+                            batch_size=1, batch_format="numpy", num_cpus=0.25)
         ds = ds.map_batches(expand_strengths, fn_kwargs={"strengths": strengths, "n_styles": n_styles},
                             batch_format="numpy", num_cpus=0.25)
         ds = ds.map_batches(
@@ -406,13 +430,14 @@ def run_edit(config: EditConfig) -> EditSummary:
         written = read_edits(config.output, config.storage_options, columns=["status", "run_id"])
         written = written.filter(pc.equal(written["run_id"], run_id))
         counts = dict(Counter(written["status"].to_pylist()))
+        n_inputs = sum(counts.values()) // len(strengths)
     summary = EditSummary(
         run_id=run_id, table=config.table, output=config.output, direction=direction.name,
-        direction_kind=direction.kind, strengths=strengths, inputs=table.num_rows,
+        direction_kind=direction.kind, strengths=strengths, inputs=n_inputs,
         rows=sum(counts.values()), counts=dict(sorted(counts.items())), device=device,
         wall_s=round(time.perf_counter() - t0, 3),
     )
-    if table.num_rows:
+    if plan:
         doc = redact(asdict(summary), config.storage_options)
         doc["written_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
         write_edit_summary(config.output, doc, config.storage_options)
@@ -469,20 +494,27 @@ def fit_direction_from_labels(
     """Fit a direction on the W+ of `table_uri` (ok rows) against a boolean label joined by
     image_id (or source_uri). `shared`: fit on the mean over styles -> [512], else [n_styles, 512].
     Returns (unit float32 direction, info with the counts used)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pipelines.scan import Rows, scan_table
     from psp_core.editing import fit_direction
+    from schemas import w_plus_to_numpy
 
     key, labels = read_labels(labels_path, column, storage_options)
-    table, n_styles = read_latent_table(table_uri, storage_options)
+    files, n_styles = _latent_files(table_uri, storage_options)
+    # Only the labelled ok rows are read (their W+): memory follows the labels, not the table.
+    wanted = _ok() & pc.field(key).isin(pa.array(sorted(labels), pa.string()))
+    table = scan_table(files, [key, "w_plus"], Rows, filter=wanted).table(
+        pa.schema([files.schema.field(key), files.schema.field("w_plus")], metadata=files.schema.metadata))
     keys = table[key].to_pylist()
-    rows = [i for i, k in enumerate(keys) if k in labels]
+    rows = list(range(len(keys)))
     if not rows:
         raise ConfigError(
             f"--labels {labels_path!r}: none of its {len(labels)} {key}s match an ok row of {table_uri!r}"
         )
-    from schemas import w_plus_to_numpy
-
-    w = w_plus_to_numpy(table.take(rows))
-    y = np.array([labels[keys[i]] for i in rows])
+    w = w_plus_to_numpy(table)
+    y = np.array([labels[k] for k in keys])
     try:
         d = fit_direction(w.mean(axis=1) if shared else w, y, method=method)
     except ValueError as e:

@@ -7,28 +7,42 @@ reconstruction | mixes or edits), worst and best rows by MSE / identity distance
 the per-row numbers, a 2-D PCA of W+ (mean over styles), errors grouped by message. A section the
 table cannot fill (no metrics, no ok rows, an empty table) says so instead of failing.
 
-Reads only through `schemas.read_outputs` (and `schemas.read_edits` for `--edits`).
+The table is read as a stream of column batches folded into one mergeable `ReportStats`
+(`pipelines.scan.scan_table`: in Ray tasks for large tables), so the page's memory does not grow with
+the table: counts, run history and error groups are exact aggregates; the PCA axes come from the
+exact mean and covariance of every ok row's W+ (mean over styles), its scatter from a deterministic
+sample; histograms from a sample of each number (exact below `HIST_SAMPLE` values); the contact sheet
+and worst/best lists keep only their rows. Images are then read only for the rows shown, from the
+files that hold them.
 """
 from __future__ import annotations
 
 import base64
 import datetime as _dt
+import hashlib
+import heapq
 import io
 import re
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 THUMB = 128  # px, longest side of the thumbnails in the page
 HIST_COLUMNS = ("face_score", "mse", "psnr", "ssim", "identity_distance")
 # Metric -> True when lower is better.
 RANK_METRICS = {"mse": True, "identity_distance": True}
 _LIGHT = ("image_id", "source_uri", "status", "error", "face_score", "task", "mse", "psnr", "ssim",
-          "identity_distance", "checkpoint_sha256", "run_id", "processed_at", "image_format")
+          "identity_distance", "checkpoint_sha256", "run_id", "processed_at", "w_plus")
+_SHOWN = ("image_id", "source_uri", "face_score", "mse", "psnr", "ssim", "identity_distance")
 _IMAGES = ("image_id", "output_image", "aligned_image", "mix_images")
+HIST_SAMPLE = 50_000  # values per histogram (a deterministic sample above that)
+PCA_SAMPLE = 2_000  # points in the PCA scatter
+MAX_ERROR_GROUPS = 500  # distinct (status, message) groups listed; the rest counted together
 
 
 @dataclass
@@ -52,20 +66,224 @@ class SheetRow:
 # reading
 
 
-def _read(uri: str, storage_options, columns: Sequence[str]):
-    """read_outputs restricted to the columns this table has (a table from another schema
-    version may lack some); the whole table when the reader refuses the list."""
-    from schemas import read_outputs
-
-    try:
-        return read_outputs(uri, storage_options, columns=list(columns))
-    except ValueError:
-        table = read_outputs(uri, storage_options)
-        return table.select([c for c in columns if c in table.column_names])
-
-
 def _col(table, name: str) -> list:
     return table[name].to_pylist() if name in table.column_names else [None] * table.num_rows
+
+
+def sample_key(seed: int, image_id: str) -> int:
+    """The row's place in the seeded sample order (the sample is the rows with the smallest keys,
+    whichever process reads which file)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest(), "big")
+
+
+class BottomK:
+    """The `k` offered items with the smallest keys (ties broken by `tie`): mergeable, so shards
+    give the same result as one pass."""
+
+    def __init__(self, k: int):
+        self.k, self._heap = k, []  # max-heap by (key, tie) through negation
+
+    def offer(self, key: float, tie: str, item: Any) -> None:
+        entry = (-key, _Neg(tie), item)
+        if len(self._heap) < self.k:
+            heapq.heappush(self._heap, entry)
+        elif self.k and entry[:2] > self._heap[0][:2]:
+            heapq.heapreplace(self._heap, entry)
+
+    def merge(self, other: BottomK) -> None:
+        for key, tie, item in other._heap:
+            self.offer(-key, tie.value, item)
+
+    def items(self) -> list:
+        return [item for _, _, item in sorted(self._heap, key=lambda e: (-e[0], e[1].value))]
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+
+class _Neg:
+    """A string that sorts in reverse (the max-heap's tie-break)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str):
+        self.value = value
+
+    def __lt__(self, other: _Neg) -> bool:
+        return self.value > other.value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Neg) and self.value == other.value
+
+    def __reduce__(self):
+        return (_Neg, (self.value,))
+
+
+class ReportStats:
+    """Everything the page shows of a table, folded from column batches (`add`) and mergeable
+    across shards (`merge`), in memory bounded by the page's size, not the table's."""
+
+    def __init__(self, sample: int = 12, n_extreme: int = 6, seed: int = 0):
+        self.seed, self.n = seed, 0
+        self.counts: Counter = Counter()
+        self.runs: dict[str, dict] = {}
+        self.sample = BottomK(sample)
+        self.extremes = {m: (BottomK(n_extreme), BottomK(n_extreme)) for m in RANK_METRICS}  # worst, best
+        self.hist_n: Counter = Counter()
+        self.hist = {c: BottomK(HIST_SAMPLE) for c in HIST_COLUMNS}
+        self.errors: dict[tuple[str, str], list] = {}
+        self.other_errors = 0
+        self.w_n, self.w_sum, self.w_outer = 0, None, None
+        self.w_points = BottomK(PCA_SAMPLE)
+        self.ok_tasks: Counter = Counter()
+        self.ok_runs: Counter = Counter()
+        self.w_error: str | None = None
+
+    def add(self, batch, file: str = "") -> None:
+        cols = {c: _col(batch, c) for c in _LIGHT if c != "w_plus"}
+        n = batch.num_rows
+        self.n += n
+        keys = [sample_key(self.seed, i) for i in cols["image_id"]]
+        ok_rows = []
+        for i in range(n):
+            status = cols["status"][i] or "(null)"
+            self.counts[status] += 1
+            self._run(cols, i, status)
+            if status == "ok":
+                ok_rows.append(i)
+            else:
+                self._error(status, cols["error"][i], cols["source_uri"][i])
+        for i in ok_rows:
+            shown = {c: cols[c][i] for c in _SHOWN}
+            shown["file"] = file
+            self.sample.offer(keys[i], cols["image_id"][i], shown)
+            self.ok_tasks[cols["task"][i] or "(none)"] += 1
+            self.ok_runs[cols["run_id"][i] or "(none)"] += 1
+            for metric, lower_better in RANK_METRICS.items():
+                v = cols[metric][i]
+                if v is not None and np.isfinite(v):
+                    worst, best = self.extremes[metric]
+                    worst.offer(-v if lower_better else v, cols["image_id"][i], shown)
+                    best.offer(v if lower_better else -v, cols["image_id"][i], shown)
+        for c in HIST_COLUMNS:
+            for i, v in enumerate(cols[c]):
+                if v is not None and np.isfinite(v):
+                    self.hist_n[c] += 1
+                    self.hist[c].offer(keys[i], cols["image_id"][i], float(v))
+        if ok_rows and "w_plus" in batch.schema.names:
+            self._latents(batch, ok_rows, keys, cols)
+
+    def _run(self, cols: dict, i: int, status: str) -> None:
+        r = cols["run_id"][i] or "(none)"
+        d = self.runs.setdefault(r, {"run_id": r, "rows": 0, "ok": 0, "first": None, "last": None,
+                                     "checkpoints": set(), "tasks": set()})
+        d["rows"] += 1
+        d["ok"] += status == "ok"
+        t = cols["processed_at"][i]
+        if t is not None:
+            d["first"] = t if d["first"] is None else min(d["first"], t)
+            d["last"] = t if d["last"] is None else max(d["last"], t)
+        if cols["checkpoint_sha256"][i]:
+            d["checkpoints"].add(cols["checkpoint_sha256"][i][:12])
+        if cols["task"][i]:
+            d["tasks"].add(cols["task"][i])
+
+    def _error(self, status: str, message: str | None, uri: str | None) -> None:
+        group = self.errors.get((status, error_key(message, uri)))
+        if group is None:
+            if len(self.errors) >= MAX_ERROR_GROUPS:
+                self.other_errors += 1
+                return
+            group = self.errors[(status, error_key(message, uri))] = [0, []]
+        group[0] += 1
+        if len(group[1]) < 3:
+            group[1].append(uri)
+
+    def _latents(self, batch, ok_rows: list[int], keys: list[int], cols: dict) -> None:
+        from schemas import w_plus_to_numpy
+
+        try:
+            w = w_plus_to_numpy(batch.take(pa.array(ok_rows))).mean(axis=1, dtype=np.float64)
+        except (ValueError, KeyError) as e:
+            self.w_error = self.w_error or str(e)
+            return
+        self.w_n += len(w)
+        self.w_sum = w.sum(axis=0) if self.w_sum is None else self.w_sum + w.sum(axis=0)
+        outer = w.T @ w
+        self.w_outer = outer if self.w_outer is None else self.w_outer + outer
+        for row, i in zip(w.astype(np.float32), ok_rows):
+            self.w_points.offer(keys[i], cols["image_id"][i],
+                                (row, cols["task"][i] or "(none)", cols["run_id"][i] or "(none)"))
+
+    def merge(self, other: ReportStats) -> None:
+        self.n += other.n
+        self.counts.update(other.counts)
+        for r, o in other.runs.items():
+            d = self.runs.setdefault(r, {**o, "rows": 0, "ok": 0, "first": None, "last": None,
+                                         "checkpoints": set(), "tasks": set()})
+            d["rows"] += o["rows"]
+            d["ok"] += o["ok"]
+            d["first"] = min((t for t in (d["first"], o["first"]) if t is not None), default=None)
+            d["last"] = max((t for t in (d["last"], o["last"]) if t is not None), default=None)
+            d["checkpoints"] |= o["checkpoints"]
+            d["tasks"] |= o["tasks"]
+        self.sample.merge(other.sample)
+        for m, (worst, best) in other.extremes.items():
+            self.extremes[m][0].merge(worst)
+            self.extremes[m][1].merge(best)
+        self.hist_n.update(other.hist_n)
+        for c, h in other.hist.items():
+            self.hist[c].merge(h)
+        for key, (count, examples) in other.errors.items():
+            if key not in self.errors and len(self.errors) >= MAX_ERROR_GROUPS:
+                self.other_errors += count
+                continue
+            group = self.errors.setdefault(key, [0, []])
+            group[0] += count
+            group[1] = (group[1] + examples)[:3]
+        self.other_errors += other.other_errors
+        self.ok_tasks.update(other.ok_tasks)
+        self.ok_runs.update(other.ok_runs)
+        self.w_error = self.w_error or other.w_error
+        if other.w_n:
+            self.w_n += other.w_n
+            self.w_sum = other.w_sum if self.w_sum is None else self.w_sum + other.w_sum
+            self.w_outer = other.w_outer if self.w_outer is None else self.w_outer + other.w_outer
+        self.w_points.merge(other.w_points)
+
+    # -- what the page shows
+    def run_history(self) -> list[dict]:
+        """Per run_id: rows, ok, failed, first/last processed_at, checkpoints, tasks; oldest first."""
+        out = []
+        for d in self.runs.values():
+            out.append({**d, "failed": d["rows"] - d["ok"], "checkpoints": ", ".join(sorted(d["checkpoints"])) or "-",
+                        "tasks": ", ".join(sorted(d["tasks"])) or "-"})
+        far = _dt.datetime.max.replace(tzinfo=_dt.timezone.utc)
+        return sorted(out, key=lambda d: (d["first"] or far, d["run_id"]))
+
+    def error_groups(self) -> list[dict]:
+        """[{status, message, count, examples}] of the non-ok rows, most frequent first."""
+        out = [{"status": s, "message": m, "count": c, "examples": ex} for (s, m), (c, ex) in self.errors.items()]
+        out.sort(key=lambda g: (-g["count"], g["status"], g["message"]))
+        if self.other_errors:
+            out.append({"status": "(other)", "message": f"more than {MAX_ERROR_GROUPS} distinct messages",
+                        "count": self.other_errors, "examples": []})
+        return out
+
+    def pca(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(mean [512], the first two principal axes [2, 512] (signs fixed: largest |loading| > 0),
+        their explained variance ratios [2]) of every ok row's W+ (mean over styles), from the
+        exact sums; None with fewer than 2 rows."""
+        if self.w_n < 2:
+            return None
+        mean = self.w_sum / self.w_n
+        cov = self.w_outer / self.w_n - np.outer(mean, mean)
+        values, vectors = np.linalg.eigh((cov + cov.T) / 2)
+        order = np.argsort(values)[::-1]
+        values, axes = np.clip(values[order], 0, None), vectors[:, order[:2]].T
+        axes = axes * np.sign(axes[np.arange(2), np.abs(axes).argmax(axis=1)])[:, None]
+        total = values.sum()
+        return mean, axes, (values[:2] / total if total > 0 else np.zeros(2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,8 +344,9 @@ def _fig_uri(fig) -> str:
     return _data_uri(buf.getvalue(), "image/png")
 
 
-def histogram(values: Sequence[float], name: str) -> str | None:
-    """A PNG data URI of the histogram of the finite `values` (None when there are none)."""
+def histogram(values: Sequence[float], name: str, total: int | None = None) -> str | None:
+    """A PNG data URI of the histogram of the finite `values` (None when there are none); `total`:
+    how many values the table has when `values` is a sample of them."""
     v = np.asarray([x for x in values if x is not None], dtype=np.float64)
     v = v[np.isfinite(v)]
     if not len(v):
@@ -135,45 +354,38 @@ def histogram(values: Sequence[float], name: str) -> str | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(3.6, 2.4))
     ax.hist(v, bins=min(40, max(5, int(np.sqrt(len(v))))), color="#4c72b0")
-    ax.set_title(f"{name} (n={len(v)}, median {np.median(v):.4g})", fontsize=9)
+    sampled = total is not None and total > len(v)
+    ax.set_title(f"{name} (n={total if sampled else len(v)}, median {'~' if sampled else ''}{np.median(v):.4g})",
+                 fontsize=9)
     ax.tick_params(labelsize=8)
     return _fig_uri(fig)
 
 
-def pca_2d(w_mean: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows ``[N, 512]`` -> (coordinates ``[N, 2]`` on the first two principal axes, explained
-    variance ratios ``[2]``), by numpy SVD of the centred rows (signs fixed: largest |loading| > 0)."""
-    x = np.asarray(w_mean, np.float64)
-    x = x - x.mean(axis=0)
-    _, s, vt = np.linalg.svd(x, full_matrices=False)
-    k = min(2, vt.shape[0])
-    axes = vt[:k]
-    signs = np.sign(axes[np.arange(k), np.abs(axes).argmax(axis=1)])
-    axes = axes * signs[:, None]
-    coords = x @ axes.T
-    total = (s ** 2).sum()
-    ratio = (s[:k] ** 2) / total if total > 0 else np.zeros(k)
-    if k < 2:
-        coords = np.pad(coords, ((0, 0), (0, 2 - k)))
-        ratio = np.pad(ratio, (0, 2 - k))
-    return coords, ratio
-
-
-def pca_plot(w_mean: np.ndarray, groups: Sequence[str], title: str) -> str | None:
-    if len(w_mean) < 2:
-        return None
-    coords, ratio = pca_2d(w_mean)
+def pca_plot(stats: ReportStats) -> tuple[str | None, str]:
+    """(PNG data URI of the 2-D PCA of the ok rows' W+ (mean over styles), note when there is none):
+    axes from every row, points from the deterministic sample, grouped by task when the table holds
+    several tasks, else by run."""
+    found = stats.pca()
+    if found is None:
+        return None, f"W+ unavailable ({stats.w_error})" if stats.w_error else "needs at least 2 ok rows"
+    mean, axes, ratio = found
+    points = stats.w_points.items()
+    by = "task" if len(stats.ok_tasks) > 1 else "run"
+    totals = stats.ok_tasks if by == "task" else stats.ok_runs
+    coords = (np.stack([p[0] for p in points]).astype(np.float64) - mean) @ axes.T
+    groups = [p[1] if by == "task" else p[2] for p in points]
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 4.0))
     for g in sorted(set(groups)):
         m = np.array([x == g for x in groups])
-        ax.scatter(coords[m, 0], coords[m, 1], s=10, alpha=0.75, label=f"{g} ({int(m.sum())})")
+        ax.scatter(coords[m, 0], coords[m, 1], s=10, alpha=0.75, label=f"{g} ({totals[g]})")
     ax.set_xlabel(f"PC1 ({ratio[0]:.0%})", fontsize=8)
     ax.set_ylabel(f"PC2 ({ratio[1]:.0%})", fontsize=8)
-    ax.set_title(title, fontsize=9)
+    shown = f", {len(points)} shown" if len(points) < stats.w_n else ""
+    ax.set_title(f"W+ (mean over styles) of {stats.w_n} ok rows{shown}, by {by}", fontsize=9)
     ax.tick_params(labelsize=8)
     ax.legend(fontsize=7, loc="best")
-    return _fig_uri(fig)
+    return _fig_uri(fig), ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,42 +408,6 @@ def error_key(message: str | None, source_uri: str | None) -> str:
     return _NUM.sub("N", text) or "(no message)"
 
 
-def group_errors(statuses, errors, uris, examples: int = 3) -> list[dict]:
-    """[{status, message, count, examples}] of the non-ok rows, most frequent first."""
-    groups: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for s, e, u in zip(statuses, errors, uris):
-        if s != "ok":
-            groups[(s, error_key(e, u))].append(u)
-    out = [{"status": s, "message": m, "count": len(us), "examples": us[:examples]} for (s, m), us in groups.items()]
-    return sorted(out, key=lambda g: (-g["count"], g["status"], g["message"]))
-
-
-def run_history(table) -> list[dict]:
-    """Per run_id: rows, ok, failed, first/last processed_at, checkpoints, tasks; oldest first."""
-    runs: dict[str, dict] = {}
-    for r, s, t, ck, task in zip(_col(table, "run_id"), _col(table, "status"), _col(table, "processed_at"),
-                                 _col(table, "checkpoint_sha256"), _col(table, "task")):
-        d = runs.setdefault(r or "(none)", {"run_id": r or "(none)", "rows": 0, "ok": 0, "first": None, "last": None,
-                                           "checkpoints": set(), "tasks": set()})
-        d["rows"] += 1
-        d["ok"] += s == "ok"
-        if t is not None:
-            d["first"] = t if d["first"] is None else min(d["first"], t)
-            d["last"] = t if d["last"] is None else max(d["last"], t)
-        if ck:
-            d["checkpoints"].add(ck[:12])
-        if task:
-            d["tasks"].add(task)
-    out = []
-    for d in runs.values():
-        d["failed"] = d["rows"] - d["ok"]
-        d["checkpoints"] = ", ".join(sorted(d["checkpoints"])) or "-"
-        d["tasks"] = ", ".join(sorted(d["tasks"])) or "-"
-        out.append(d)
-    far = _dt.datetime.max.replace(tzinfo=_dt.timezone.utc)
-    return sorted(out, key=lambda d: (d["first"] or far, d["run_id"]))
-
-
 # ----------------------------------------------------------------------------------------------
 # the page
 
@@ -251,46 +427,34 @@ def build_report(
     each worst/best list. edits: an edits table (`psp edit` OUTPUT) whose images join the
     contact sheet. read_inputs: thumbnail the original inputs (read from `source_uri`).
     """
-    table = _read(uri, storage_options, _LIGHT)
-    n = table.num_rows
-    status = [s or "(null)" for s in _col(table, "status")]
-    ids = _col(table, "image_id")
-    uris = _col(table, "source_uri")
-    ok_idx = [i for i in range(n) if status[i] == "ok"]
+    from pipelines.scan import read_rows, scan_table, table_files
 
-    counts = sorted(Counter(status).items(), key=lambda kv: (-kv[1], kv[0]))
-
-    # -- which rows get images: a sample plus the extremes
-    rng = np.random.default_rng(seed)
-    sample_idx = sorted(rng.choice(ok_idx, size=min(sample, len(ok_idx)), replace=False).tolist()) if ok_idx else []
+    files = table_files(uri, storage_options)
+    columns = [c for c in _LIGHT if c in files.schema.names]
+    stats = scan_table(files, columns, partial(ReportStats, sample=sample, n_extreme=n_extreme, seed=seed))
+    contact_rows = stats.sample.items()
     extremes = []
-    for metric, lower_better in RANK_METRICS.items():
-        vals = _col(table, metric)
-        scored = [(vals[i], i) for i in ok_idx if vals[i] is not None and np.isfinite(vals[i])]
-        if not scored:
-            extremes.append({"metric": metric, "worst": [], "best": [], "missing": True})
-            continue
-        scored.sort(reverse=lower_better)  # worst first
-        k = min(n_extreme, len(scored))
-        extremes.append({"metric": metric, "missing": False,
-                         "worst": [i for _, i in scored[:k]], "best": [i for _, i in scored[::-1][:k]]})
-    shown = set(sample_idx) | {i for e in extremes for i in e["worst"] + e["best"]}
+    for metric in RANK_METRICS:
+        worst, best = stats.extremes[metric]
+        extremes.append({"metric": metric, "missing": not len(worst), "worst": worst.items(), "best": best.items()})
+    shown = contact_rows + [r for e in extremes for r in e["worst"] + e["best"]]
 
     images: dict[str, dict] = {}
     if shown:
-        wanted = {ids[i] for i in shown}
-        img_table = _read(uri, storage_options, _IMAGES)
+        wanted: dict[str, set] = defaultdict(set)
+        for r in shown:
+            wanted[r["file"]].add(r["image_id"])
+        img_table = read_rows(files, wanted, [c for c in _IMAGES if c in files.schema.names])
         for row_id, out_img, aligned, mixes in zip(_col(img_table, "image_id"), _col(img_table, "output_image"),
                                                    _col(img_table, "aligned_image"), _col(img_table, "mix_images")):
-            if row_id in wanted:
-                images[row_id] = {"output": out_img, "aligned": aligned, "mixes": mixes or []}
-    edit_cells = _edit_cells(edits, storage_options, {ids[i] for i in shown}) if edits else {}
+            images[row_id] = {"output": out_img, "aligned": aligned, "mixes": mixes or []}
+    edit_cells = _edit_cells(edits, storage_options, {r["image_id"] for r in shown}) if edits else {}
 
-    def sheet_row(i: int, caption: str) -> SheetRow:
-        im = images.get(ids[i], {})
+    def sheet_row(r: dict) -> SheetRow:
+        im = images.get(r["image_id"], {})
         cells = []
         if read_inputs:
-            data = _read_source(uris[i], storage_options)
+            data = _read_source(r["source_uri"], storage_options)
             src, note = _thumb(data)
             cells.append(Cell("input", src, "not readable" if data is None else note))
         src, note = _thumb(im.get("aligned"))
@@ -300,50 +464,25 @@ def build_report(
         for k, m in enumerate(im.get("mixes", [])[:4]):
             src, note = _thumb(m)
             cells.append(Cell(f"mix {k}", src, note))
-        cells.extend(edit_cells.get(ids[i], []))
-        return SheetRow(ids[i], uris[i], caption, cells)
+        cells.extend(edit_cells.get(r["image_id"], []))
+        caption = " · ".join(f"{name} {r[name]:.4g}" for name in _SHOWN[2:] if r.get(name) is not None)
+        return SheetRow(r["image_id"], r["source_uri"], caption, cells)
 
-    def caption(i: int) -> str:
-        parts = []
-        for name in ("face_score", "mse", "psnr", "ssim", "identity_distance"):
-            v = _col(table, name)[i]
-            if v is not None:
-                parts.append(f"{name} {v:.4g}")
-        return " · ".join(parts)
-
-    contact = [sheet_row(i, caption(i)) for i in sample_idx]
+    contact = [sheet_row(r) for r in contact_rows]
     for e in extremes:
-        e["worst_rows"] = [sheet_row(i, caption(i)) for i in e["worst"]]
-        e["best_rows"] = [sheet_row(i, caption(i)) for i in e["best"]]
-
-    hists = [{"name": c, "src": histogram(_col(table, c), c)} for c in HIST_COLUMNS]
-
-    pca_src, pca_note = None, ""
-    if len(ok_idx) >= 2:
-        from schemas import w_plus_to_numpy
-
-        lat = _read(uri, storage_options, ["image_id", "status", "task", "run_id", "w_plus"])
-        keep = [i for i, s in enumerate(_col(lat, "status")) if s == "ok"]
-        lat = lat.take(keep)
-        try:
-            w_mean = w_plus_to_numpy(lat).mean(axis=1)
-            tasks = [t or "(none)" for t in _col(lat, "task")]
-            by = "task" if len(set(tasks)) > 1 else "run"
-            groups = tasks if by == "task" else [r or "(none)" for r in _col(lat, "run_id")]
-            pca_src = pca_plot(w_mean, groups, f"W+ (mean over styles) of {len(w_mean)} ok rows, by {by}")
-        except (ValueError, KeyError) as e:
-            pca_note = f"W+ unavailable ({e})"
-    else:
-        pca_note = "needs at least 2 ok rows"
-
-    errors = group_errors(status, _col(table, "error"), uris)
+        e["worst_rows"] = [sheet_row(r) for r in e["worst"]]
+        e["best_rows"] = [sheet_row(r) for r in e["best"]]
+    hists = [{"name": c, "src": histogram(stats.hist[c].items(), c, stats.hist_n[c])} for c in HIST_COLUMNS]
+    pca_src, pca_note = pca_plot(stats)
+    counts = sorted(stats.counts.items(), key=lambda kv: (-kv[1], kv[0]))
     from jinja2 import Environment, select_autoescape
 
     env = Environment(autoescape=select_autoescape(default=True, default_for_string=True))
     return env.from_string(_TEMPLATE).render(
         uri=uri, generated=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        n=n, n_ok=len(ok_idx), counts=counts, runs=run_history(table), contact=contact, extremes=extremes,
-        hists=hists, pca_src=pca_src, pca_note=pca_note, errors=errors, edits=edits,
+        n=stats.n, n_ok=stats.counts.get("ok", 0), counts=counts, runs=stats.run_history(), contact=contact,
+        extremes=extremes, hists=hists, pca_src=pca_src, pca_note=pca_note, errors=stats.error_groups(),
+        edits=edits,
     )
 
 

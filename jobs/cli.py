@@ -14,8 +14,11 @@ Misconfiguration exits with status 2 and a message that says what to do, before 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from jobs import demo, edit, inspect, invert, nightly, report, submit, vacuum
 from jobs.invert import add_run_options, config_from_args, run_config  # noqa: F401 - the CLI's public helpers
@@ -42,8 +45,53 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     secrets.install_log_redaction()
     sys.excepthook = secrets.redacting_excepthook
-    with secrets.redacted_output():
+    with without_ray_noise(), secrets.redacted_output():
         return _main(argv)
+
+
+# Lines Ray's C++ core worker writes straight to this process's stderr that say nothing about the
+# run: every Ray Data actor pool is created with its operator's arguments in the object store
+# (ray-project/ray#57733), so each run printed "Actor ... has constructor arguments in the object
+# store and max_restarts > 0" once. (Our actors' restarts are tested in tests/test_faults.py.)
+RAY_NOISE = (b"has constructor arguments in the object store and max_restarts > 0",)
+
+
+@contextlib.contextmanager
+def without_ray_noise(noise: Sequence[bytes] = RAY_NOISE) -> Iterator[None]:
+    """Within the block, lines containing any of `noise` are dropped from file descriptor 2 (where
+    C++ libraries write, past sys.stderr); everything else passes through unchanged, in order."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        read_end, write_end = os.pipe()
+    except (OSError, ValueError):  # no stderr to filter
+        yield
+        return
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    out = os.dup(saved)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb", buffering=0) as src, os.fdopen(out, "wb", buffering=0) as dst:
+            pending = b""
+            while chunk := src.read(1 << 16):
+                *lines, pending = (pending + chunk).split(b"\n")
+                for line in lines:
+                    if not any(n in line for n in noise):
+                        dst.write(line + b"\n")
+            if pending:
+                dst.write(pending)
+
+    thread = threading.Thread(target=pump, name="psp-stderr-filter", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer gone: the pump reads to its end and stops
+        os.close(saved)
+        thread.join(timeout=10)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -1,6 +1,8 @@
 """The `psp` command line: misconfiguration fails fast with what to do; demo and inspect work."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from jobs.cli import main
@@ -164,3 +166,18 @@ def test_metrics_on_car_inputs_fail_fast(inputs, tmp_path):
         resolve_config(config)
     resolved = resolve_config(InvertConfig(input=inputs, output=str(tmp_path / "out"), checkpoint=cars))
     assert (resolved.task, resolved.align, resolved.checkpoint.family) == ("cars_encode", "none", "e4e")
+
+
+def test_ray_noise_is_dropped_from_stderr_and_nothing_else(capfd):
+    """What C++ writes to file descriptor 2 during a command passes through in order, except Ray's
+    known-harmless "constructor arguments in the object store" line (printed once per run)."""
+    from jobs.cli import without_ray_noise
+
+    with without_ray_noise():
+        os.write(2, b"first line\n")
+        os.write(2, b"[2026 E 1 1] core_worker.cc:2465: Actor with class name: 'MapWorker(MapBatches(AlignFaces))' "
+                    b"has constructor arguments in the object store and max_restarts > 0. If the ...\n")
+        os.write(2, b"from python\n")
+        os.write(2, b"a real error\nno newline at the end")
+    err = capfd.readouterr().err
+    assert err == "first line\nfrom python\na real error\nno newline at the end"

@@ -374,8 +374,6 @@ def run_edit(config: EditConfig) -> EditSummary:
     except (DirectionError, FileNotFoundError) as e:
         raise ConfigError(f"--direction: {e}") from None
     files, n_styles = _latent_files(config.table, config.storage_options)
-    plan = latent_plan(files, config.limit)
-    n_inputs = 0
     try:
         # On the meta device: shapes only, to fail here rather than in every actor.
         meta = load_decoder(config.generator, device="meta", storage_options=config.storage_options)
@@ -391,6 +389,8 @@ def run_edit(config: EditConfig) -> EditSummary:
     except DirectionError as e:
         raise ConfigError(f"--direction: {e}") from None
 
+    plan = latent_plan(files, config.limit)  # after every check: a scan may start Ray tasks
+    n_inputs = 0
     counts: dict[str, int] = {}
     device = config.device
     if plan:

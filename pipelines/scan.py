@@ -2,8 +2,8 @@
 
 `scan_table` folds every data file of an output table version into a mergeable aggregate: an
 object with ``add(batch, file)`` (a ``pyarrow.RecordBatch`` of the asked columns, and the data
-file it came from) and ``merge(other)``. With Ray (already running, or the table has at least
-`RAY_MIN_FILES` files) the file list is cut into shards and each shard is folded in a Ray task,
+file it came from) and ``merge(other)``. When the table has at least `RAY_MIN_FILES` files (or
+the caller asks for Ray) the file list is cut into shards and each shard is folded in a Ray task,
 the caller merging the shards' aggregates as they finish; otherwise the caller streams the files
 batch by batch itself. Either way the caller holds the file list and one aggregate, never a row
 per input, and reads only the columns it names. `psp report`, `psp inspect` and `psp direction`
@@ -91,15 +91,13 @@ def scan_table(files: TableFiles, columns: Sequence[str], make: Callable[[], Any
     """Fold the whole table version `files` into `make()`'s aggregate (see the module doc).
 
     columns: the columns `add` sees (missing ones read as nulls). filter: a pyarrow expression
-    pushed into each file's scan. use_ray: None decides by the table's size and whether Ray runs.
+    pushed into each file's scan. use_ray: None decides by the number of files.
     """
     missing = [c for c in columns if c not in files.schema.names]
     if missing:
         raise ValueError(f"table {files.uri!r} has no column(s) {missing}")
     if use_ray is None:
-        import ray
-
-        use_ray = ray.is_initialized() or len(files.paths) >= RAY_MIN_FILES
+        use_ray = len(files.paths) >= RAY_MIN_FILES
     if not use_ray or not files.paths:
         return fold_files(files, files.paths, columns, make, filter)
     import ray

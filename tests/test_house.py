@@ -19,7 +19,6 @@ LONG_FUNCTIONS: dict[str, str] = {
     "pipelines/graph.py::build_dataset": "the whole Ray graph in one screenful of wiring, read top to bottom",
     "pipelines/incremental.py::run_nightly": "the nightly phases in order (list, plan, adopt, process, commit)",
     "pipelines/edit.py::run_edit": "the edit run's fail-fast checks followed by its Ray graph",
-    "pipelines/report.py::build_report": "one section of the page after another, each a few lines",
 }
 
 

@@ -1,0 +1,220 @@
+"""`psp train` on real local Ray Train workers: what a user relies on when training on a cluster.
+
+- 2 workers x batch b end with the same parameters as 1 worker x batch 2b (BatchNorm statistics
+  and decoder noise do not depend on the split);
+- a worker killed mid-run: the run resumes from its last checkpoint and ends where an
+  uninterrupted run ends;
+- the checkpoint a run writes loads in `psp invert` and inverts;
+- a missing pretrained file stops the command before any work, naming its flag;
+- the training data is an output table written by `psp invert --save-aligned`.
+
+Small on purpose: output 32, the IR-SE50 backbone encoder with a W+ head (the smallest encoder
+with BatchNorm), 2 steps (0 and 1, as the original counts), random weights in the official formats.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+N_FACES = 4
+
+
+def _images(folder, n):
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(7)
+    paths = []
+    for i in range(n):
+        yy, xx = np.mgrid[0:96, 0:96]
+        img = np.stack([(xx * (i + 2)) % 256, (yy * 3 + i * 40) % 256, (xx + yy) % 256], -1).astype(np.uint8)
+        img = np.clip(img.astype(int) + rng.integers(-20, 20, img.shape), 0, 255).astype(np.uint8)
+        path = os.path.join(folder, f"face_{i}.png")
+        Image.fromarray(img).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def setup(ray_cluster, tiny_checkpoint, tmp_path_factory):
+    """Random pretrained files, and an output table of aligned faces written by psp invert."""
+    from pipelines.config import InvertConfig
+    from pipelines.graph import run_invert
+    from psp_core.training.testing import random_training_weights
+
+    root = tmp_path_factory.mktemp("train")
+    weights = random_training_weights(root / "weights", output_size=32,
+                                      which=("stylegan", "alexnet", "lpips", "ir_se50"))
+    images = root / "images"
+    _images(str(images), N_FACES)
+    table = root / "faces"
+    summary = run_invert(InvertConfig(input=str(images), output=str(table), checkpoint=tiny_checkpoint,
+                                      align="none", save_aligned=True, images="none"))
+    assert summary.counts == {"ok": N_FACES}
+    yield {"root": root, "weights": weights, "images": str(images), "table": str(table)}
+    shutil.rmtree(root, ignore_errors=True)  # checkpoints are hundreds of MB
+
+
+def _config(setup, run_dir, **kw):
+    from pipelines.train import TrainConfig
+
+    w = setup["weights"]
+    values = dict(
+        data=setup["table"], run_dir=str(run_dir), output_size=32, encoder_type="BackboneEncoderUsingLastLayerIntoWPlus",
+        start_from_latent_avg=True, batch_size=1, workers=2, max_steps=1, val_interval=1000, save_interval=1000,
+        val_samples=2, device="cpu", data_cpus=0.25, max_failures=0, stylegan_weights=w.stylegan,
+        alexnet_weights=w.alexnet, lpips_weights=w.lpips, ir_se50_weights=w.ir_se50, seed=3,
+    )
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def _state(path):
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    return ckpt["state_dict"]
+
+
+def _records(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def two_workers(setup):
+    """2 workers x batch 1, steps 0..1, from the table: the reference run of the tests below."""
+    from pipelines.train import run_train
+
+    run_dir = setup["root"] / "two"
+    result = run_train(_config(setup, run_dir))
+    return {"dir": str(run_dir), "result": result}
+
+
+def test_two_workers_equal_one_worker_with_the_doubled_batch(setup, two_workers):
+    from pipelines.train import run_train
+
+    run_dir = setup["root"] / "one"
+    one = run_train(_config(setup, run_dir, workers=1, batch_size=2))
+    assert one.steps == two_workers["result"].steps == 1
+    a = _state(os.path.join(run_dir, "checkpoints", "iteration_1.pt"))
+    b = _state(os.path.join(two_workers["dir"], "checkpoints", "iteration_1.pt"))
+    start = _state(os.path.join(run_dir, "checkpoints", "iteration_0.pt"))
+    assert a.keys() == b.keys()
+    moved = 0
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+            moved += int(not torch.equal(a[k], start[k]))
+        else:
+            assert torch.equal(a[k], b[k]), k
+    assert moved > 10  # the parameters did train (BN running statistics included)
+    # the losses of each step are the global batch's, whichever split computed them
+    la = [r for r in _records(str(run_dir)) if r["split"] == "train"]
+    lb = [r for r in _records(two_workers["dir"]) if r["split"] == "train"]
+    assert [r["step"] for r in la] == [r["step"] for r in lb] == [0, 1]
+    for ra, rb in zip(la, lb):
+        assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4)
+
+
+def _train_workers():
+    from ray._private.state import actors
+
+    return [a for a in actors(actor_state_name="ALIVE").values()
+            if "RayTrainWorker" in a["ActorClassName"] and a["Pid"]]
+
+
+def test_a_killed_worker_resumes_from_the_last_checkpoint(setup, two_workers):
+    from pipelines.train import run_train
+
+    run_dir = setup["root"] / "killed"
+    killed = []
+
+    snapshot = run_dir / "ray" / "train" / "checkpoint_manager_snapshot.json"
+
+    def has_checkpoint() -> bool:
+        try:
+            return json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["step"] == 0
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    def killer():
+        # Once Ray Train has registered the step-0 checkpoint, SIGKILL a worker (as a lost node would).
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not has_checkpoint():
+            time.sleep(0.05)
+        workers = _train_workers()
+        if workers:
+            os.kill(workers[-1]["Pid"], signal.SIGKILL)
+            killed.append(workers[-1]["Pid"])
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    result = run_train(_config(setup, run_dir, save_interval=1, max_failures=1))
+    t.join(timeout=10)
+    assert killed, "no worker was killed"
+    assert result.steps == 1
+    resumes = [r for r in _records(str(run_dir)) if r["split"] == "resume"]
+    assert [r["restored_step"] for r in resumes] == [0]
+    # each step logged once, and the end is the uninterrupted run's, parameter for parameter
+    assert [r["step"] for r in _records(str(run_dir)) if r["split"] == "train"] == [0, 1]
+    a = _state(os.path.join(run_dir, "checkpoints", "iteration_1.pt"))
+    b = _state(os.path.join(two_workers["dir"], "checkpoints", "iteration_1.pt"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_the_checkpoint_loads_in_psp_invert_and_inverts(setup, two_workers, tmp_path):
+    import schemas
+    from jobs.cli import main
+    from psp_core import load_psp
+
+    ckpt = os.path.join(two_workers["dir"], "checkpoints", "iteration_1.pt")
+    assert two_workers["result"].checkpoint.endswith("iteration_1.pt")
+    net = load_psp(ckpt)  # weights_only=True inside
+    assert net.n_styles == 8 and net.encoder_type == "BackboneEncoderUsingLastLayerIntoWPlus"
+    out = tmp_path / "inverted"
+    paths = sorted(glob.glob(os.path.join(setup["images"], "*.png")))[:2]
+    assert main(["invert", *paths, str(out), "--checkpoint", ckpt, "--align", "none"]) == 0
+    ids, w = schemas.read_latents(str(out))
+    assert len(ids) == 2 and w.shape == (2, 8, 512) and np.isfinite(w).all()
+
+
+def test_a_missing_weight_file_fails_before_any_work_naming_it(setup, tmp_path, capsys):
+    from jobs.cli import main
+
+    run_dir = tmp_path / "run"
+    w = setup["weights"]
+    started = time.monotonic()
+    code = main(["train", setup["table"], "--run-dir", str(run_dir), "--output-size", "32",
+                 "--stylegan-weights", str(tmp_path / "stylegan2-ffhq-config-f.pt"),
+                 "--alexnet-weights", w.alexnet, "--lpips-weights", w.lpips, "--id-lambda", "0.1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--stylegan-weights" in err and "stylegan2-ffhq-config-f.pt" in err and "does not exist" in err
+    assert "--ir-se50-weights" in err and "not given" in err
+    assert not run_dir.exists()
+    assert time.monotonic() - started < 30  # no Ray start, no model built
+
+
+def test_training_data_from_an_output_table_is_its_aligned_faces(setup):
+    from pipelines.train import TrainSamples, list_training_items
+    from psp_core.training.options import TrainOptions
+
+    items = list_training_items(setup["table"])
+    assert len(items) == N_FACES and {i["column"] for i in items} == {"aligned_image"}
+    stage = TrainSamples(items, TrainOptions(output_size=32).to_opts_dict(), seed=3)
+    out = stage({"sample": np.arange(N_FACES + 1)})
+    assert out["source"].shape == (N_FACES + 1, 3, 256, 256) and out["target"].shape == out["source"].shape
+    assert out["source"].min() >= -1.0 and out["source"].max() <= 1.0 and out["source"].std() > 0.05
+    # one epoch visits every face once, in a seeded order
+    assert sorted(out["source_uri"][:N_FACES]) == sorted({i["source_uri"] for i in items})

@@ -55,7 +55,9 @@ def build_training_net(opts: TrainOptions, weights: TrainingWeights, seed: int |
     ``weights.ir_se50`` (all but the input layer when ``label_nc != 0``), the decoder gets the
     generator's ``g_ema`` and ``latent_avg`` is the generator's average W repeated to
     ``[1, 512]`` (``learn_in_w``) or ``[n_styles, 512]``. Without a stored average, the mean W of
-    100,000 random z (``decoder.mean_latent``, drawn from ``seed`` when given) as the coach does.
+    100,000 random z (``decoder.mean_latent``, drawn from ``seed`` when given) as the coach does,
+    but only when ``start_from_latent_avg`` uses it (the coach computes it regardless; without
+    the option nothing reads or saves it, and it costs 100,000 mapping-network passes).
     """
     net = PSP(_model_opts(opts))
     latent_avg = None
@@ -77,7 +79,7 @@ def build_training_net(opts: TrainOptions, weights: TrainingWeights, seed: int |
         if "latent_avg" in generator:
             latent_avg = generator["latent_avg"].detach().float().clone().repeat(
                 1 if opts.learn_in_w else opts.n_styles, 1)
-    if latent_avg is None:
+    if latent_avg is None and opts.start_from_latent_avg:
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         with torch.no_grad():
             latent_avg = net.decoder.mean_latent(MEAN_LATENT_SAMPLES, generator=gen)[0].detach()

@@ -21,7 +21,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from psp_core.stylegan2 import NoiseInjection

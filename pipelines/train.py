@@ -13,7 +13,8 @@
 Global batch = workers x --batch-size. Sample number g (0, 1, 2, ...) is the g-th sample of the
 whole run: step s trains samples s*G .. s*G+G-1, worker k the k-th slice of b. Sample g is item
 `perm_e[g mod N]` of the training list (perm_e: a seeded permutation per epoch e = g // N), its
-random transform (flip, super-resolution factor) and decoder noise are seeded by (seed, g). So a
+random transform (flip, super-resolution factor: `psp_core.training.data.sample_rng(seed, g)`) and
+decoder noise are seeded by (seed, g). So a
 run's result depends on the seed and the global batch only, not on how many workers share it, and
 a run resumed from its checkpoint at step s trains exactly the samples of steps s+1.. that the
 uninterrupted run would have.
@@ -32,7 +33,7 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -336,11 +337,6 @@ def epoch_order(n_items: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.Generator(np.random.PCG64([int(seed) & 0xFFFFFFFF, int(epoch), 0x7053])).permutation(n_items)
 
 
-def sample_seed(seed: int, sample: int) -> int:
-    """The seed of sample g's random transform."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(sample), 0x5EED]).generate_state(1)[0])
-
-
 def step_samples(step: int, rank: int, world: int, batch: int) -> list[int]:
     """The global sample numbers worker `rank` trains at `step`."""
     start = step * world * batch + rank * batch
@@ -348,25 +344,31 @@ def step_samples(step: int, rank: int, world: int, batch: int) -> list[int]:
 
 
 class TrainSamples:
-    """Batch dict stage: sample numbers -> the (source, target) tensors the trainer takes.
+    """Batch dict stage: sample numbers -> the prepared (uint8) source and target of each sample.
 
-    In: `sample` (int64 global sample numbers). Out: `sample`, `source` float32 [B, input_nc, 256,
-    256], `target` float32 [B, 3, 256, 256], `source_uri`, `replaced` (how many unreadable items
-    were skipped for it). Reading and decoding reuse `pipelines.sources.read_batch` and
-    `pipelines.decode.DecodeImages`; an item that fails is replaced by the next of the epoch's order,
-    so a bad input never stops training and the batch keeps its size.
+    In: `sample` (int64 global sample numbers). Out: `sample`, `target` uint8 [B, 256, 256, 3],
+    `source` uint8 [B, 256, 256(, 3)] (not for encode tasks, whose source is the target),
+    `source_uri`, `replaced` (how many unreadable items were skipped for it). The PIL part of the
+    task's transforms (`psp_core.training.data.TrainTransforms.prepare_*`) with sample g's own
+    random draw (`sample_rng(seed, g)`); the tensor part runs on the worker's device. Reading and
+    decoding reuse `pipelines.sources.read_batch` and `pipelines.decode.DecodeImages`; an item that
+    cannot be read, decoded or transformed is replaced by the next one of the epoch's order, so a
+    bad input never stops training and the batch keeps its size.
     """
 
     def __init__(self, items: Any, opts: Mapping[str, Any], seed: int, train: bool = True,
                  storage_options: Mapping[str, Any] | None = None):
         import pyarrow as pa
 
+        from psp_core.training.data import TrainTransforms
+
         if isinstance(items, list) and len(items) == 1 and type(items[0]).__name__ == "ObjectRef":
             import ray
 
             items = ray.get(items[0])  # an ObjectRef in a list (Ray Data does not resolve it)
         self.items = items if isinstance(items, pa.Table) else pa.Table.from_pylist(list(items))
-        self.opts = TrainOptions.from_dict(opts, strict=False) if isinstance(opts, Mapping) else opts
+        opts = TrainOptions.from_dict(opts, strict=False) if isinstance(opts, Mapping) else opts
+        self.transforms = TrainTransforms(opts, train=train)
         self.seed = int(seed)
         self.train = train
         self.storage_options = dict(storage_options or {})
@@ -392,12 +394,18 @@ class TrainSamples:
         decoded = DecodeImages()(read_batch(batch, self.storage_options))
         return list(decoded["image"]), list(decoded["error"])
 
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from psp_core.training import data as training_data
+    def _prepare(self, sample: int, source, target) -> tuple[np.ndarray | None, np.ndarray]:
+        from psp_core.training.data import sample_rng
 
+        t = self.transforms
+        draw = t.draw(sample_rng(self.seed, sample))
+        tgt = t.prepare_target(target, draw)
+        src = t.prepare_source(None if t.source_is_target else source, draw)
+        return src, tgt
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         samples = [int(s) for s in batch["sample"]]
-        images: list = [None] * len(samples)
-        targets: list = [None] * len(samples)
+        prepared: list = [None] * len(samples)
         shifts = [0] * len(samples)
         pending = list(range(len(samples)))
         errors: list[str] = []
@@ -407,29 +415,39 @@ class TrainSamples:
             tgt, terr = self._images(rows, "target_") if self.paired else (src, err)
             again = []
             for i, s, t, e1, e2 in zip(pending, src, tgt, err, terr):
-                if s is None or t is None:
-                    errors.append(e1 or e2)
-                    shifts[i] += 1
-                    if shifts[i] >= min(SAMPLE_TRIES, self.items.num_rows):
-                        raise RuntimeError(f"{SAMPLE_TRIES} training inputs in a row could not be read: "
-                                           f"{'; '.join(errors[-3:])}")
-                    again.append(i)
-                else:
-                    images[i], targets[i] = s, t
+                problem = e1 or e2 or "not decoded"
+                if s is not None and t is not None:
+                    try:
+                        prepared[i] = self._prepare(samples[i], s, t)
+                        continue
+                    except ValueError as e:  # e.g. a segmentation map with labels >= label_nc
+                        problem = f"{self.items.column('source_uri')[rows[pending.index(i)]].as_py()}: {e}"
+                errors.append(problem)
+                shifts[i] += 1
+                if shifts[i] >= min(SAMPLE_TRIES, self.items.num_rows):
+                    raise RuntimeError(f"{shifts[i]} training inputs in a row could not be used: "
+                                       f"{'; '.join(errors[-3:])}")
+                again.append(i)
             pending = again
-        xs, ys = [], []
-        for g, s, t in zip(samples, images, targets):
-            x, y = training_data.make_pair(self.opts, s, t, seed=sample_seed(self.seed, g), train=self.train)
-            xs.append(np.asarray(x, dtype=np.float32))
-            ys.append(np.asarray(y, dtype=np.float32))
         uris = [self.items.column("source_uri")[self._item(g, k)].as_py() for g, k in zip(samples, shifts)]
-        return {
+        out = {
             "sample": np.asarray(samples, dtype=np.int64),
-            "source": np.stack(xs),
-            "target": np.stack(ys),
+            "target": np.stack([p[1] for p in prepared]),
             "source_uri": object_column(uris),
             "replaced": np.asarray(shifts, dtype=np.int32),
         }
+        if not self.transforms.source_is_target:
+            out["source"] = np.stack([p[0] for p in prepared])
+        return out
+
+    def tensors(self, batch: Mapping[str, np.ndarray], device) -> tuple[Any, Any]:
+        """(x, y) float tensors on `device` of a batch this stage made (the transforms' tensor part)."""
+        import torch
+
+        target = torch.from_numpy(np.ascontiguousarray(batch["target"])).to(device)
+        source = batch.get("source")
+        source = None if source is None else torch.from_numpy(np.ascontiguousarray(source)).to(device)
+        return self.transforms.to_tensors(source, target)
 
 
 def sample_stream(items_ref: Any, opts: Mapping[str, Any], seed: int, rank: int, world: int, batch: int,
@@ -516,15 +534,22 @@ class RunFolder:
         """A PNG grid, one row per sample: source | target | output (256x256 each)."""
         from PIL import Image
 
-        from psp_core.training import data as training_data
-
         rows = []
         for x, y, o in zip(source, target, output):
-            tiles = [training_data.source_to_image(opts, x), _to_uint8(y), _to_uint8(o)]
+            tiles = [_source_image(x), _to_uint8(y), _to_uint8(o)]
             rows.append(np.concatenate([np.asarray(Image.fromarray(t).convert("RGB").resize((256, 256))) for t in tiles], axis=1))
         buf = io.BytesIO()
         Image.fromarray(np.concatenate(rows, axis=0)).save(buf, format="PNG", compress_level=1)
         self.write_bytes(rel, buf.getvalue())
+
+
+def _source_image(x) -> np.ndarray:
+    """A source tensor as a picture: RGB in [-1, 1], a sketch in [0, 1], or a one-hot label map."""
+    from psp_core.tasks import tensor2map, tensor2sketch
+
+    if x.shape[0] == 3:
+        return _to_uint8(x)
+    return tensor2sketch(x) if x.shape[0] == 1 else tensor2map(x)
 
 
 def _to_uint8(t) -> np.ndarray:
@@ -622,6 +647,7 @@ def train_worker(loop_config: dict) -> None:
         if state is not None:  # a restart is visible where the losses are
             run.log({"step": first - 1, "split": "resume", "restored_step": first - 1})
 
+    samples = TrainSamples([], opts.to_opts_dict(), config.seed)  # its tensor part, on this device
     val_items = loop_config["val_items"]
     val_stage = TrainSamples(val_items, opts.to_opts_dict(), config.seed, train=False,
                              storage_options=config.storage_options)
@@ -632,7 +658,7 @@ def train_worker(loop_config: dict) -> None:
         expected = step_samples(step, rank, world, config.batch_size)
         if batch["sample"].tolist() != expected:  # the stream's order is the contract of resume and equivalence
             raise RuntimeError(f"worker {rank} got samples {batch['sample'].tolist()} at step {step}, expected {expected}")
-        x, y = torch.from_numpy(batch["source"]), torch.from_numpy(batch["target"])
+        x, y = samples.tensors(batch, device)
         noise.set_samples(expected)
         losses = trainer.train_step(x, y)
         noise.set_samples(None)
@@ -641,10 +667,11 @@ def train_worker(loop_config: dict) -> None:
             elapsed = time.perf_counter() - tick
             record = {"step": step, "split": "train", **_mean_over_workers(losses, len(expected), world)}
             record["samples_per_s"] = config.batch_size * world * (step - first + 1) / max(elapsed, 1e-9)
+            record["time_s"] = elapsed  # since this worker group started (bench/train.py times steps with it)
             if run is not None:
                 run.log(record)
         if run is not None and _should_image(step, config.image_interval):
-            run.save_grid(f"images/train/{step:06d}.png", x[:4], y[:4], trainer.last_y_hat[:4].cpu(), opts)
+            run.save_grid(f"images/train/{step:06d}.png", x[:4].cpu(), y[:4].cpu(), trainer.last_y_hat[:4].cpu(), opts)
         if step % config.val_interval == 0 or last:
             val = _validate(trainer, val_stage, val_mine, config, run, step, opts, world)
             if run is not None and val:
@@ -667,7 +694,7 @@ def _validate(trainer, stage: TrainSamples, mine: list[int], config: TrainConfig
     if not hasattr(stage, "_cache"):
         stage._cache = [stage({"sample": np.asarray(mine[i:i + config.test_batch_size])})
                         for i in range(0, len(mine), config.test_batch_size)]
-    batches = [(torch.from_numpy(b["source"]), torch.from_numpy(b["target"])) for b in stage._cache]
+    batches = [stage.tensors(b, trainer.device) for b in stage._cache]
     # eval mode, no collectives: the bare net (DDP's forward would wait for the other workers)
     forward, trainer.forward_module = trainer.forward_module, trainer.net
     try:
@@ -677,7 +704,7 @@ def _validate(trainer, stage: TrainSamples, mine: list[int], config: TrainConfig
                 trainer.net.eval()
                 y_hat = trainer.net(batches[0][0][:4].float().to(trainer.device))
                 trainer.net.train()
-            run.save_grid(f"images/val/{step:06d}.png", batches[0][0][:4], batches[0][1][:4], y_hat.cpu(), opts)
+            run.save_grid(f"images/val/{step:06d}.png", batches[0][0][:4].cpu(), batches[0][1][:4].cpu(), y_hat.cpu(), opts)
     finally:
         trainer.forward_module = forward
     return _mean_over_workers(losses, weight, world)
@@ -793,7 +820,6 @@ __all__ = [
     "list_training_items",
     "training_lists",
     "epoch_order",
-    "sample_seed",
     "step_samples",
     "sample_stream",
     "train_worker",

@@ -25,8 +25,6 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
-
 N_FACES = 4
 
 
@@ -100,6 +98,7 @@ def two_workers(setup):
     return {"dir": str(run_dir), "result": result}
 
 
+@pytest.mark.slow
 def test_two_workers_equal_one_worker_with_the_doubled_batch(setup, two_workers):
     from pipelines.train import run_train
 
@@ -133,6 +132,7 @@ def _train_workers():
             if "RayTrainWorker" in a["ActorClassName"] and a["Pid"]]
 
 
+@pytest.mark.slow
 def test_a_killed_worker_resumes_from_the_last_checkpoint(setup, two_workers):
     from pipelines.train import run_train
 
@@ -173,6 +173,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(setup, two_workers):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow
 def test_the_checkpoint_loads_in_psp_invert_and_inverts(setup, two_workers, tmp_path):
     import schemas
     from jobs.cli import main
@@ -206,6 +207,7 @@ def test_a_missing_weight_file_fails_before_any_work_naming_it(setup, tmp_path, 
     assert time.monotonic() - started < 30  # no Ray start, no model built
 
 
+@pytest.mark.slow
 def test_training_data_from_an_output_table_is_its_aligned_faces(setup):
     from pipelines.train import TrainSamples, list_training_items
     from psp_core.training.options import TrainOptions
@@ -214,7 +216,42 @@ def test_training_data_from_an_output_table_is_its_aligned_faces(setup):
     assert len(items) == N_FACES and {i["column"] for i in items} == {"aligned_image"}
     stage = TrainSamples(items, TrainOptions(output_size=32).to_opts_dict(), seed=3)
     out = stage({"sample": np.arange(N_FACES + 1)})
-    assert out["source"].shape == (N_FACES + 1, 3, 256, 256) and out["target"].shape == out["source"].shape
-    assert out["source"].min() >= -1.0 and out["source"].max() <= 1.0 and out["source"].std() > 0.05
+    assert "source" not in out  # encode: the source is the target
+    assert out["target"].shape == (N_FACES + 1, 256, 256, 3) and out["target"].dtype == np.uint8
+    assert out["target"].std() > 10
+    x, y = stage.tensors(out, torch.device("cpu"))
+    assert x.shape == y.shape == (N_FACES + 1, 3, 256, 256) and -1.0 <= float(y.min()) < float(y.max()) <= 1.0
     # one epoch visits every face once, in a seeded order
     assert sorted(out["source_uri"][:N_FACES]) == sorted({i["source_uri"] for i in items})
+
+
+def test_psp_submit_takes_a_training_command_and_warns_about_local_weights(tmp_path):
+    from jobs.submit import SubmitError, check_entrypoint, local_path_warnings
+
+    ns = check_entrypoint(["train", "s3://faces/table", "--run-dir", "s3://runs/one", "--workers", "8",
+                           "--device", "cuda", "--stylegan-weights", "stylegan2.pt",
+                           "--ir-se50-weights", "s3://w/model_ir_se50.pth"])
+    assert ns.workers == 8 and ns.run_dir == "s3://runs/one"
+    warnings = local_path_warnings(ns)
+    assert len(warnings) == 1 and "stylegan2.pt" in warnings[0] and "never uploaded" in warnings[0]
+    with pytest.raises(SubmitError):
+        check_entrypoint(["train", "s3://faces/table"])  # no --run-dir
+    with pytest.raises(SubmitError):
+        check_entrypoint(["train", "s3://faces/table", "--run-dir", "r", "--optim", "sgd"])
+
+
+@pytest.mark.slow
+def test_resume_continues_a_finished_run_to_more_steps(setup, two_workers):
+    """`--resume` (a new driver on the same run folder): Ray Train's snapshot gives the last
+    checkpoint, and training goes on from the next step."""
+    from pipelines.options import ConfigError
+    from pipelines.train import run_train
+
+    with pytest.raises(ConfigError, match="--resume"):
+        run_train(_config(setup, two_workers["dir"], max_steps=2))  # the folder holds a run
+    result = run_train(_config(setup, two_workers["dir"], max_steps=2, resume=True))
+    assert result.steps == 2
+    records = _records(two_workers["dir"])
+    assert [(r["split"], r["step"]) for r in records if r["split"] in ("train", "resume")] == [
+        ("train", 0), ("train", 1), ("resume", 1), ("train", 2)]
+    assert os.path.exists(os.path.join(two_workers["dir"], "checkpoints", "iteration_2.pt"))

@@ -45,15 +45,21 @@ def _images(folder, n):
 
 
 @pytest.fixture(scope="module")
-def setup(ray_cluster, tiny_checkpoint, tmp_path_factory):
+def weights(tmp_path_factory):
+    """Random pretrained files in their published formats (no Ray)."""
+    from psp_core.training.testing import random_training_weights
+
+    return random_training_weights(tmp_path_factory.mktemp("weights"), output_size=32,
+                                   which=("stylegan", "alexnet", "lpips", "ir_se50"))
+
+
+@pytest.fixture(scope="module")
+def setup(ray_cluster, tiny_checkpoint, weights, tmp_path_factory):
     """Random pretrained files, and an output table of aligned faces written by psp invert."""
     from pipelines.config import InvertConfig
     from pipelines.graph import run_invert
-    from psp_core.training.testing import random_training_weights
 
     root = tmp_path_factory.mktemp("train")
-    weights = random_training_weights(root / "weights", output_size=32,
-                                      which=("stylegan", "alexnet", "lpips", "ir_se50"))
     images = root / "images"
     _images(str(images), N_FACES)
     table = root / "faces"
@@ -190,13 +196,13 @@ def test_the_checkpoint_loads_in_psp_invert_and_inverts(setup, two_workers, tmp_
     assert len(ids) == 2 and w.shape == (2, 8, 512) and np.isfinite(w).all()
 
 
-def test_a_missing_weight_file_fails_before_any_work_naming_it(setup, tmp_path, capsys):
+def test_a_missing_weight_file_fails_before_any_work_naming_it(weights, tmp_path, capsys):
     from jobs.cli import main
 
     run_dir = tmp_path / "run"
-    w = setup["weights"]
+    w = weights
     started = time.monotonic()
-    code = main(["train", setup["table"], "--run-dir", str(run_dir), "--output-size", "32",
+    code = main(["train", str(tmp_path), "--run-dir", str(run_dir), "--output-size", "32",
                  "--stylegan-weights", str(tmp_path / "stylegan2-ffhq-config-f.pt"),
                  "--alexnet-weights", w.alexnet, "--lpips-weights", w.lpips, "--id-lambda", "0.1"])
     err = capsys.readouterr().err

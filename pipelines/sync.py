@@ -157,12 +157,14 @@ class PerSampleNoise:
             batch, _, height, width = image.shape
             if batch != len(self.samples):
                 raise RuntimeError(f"noise for {len(self.samples)} samples set, the batch has {batch}")
+            device = image.device  # drawn where the model runs (CPU and GPU draws differ; each is seeded)
             maps = [
-                torch.randn(1, 1, height, width, generator=torch.Generator().manual_seed(_seed(self.seed, s, layer)))
+                torch.randn(1, 1, height, width, device=device,
+                            generator=torch.Generator(device=device).manual_seed(_seed(self.seed, s, layer)))
                 for s in self.samples
             ]
             kwargs = dict(kwargs)
-            kwargs["noise"] = torch.cat(maps).to(device=image.device, dtype=image.dtype)
+            kwargs["noise"] = torch.cat(maps).to(dtype=image.dtype)
             return (args[:1], kwargs)
 
         return hook

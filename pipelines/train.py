@@ -12,11 +12,11 @@
 
 Global batch = workers x --batch-size. Sample number g (0, 1, 2, ...) is the g-th sample of the
 whole run: step s trains samples s*G .. s*G+G-1, worker k the k-th slice of b. Sample g is item
-`perm_e[g mod N]` of the training list (perm_e: a seeded permutation per epoch e = g // N), its
+`perm_e[g mod N]` of the training list (perm_e: a seeded permutation per epoch e = g // N); its
 random transform (flip, super-resolution factor: `psp_core.training.data.sample_rng(seed, g)`) and
-decoder noise are seeded by (seed, g). So a
-run's result depends on the seed and the global batch only, not on how many workers share it, and
-a run resumed from its checkpoint at step s trains exactly the samples of steps s+1.. that the
+its decoder noise are seeded by (seed, g). So a run's result depends on the seed and the global
+batch only, not on how many workers share it (BatchNorm statistics cover the global batch), and a
+run resumed from its checkpoint at step s trains exactly the samples of steps s+1.. that the
 uninterrupted run would have.
 
 Steps are counted as the original counts them: 0, 1, ..., max_steps (the original's loop trains
@@ -150,8 +150,10 @@ class TrainConfig:
                          "cluster has GPUs", choices=DEVICES)
     cpus_per_worker: float = option(1.0, "CPUs reserved per worker (its torch threads)", parse=float,
                                     minimum=0.0)
-    data_cpus: float = option(0.5, "CPUs of each worker's data reader (decode + transforms)", parse=float,
+    data_cpus: float = option(0.5, "CPUs of each data reader actor (read, decode, PIL transforms)", parse=float,
                               minimum=0.0)
+    data_actors: int = option(1, "data reader actors per worker (more when the readers cannot keep up)",
+                              parse=int, minimum=1, metavar="N")
     max_failures: int = option(3, "restarts from the last checkpoint after a worker or node is lost",
                                parse=int, minimum=-1)
     resume: bool = option(False, "continue the run in --run-dir from its last checkpoint", kind="flag")
@@ -451,7 +453,7 @@ class TrainSamples:
 
 
 def sample_stream(items_ref: Any, opts: Mapping[str, Any], seed: int, rank: int, world: int, batch: int,
-                  first_step: int, last_step: int, data_cpus: float, storage_options=None):
+                  first_step: int, last_step: int, data_cpus: float, storage_options=None, actors: int = 1):
     """This worker's samples for steps first_step..last_step, in step order, as a Ray Data stream
     (a batch of `batch` rows per step). Built inside the worker, from the step a restored
     checkpoint says, so nothing before it is read again."""
@@ -461,7 +463,7 @@ def sample_stream(items_ref: Any, opts: Mapping[str, Any], seed: int, rank: int,
     ctx.execution_options.preserve_order = True
     steps = last_step - first_step + 1
     n = steps * batch
-    ds = ray.data.range(n, override_num_blocks=max(1, min(n // batch, math.ceil(n / max(32, batch)))))
+    ds = ray.data.range(n, override_num_blocks=max(1, math.ceil(n / max(256, batch))))
 
     def to_samples(b: dict) -> dict:
         r = np.asarray(b["id"], dtype=np.int64)
@@ -473,7 +475,7 @@ def sample_stream(items_ref: Any, opts: Mapping[str, Any], seed: int, rank: int,
         TrainSamples, fn_constructor_kwargs={"items": [items_ref], "opts": dict(opts), "seed": seed,
                                              "storage_options": storage_options},
         batch_size=batch, batch_format="numpy", num_cpus=data_cpus,
-        compute=ray.data.ActorPoolStrategy(size=1),
+        compute=ray.data.ActorPoolStrategy(size=actors),
     )
     return ds.iter_batches(batch_size=batch, batch_format="numpy", prefetch_batches=2, drop_last=False)
 
@@ -563,15 +565,17 @@ def _to_uint8(t) -> np.ndarray:
 # The worker
 
 
-def _mean_over_workers(values: Mapping[str, float], weight: float, world: int) -> dict[str, float]:
-    """Weighted mean of each value over the workers (all must pass the same keys)."""
+def _mean_over_workers(values: Mapping[str, float], weight: float, world: int, device) -> dict[str, float]:
+    """Weighted mean of each value over the workers (all must pass the same keys; NCCL needs the
+    tensor on the worker's GPU)."""
     import torch
     import torch.distributed as dist
 
     keys = sorted(values)
     if world == 1 or not keys:
         return {k: float(values[k]) for k in keys}
-    t = torch.tensor([float(values[k]) * weight for k in keys] + [float(weight)], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) * weight for k in keys] + [float(weight)], dtype=torch.float64,
+                     device=device)
     dist.all_reduce(t)
     return {k: float(t[i] / t[-1]) for i, k in enumerate(keys)}
 
@@ -631,7 +635,7 @@ def train_worker(loop_config: dict) -> None:
     # The data stream starts (actor, first reads) while the model is built.
     stream = _prefetch(sample_stream(loop_config["items"], opts.to_opts_dict(), config.seed, rank, world,
                                      config.batch_size, first, config.max_steps, config.data_cpus,
-                                     config.storage_options))
+                                     config.storage_options, config.data_actors))
     trainer = PspTrainer(opts, config.training_weights(), device=device, seed=config.seed)
     noise = PerSampleNoise(trainer.net.decoder, config.seed)
     if state is not None:
@@ -665,7 +669,7 @@ def train_worker(loop_config: dict) -> None:
         last = step == config.max_steps
         if step % config.board_interval == 0 or last:
             elapsed = time.perf_counter() - tick
-            record = {"step": step, "split": "train", **_mean_over_workers(losses, len(expected), world)}
+            record = {"step": step, "split": "train", **_mean_over_workers(losses, len(expected), world, device)}
             record["samples_per_s"] = config.batch_size * world * (step - first + 1) / max(elapsed, 1e-9)
             record["time_s"] = elapsed  # since this worker group started (bench/train.py times steps with it)
             if run is not None:
@@ -707,7 +711,7 @@ def _validate(trainer, stage: TrainSamples, mine: list[int], config: TrainConfig
             run.save_grid(f"images/val/{step:06d}.png", batches[0][0][:4].cpu(), batches[0][1][:4].cpu(), y_hat.cpu(), opts)
     finally:
         trainer.forward_module = forward
-    return _mean_over_workers(losses, weight, world)
+    return _mean_over_workers(losses, weight, world, trainer.device)
 
 
 def _report_checkpoint(trainer, run: RunFolder | None, step: int, best, losses: Mapping[str, float]) -> None:

@@ -261,3 +261,88 @@ def test_resume_continues_a_finished_run_to_more_steps(setup, two_workers):
     assert [(r["split"], r["step"]) for r in records if r["split"] in ("train", "resume")] == [
         ("train", 0), ("train", 1), ("resume", 1), ("train", 2)]
     assert os.path.exists(os.path.join(two_workers["dir"], "checkpoints", "iteration_2.pt"))
+
+
+# -- what makes the worker split invisible (pipelines/sync.py), without Ray ------------------------
+
+def _bn_net():
+    from torch import nn
+
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.PReLU(4), nn.Conv2d(4, 2, 3),
+                         nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 4 * 4, 3), nn.BatchNorm1d(3)).double()
+
+
+def _bn_inputs():
+    return torch.from_numpy(np.random.default_rng(1).normal(size=(4, 3, 8, 8)))
+
+
+def _bn_worker(rank, port, queue):
+    import torch.distributed as dist
+
+    from pipelines.sync import synchronize_batchnorm
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        net = synchronize_batchnorm(_bn_net(), torch.device("cpu"))
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        ddp(_bn_inputs()[2 * rank:2 * rank + 2]).square().mean().backward()
+        if rank == 0:
+            queue.put(([p.grad.numpy().copy() for p in net.parameters()], [b.numpy().copy() for b in net.buffers()]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cross_worker_batchnorm_on_gloo_equals_one_worker_with_the_whole_batch():
+    """SyncBatchNorm refuses CPU tensors; CrossWorkerBatchNorm gives 2 Gloo workers x 2 samples the
+    gradients and running statistics of 1 worker x 4 (float64, to rounding)."""
+    import multiprocessing as mp
+    import socket
+
+    net = _bn_net()
+    net(_bn_inputs()).square().mean().backward()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_bn_worker, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    grads, buffers = queue.get(timeout=120)
+    for p in procs:
+        p.join(timeout=60)
+    assert all(p.exitcode == 0 for p in procs)
+    for p, g in zip(net.parameters(), grads):
+        np.testing.assert_allclose(p.grad.numpy(), g, rtol=1e-9, atol=1e-12)
+    for b, got in zip(net.buffers(), buffers):
+        np.testing.assert_allclose(b.numpy(), got, rtol=1e-9, atol=1e-12)
+
+
+def test_decoder_noise_depends_on_the_sample_not_on_its_batch():
+    from pipelines.sync import PerSampleNoise
+    from psp_core.stylegan2 import Generator
+
+    torch.manual_seed(0)
+    gen = Generator(16, 512, 2)
+    with torch.no_grad():
+        for p in gen.parameters():
+            p.normal_(0, 0.1)
+    noise = PerSampleNoise(gen, seed=5)
+    w = torch.randn(2, gen.n_latent, 512)
+
+    def run(rows, ids):
+        noise.set_samples(ids)
+        out, _ = gen([w[rows]], input_is_latent=True)
+        return out
+
+    both = run([0, 1], [10, 11])
+    alone = torch.cat([run([0], [10]), run([1], [11])])
+    torch.testing.assert_close(both, alone, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(run([0], [12]), both[:1])  # another sample, other noise
+    noise.set_samples(None)
+    torch.manual_seed(1)
+    a, _ = gen([w[:1]], input_is_latent=True)
+    torch.manual_seed(2)
+    b, _ = gen([w[:1]], input_is_latent=True)
+    assert not torch.allclose(a, b)  # without samples set, the generator's own random noise

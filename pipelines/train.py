@@ -234,6 +234,8 @@ def check_train_config(config: TrainConfig) -> TrainOptions:
             "pSp training needs these pretrained files (nothing is downloaded; give each as a path or "
             "fsspec URI):\n  " + "\n  ".join(dict.fromkeys(missing))
         )
+    if config.checkpoint is not None and _file_exists(config.checkpoint, config.storage_options):
+        _check_fine_tuning(config)
     has_run = _run_exists(config)
     if has_run and not config.resume:
         raise ConfigError(f"--run-dir {config.run_dir!r} already holds a training run: pass --resume to "
@@ -241,6 +243,35 @@ def check_train_config(config: TrainConfig) -> TrainOptions:
     if config.resume and not has_run:
         raise ConfigError(f"--resume: --run-dir {config.run_dir!r} holds no training run to continue")
     return opts
+
+
+#: The options that define the model: a fine-tuned checkpoint's must be repeated on the command line.
+_MODEL_FLAGS = {"encoder_type": "--encoder-type", "output_size": "--output-size",
+                "start_from_latent_avg": "--start-from-latent-avg", "learn_in_w": "--learn-in-w"}
+
+
+def _check_fine_tuning(config: TrainConfig) -> None:
+    """--checkpoint: the model flags must describe the checkpoint's model (read from its opts only,
+    not its weights); ConfigError naming the flags to pass."""
+    from pipelines.config import _opts_from_zip
+    from psp_core.checkpoint import CheckpointError, checkpoint_family, model_opts
+
+    fs, path = filesystem_for(config.checkpoint, config.storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            top = _opts_from_zip(f)
+        opts = model_opts(top["opts"])
+        family = checkpoint_family(top["opts"])
+    except (CheckpointError, KeyError, TypeError, ValueError, OSError) as e:
+        raise ConfigError(f"--checkpoint {config.checkpoint!r} is not a readable pSp checkpoint ({e})") from None
+    if family != "psp":
+        raise ConfigError(f"--checkpoint {config.checkpoint!r} is a {family} checkpoint: psp train fine-tunes pSp ones")
+    differ = {k: opts[k] for k in _MODEL_FLAGS if opts[k] != getattr(config, k)}
+    if differ:
+        flags = " ".join(f"{_MODEL_FLAGS[k]} {opts[k]}" if not isinstance(opts[k], bool) else
+                         (_MODEL_FLAGS[k] if opts[k] else f"(no {_MODEL_FLAGS[k]})") for k in differ)
+        raise ConfigError(f"--checkpoint {config.checkpoint!r} holds another model than the flags describe: "
+                          f"pass {flags} to fine-tune it")
 
 
 def _file_exists(uri: str, storage_options) -> bool:

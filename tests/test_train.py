@@ -346,3 +346,15 @@ def test_decoder_noise_depends_on_the_sample_not_on_its_batch():
     torch.manual_seed(2)
     b, _ = gen([w[:1]], input_is_latent=True)
     assert not torch.allclose(a, b)  # without samples set, the generator's own random noise
+
+
+def test_fine_tuning_a_checkpoint_needs_its_model_flags(weights, tiny_checkpoint, tmp_path):
+    from pipelines.options import ConfigError
+    from pipelines.train import TrainConfig, check_train_config
+
+    base = dict(data=str(tmp_path), run_dir=str(tmp_path / "run"), checkpoint=tiny_checkpoint,
+                alexnet_weights=weights.alexnet, lpips_weights=weights.lpips)
+    with pytest.raises(ConfigError, match="--output-size 32"):
+        check_train_config(TrainConfig(**base))  # the tiny checkpoint is a 32x32 model
+    opts = check_train_config(TrainConfig(**base, output_size=32, start_from_latent_avg=True))
+    assert opts.checkpoint_path == tiny_checkpoint and opts.output_size == 32

@@ -358,3 +358,32 @@ def test_fine_tuning_a_checkpoint_needs_its_model_flags(weights, tiny_checkpoint
         check_train_config(TrainConfig(**base))  # the tiny checkpoint is a 32x32 model
     opts = check_train_config(TrainConfig(**base, output_size=32, start_from_latent_avg=True))
     assert opts.checkpoint_path == tiny_checkpoint and opts.output_size == 32
+
+
+@pytest.mark.slow
+def test_the_run_folder_on_object_storage(s3_server):
+    """RUN_DIR on S3: metrics rewritten whole (no appends on object stores), cut back to the
+    restored step after a restart, checkpoints in the official format."""
+    import io
+
+    from pipelines.train import RunFolder, TrainConfig, _storage
+
+    bucket = s3_server.make_bucket("runs")
+    uri = f"s3://{bucket}/ffhq-1"
+    run = RunFolder(uri, s3_server.storage_options)
+    for step in range(3):
+        run.log({"step": step, "split": "train", "loss": 1.0 / (step + 1)})
+    url = run.save_checkpoint("checkpoints/iteration_2.pt", {"state_dict": {"w": torch.ones(2)}, "opts": {"a": 1}})
+    assert url == f"s3://{bucket}/ffhq-1/checkpoints/iteration_2.pt"
+    fs = s3_server.filesystem()
+    ckpt = torch.load(io.BytesIO(fs.cat_file(url)), weights_only=True)
+    assert torch.equal(ckpt["state_dict"]["w"], torch.ones(2))
+    again = RunFolder(uri, s3_server.storage_options)
+    again.read_records(upto_step=1)  # a restart from the step-1 checkpoint
+    again.log({"step": 2, "split": "train", "loss": 0.25})
+    lines = fs.cat_file(f"{bucket}/ffhq-1/metrics.jsonl").decode().splitlines()
+    assert [json.loads(x)["loss"] for x in lines] == [1.0, 0.5, 0.25]
+    assert fs.cat_file(f"{bucket}/ffhq-1/metrics.csv").decode().splitlines()[0] == "step,split,loss"
+    path, filesystem = _storage(TrainConfig(data="x", run_dir=uri, storage_options=s3_server.storage_options))
+    assert path == f"{bucket}/ffhq-1/ray" and filesystem is not None
+    assert all(".tmp-" not in p for p in fs.find(f"{bucket}/ffhq-1"))  # no temporary files left

@@ -89,7 +89,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
 
-    ray.init(num_cpus=max(4, int(max(workers) * (args.cpus_per_worker + 1))), include_dashboard=False,
+    ray.init(address="local", num_cpus=max(4, int(max(workers) * (args.cpus_per_worker + 1))), include_dashboard=False,
              log_to_driver=False)
     work = Path(tempfile.mkdtemp(prefix="psp-bench-train-"))
     try:

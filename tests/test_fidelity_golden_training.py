@@ -39,11 +39,13 @@ LPIPS heads then go through the original ``get_state_dict`` renaming; AlexNet ge
 ``start_from_latent_avg``, replaces ``Generator.mean_latent`` by zeros (the coach computes the
 average but nothing reads it then). Per case it writes ``write_case_checkpoint``, builds
 ``argparse.Namespace(**TrainOptions defaults, **case['opts'], output_size=32, checkpoint_path=...,
-exp_dir=tmp, device='cpu')``, runs the REAL ``Coach.__init__`` (``configure_datasets`` returning
-two empty lists), then ``case['steps']`` times exactly the loop body of ``Coach.train``:
+exp_dir=tmp)``, runs the REAL ``Coach.__init__`` (``configure_datasets`` returning ``([0], [0])``:
+its DataLoaders are built, never iterated), sets ``coach.opts.device = 'cpu'``, then ``case['steps']`` times exactly the loop body of ``Coach.train``:
 ``optimizer.zero_grad(); y_hat, latent = net.forward(x, return_latents=True); loss, loss_dict, _ =
-calc_loss(x, y, y_hat, latent); loss.backward()``, records ``grad_sums`` and the probes, then
-``optimizer.step()`` and ``state_sums``. All under ``<case>/<name>`` with ``np.savez_compressed``.
+calc_loss(x, y, y_hat, latent); loss.backward()``, records ``grad_sums`` over ``trainable_names`` (saved as
+``grad_names``) and the ``probe_values`` of ``probe_names``, then ``optimizer.step()`` and
+``state_sums``. Cases named on the command line run alone (several processes can share the work;
+merge their files with ``dict.update``). All under ``<case>/<name>`` with ``np.savez_compressed``.
 """
 from __future__ import annotations
 
@@ -151,8 +153,15 @@ def probe_names(case: dict, names: list[str]) -> list[str]:
     return [names[0], names[len(names) // 2], names[-1]]
 
 
+def probe_values(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The first ``PROBE`` values of a gradient (zeros for a parameter without one)."""
+    t = torch.zeros_like(like) if t is None else t
+    return t.detach().flatten()[:PROBE].clone()
+
+
 def grad_sums(params: dict[str, torch.Tensor], names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    g = [params[n].grad.detach().double() for n in names]
+    # A parameter the loss does not reach (the mapping network, fed W directly) has no gradient.
+    g = [params[n].grad.detach().double() if params[n].grad is not None else torch.zeros(()) for n in names]
     return np.array([t.sum().item() for t in g]), np.array([t.abs().sum().item() for t in g])
 
 
@@ -228,12 +237,14 @@ def test_one_training_step_matches_the_original(tmp_path, golden, loss_weights, 
     params = dict(trainer.net.named_parameters())
     names = trainable_names(case, trainer.net)
     assert [id(p) for grp in trainer.optimizer.param_groups for p in grp["params"]] == [id(params[n]) for n in names]
+    assert names == [str(n) for n in g["grad_names"]], f"{name}: trainable tensors differ from the original's"
     probes = probe_names(case, names)
+    assert probes == [str(n) for n in g["probe_names"]]
     captured: dict[str, object] = {}
 
     def before_step(optimizer, args, kwargs):  # the gradients the optimizer is about to use
         captured["grad_sums"] = grad_sums(params, names)
-        captured["probe_grads"] = [params[n].grad.detach().flatten()[:PROBE].clone() for n in probes]
+        captured["probe_grads"] = [probe_values(params[n].grad, params[n]) for n in probes]
 
     trainer.optimizer.register_step_pre_hook(before_step)
     state0 = {k: v.detach().clone() for k, v in trainer.net.state_dict().items()}

@@ -214,7 +214,8 @@ class PspTrainer:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what ``state_dict`` saved (same options and device type)."""
         self.net.load_state_dict(state["net"])
-        self.net.latent_avg = state["latent_avg"].to(self.device)
+        avg = state["latent_avg"]
+        self.net.latent_avg = None if avg is None else avg.to(self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         torch.set_rng_state(state["cpu_rng"])

@@ -8,6 +8,7 @@
     submit / jobs        jobs.submit    run a command on a Ray cluster (Ray Jobs API)
     edit / direction     jobs.edit      latent editing in bulk; fit a direction from labels
     report               jobs.report    one self-contained HTML report of an output table
+    train                jobs.train     train a pSp encoder on the cluster (Ray Train)
 
 Misconfiguration exits with status 2 and a message that says what to do, before Ray does any work.
 """
@@ -20,10 +21,10 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 
-from jobs import demo, edit, inspect, invert, nightly, report, submit, vacuum
+from jobs import demo, edit, inspect, invert, nightly, report, submit, train, vacuum
 from jobs.invert import add_run_options, config_from_args, run_config  # noqa: F401 - the CLI's public helpers
 
-COMMANDS = (invert, demo, inspect, nightly, vacuum, submit, edit, report)
+COMMANDS = (invert, demo, inspect, nightly, vacuum, submit, edit, report, train)
 
 
 def build_parser() -> argparse.ArgumentParser:

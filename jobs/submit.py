@@ -1,4 +1,4 @@
-"""`psp submit` and `psp jobs`: run `psp invert|nightly` on a Ray cluster through the Ray Jobs API.
+"""`psp submit` and `psp jobs`: run `psp invert|nightly|train` on a Ray cluster through the Ray Jobs API.
 
     psp submit --address http://HEAD:8265 [--submission-id ID] -- nightly s3://in s3://out --checkpoint s3://w/psp.pt
     psp jobs status|logs|stop|list ID --address http://HEAD:8265
@@ -42,7 +42,7 @@ EXCLUDES = WEIGHT_PATTERNS + [
     ".venv/", ".git/", "__pycache__/", "*.egg-info/", ".pytest_cache/", "psp-demo-output/",
     ".notes/", "build/", "dist/",
 ]
-SUBCOMMANDS = ("invert", "frontalize", "nightly")
+SUBCOMMANDS = ("invert", "frontalize", "nightly", "train")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -94,20 +94,21 @@ def build_runtime_env(
 
 
 def _cli_parser() -> argparse.ArgumentParser:
-    """The real parsers of the commands a job may run (`psp invert|frontalize|nightly`)."""
-    from jobs import invert, nightly
+    """The real parsers of the commands a job may run (`psp invert|frontalize|nightly|train`)."""
+    from jobs import invert, nightly, train
 
     parser = argparse.ArgumentParser(prog="psp")
     sub = parser.add_subparsers(dest="command", required=True)
     invert.register(sub)
     nightly.register(sub)
+    train.register(sub)
     return parser
 
 
 def check_entrypoint(args: Sequence[str]) -> argparse.Namespace:
     """Parse `args` (e.g. ``["nightly", IN, OUT, "--checkpoint", C]``) with the real `psp` parser.
 
-    Raises SubmitError for anything but a valid invert/frontalize/nightly command, so a typo fails
+    Raises SubmitError for anything but a valid invert/frontalize/nightly/train command, so a typo fails
     here, not an hour later on the cluster.
     """
     if not args or args[0] not in SUBCOMMANDS:
@@ -123,8 +124,14 @@ def check_entrypoint(args: Sequence[str]) -> argparse.Namespace:
 
 
 def command_locations(ns: argparse.Namespace) -> dict[str, list[str]]:
-    """{"input": [...], "output": [...], "checkpoint": [...]} of a parsed invert/nightly command
-    (`psp invert` takes several INPUTs then OUTPUT as one positional list)."""
+    """{"input": [...], "output": [...], "checkpoint": [...]} of a parsed invert/nightly/train
+    command (`psp invert` takes several INPUTs then OUTPUT as one positional list; a training
+    run's weights count as checkpoints, its run folder as its output)."""
+    if getattr(ns, "command", None) == "train":
+        weights = [ns.checkpoint, ns.stylegan_weights, ns.alexnet_weights, ns.lpips_weights, ns.ir_se50_weights,
+                   ns.moco_weights]
+        inputs = list(ns.data) + list(ns.target or []) + list(ns.val_data or []) + list(ns.val_target or [])
+        return {"input": inputs, "output": [ns.run_dir], "checkpoint": [w for w in weights if w]}
     if getattr(ns, "command", None) in ("invert", "frontalize"):
         *inputs, output = ns.input
         return {"input": inputs, "output": [output], "checkpoint": [ns.checkpoint]}
@@ -269,11 +276,11 @@ def register(subparsers: Any) -> None:
     """Add ``psp submit`` and ``psp jobs`` to the `psp` CLI's subparsers."""
     s = subparsers.add_parser(
         "submit",
-        help="submit `psp invert|nightly ...` to a Ray cluster (Ray Jobs API)",
+        help="submit `psp invert|nightly|train ...` to a Ray cluster (Ray Jobs API)",
         description="Submit a psp command as a Ray job. Put the command after '--'.",
     )
     add_arguments(s, SubmitOptions, scopes=("submit",))
-    s.add_argument("command", nargs=argparse.REMAINDER, help="-- invert|nightly ARGS...")
+    s.add_argument("command", nargs=argparse.REMAINDER, help="-- invert|nightly|train ARGS...")
     s.set_defaults(func=_main_submit)
 
     j = subparsers.add_parser("jobs", help="status, logs, stop or list Ray jobs")

@@ -140,7 +140,7 @@ class WindowDetector:
     pyramid levels near the face's size (so the box lands on the original's grid).
 
     run(arr) -> [Detection] (descending score). Falls back to `exact` (a PyramidDetector) when the
-    image is small enough that the exact scan is at most twice the coarse one, when the coarse scan
+    photo fits detect_size (it is then aligned exactly), when the coarse scan
     finds no face of at least min_face (the exact scan then also sees the small faces the coarse one
     cannot), when a refinement loses a face, or when the two best faces' refined scores are within
     `margin` (the choice between them is close). The coarse scan sees faces of at least
@@ -164,7 +164,7 @@ class WindowDetector:
 
         h, w = arr.shape[:2]
         scale = self.detect_size / max(h, w)
-        if scale >= 0.5:  # the exact scan (2x upsampled) is at most twice the coarse one's size
+        if scale >= 1.0:  # the photo fits detect_size: the exact scan
             self.last_path = "exact"
             return self.exact.run(arr)
         src = pil if pil is not None else Image.fromarray(arr, "RGB")

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="1 repeat, 4 composites")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--composites", type=int, default=12, help="random composites for the identity check")
-    ap.add_argument("--detect-size", type=int, default=1024, help="the speed mode's coarse scan size")
+    ap.add_argument("--detect-size", type=int, default=640, help="the speed mode's coarse scan size")
     args = ap.parse_args(argv)
     repeats, n_comp = (1, 4) if args.quick else (args.repeats, args.composites)
 
@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             if dev.mean() > 0.25 * iod:
                 other += 1
                 other_photos += label in photo_labels
-                print(f"  speed mode: {label}: ANOTHER FACE (exact box {tuple(re.box)}, speed box {tuple(rs.box)})")
+                print(f"  speed mode: {label}: ANOTHER FACE (exact box {tuple(int(v) for v in re.box)}, speed box {tuple(int(v) for v in rs.box)})")
                 continue
             devs.append((label in photo_labels, 100 * dev.mean() / iod, 100 * dev.max() / iod))
         photo_devs = [d for d in devs if d[0]] or [(True, float("nan"), float("nan"))]

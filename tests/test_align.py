@@ -287,15 +287,16 @@ def test_exif_orientation_is_applied_before_detection(aligner, astronaut, orient
 
 
 def test_fast_mode_finds_the_same_face_and_is_exact_when_the_scan_fits(aligner, astronaut):
-    # 512 px upsampled once is a 1024 px scan: it fits detect_size=1024, so nothing changes
+    # a 512 px photo fits detect_size=1024: the exact scan, nothing changes
     fits = aligner.replace(detect_size=1024)(astronaut)
     np.testing.assert_array_equal(fits.landmarks, aligner(astronaut).landmarks)
 
     big = astronaut.resize((1024, 1024), Image.Resampling.LANCZOS)
     exact, quick = aligner(big), aligner.replace(detect_size=512)(big)
     assert exact.status == quick.status == "ok"
-    # the box comes from a 4x smaller scan: landmarks move a little (documented), the face is the same
-    assert np.abs(quick.landmarks - exact.landmarks).mean() < 0.05 * _iod(exact.landmarks)
+    # coarse scan at 512 px, then the face re-detected on the original's level grid: on this photo
+    # the box is the exact one (in general landmarks may move a little: bench/align.py)
+    assert np.abs(quick.landmarks - exact.landmarks).mean() < 0.01 * _iod(exact.landmarks)
     assert quick.image.size == (256, 256)
 
 

@@ -93,7 +93,7 @@ class InvertConfig:
     align_detect_size: int | None = option(
         None, "opt-in speed mode: a coarse face scan on a copy at most PX on its longest side (e.g. 1024; "
         "it sees faces of at least ~73/PX of that side), each face re-detected in a small window on the "
-        "original's pyramid grid; no face or a close choice falls back to the exact scan (landmarks: "
+        "original's pyramid grid; no face, several clear faces or a close choice fall back to the exact scan (landmarks: "
         "mean deviation under 1 percent of the inter-ocular distance on the bench photos; not bit-identical)",
         parse=int, check=_check_detect_size, metavar="PX")
     faces: str = option(

@@ -142,19 +142,22 @@ class WindowDetector:
     run(arr) -> [Detection] (descending score). Falls back to `exact` (a PyramidDetector) when the
     photo fits detect_size (it is then aligned exactly), when the coarse scan
     finds no face of at least min_face (the exact scan then also sees the small faces the coarse one
-    cannot), when a refinement loses a face, or when the two best faces' refined scores are within
+    cannot), when it finds more than one clear face (score >= `strong`: a group photo, where a face
+    too small for the coarse scan may rank first), when a refinement loses a face, or when the two best faces' refined scores are within
     `margin` (the choice between them is close). The coarse scan sees faces of at least
     ~73/detect_size of the longest side: a smaller face that the original would rank first is not
     seen (bench/align.py counts such cases as "another face").
     """
 
-    def __init__(self, detector, exact: PyramidDetector, detect_size: int = 640, margin: float = 0.5):
+    def __init__(self, detector, exact: PyramidDetector, detect_size: int = 640, margin: float = 0.5,
+                 strong: float = 0.3):
         self.dlib = exact.dlib
         self.detector = detector
         self.exact = exact
         self.min_face = exact.min_face
         self.detect_size = int(detect_size)
         self.margin = float(margin)
+        self.strong = float(strong)
         self._pyr6 = exact._pyr6
         self._pyr2 = exact._pyr2
         self.last_path = "exact"
@@ -172,12 +175,15 @@ class WindowDetector:
         small = np.asarray(src.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
         rects, scores, _ = self.detector.run(small, 0, 0.0)
         fx, fy = w / size[0], h / size[1]
-        coarse = []
-        for r in rects:
+        coarse, strong = [], 0
+        for r, score in zip(rects, scores):
             box = (r.left() * fx, r.top() * fy, (r.right() + 1) * fx - 1, (r.bottom() + 1) * fy - 1)
             if min(box[2] - box[0], box[3] - box[1]) + 1 >= 0.8 * self.min_face:
                 coarse.append(box)
-        if not coarse:
+                strong += score >= self.strong
+        # no face: a smaller one may be there; several clear faces: a group photo, where a face under
+        # what the coarse scan sees may rank first. Both take the exact path.
+        if not coarse or strong > 1:
             self.last_path = "exact"
             return self.exact.run(arr)
         self.last_path = "window"

@@ -108,7 +108,7 @@ def test_last_reproduces_the_original_end_to_end(aligner, photos):
 @pytest.mark.parametrize(
     "photo, output_size, transform_size, branch",
     [
-        ("closeup", 256, 256, "shrink+pad"),  # padded ~940 px square: the FFT blur path
+        ("closeup", 256, 256, "shrink+pad"),  # padded ~940 px square: the strip-only blur path
         ("corner", 256, 256, "pad"),
         ("corner", 1024, 1024, "pad"),
         ("astronaut", 1024, 4096, "ffhq"),

@@ -12,9 +12,10 @@ compressed bytes travel between Ray operators) and then, per row:
   check), so the model actor gets uint8 pixels and does only tensor work on its device. A row whose
   prepare fails gets status 'invert_error' ("input transform failed"), as before the split.
 
-Faces (`faces`, mode 'dlib'): 'best' (highest detector score; the original's pSp choice made
-explicit, the default), 'largest' (largest box), or 'all': every detected face whose box is at
-least `min_face` px on its shorter side becomes its own row, best score first (`face_index` 0, 1,
+Faces (`faces`, mode 'dlib'): only faces whose box is at least `min_face` px on its shorter side
+count (default 64; every mode). 'best' (highest detector score among them; the original's pSp
+choice made explicit, the default), 'largest' (largest box), or 'all': every such face becomes
+its own row, best score first (`face_index` 0, 1,
 ...), each with the input's source columns repeated. So a batch of B inputs may come out with more
 rows. An input without a face (or whose faces are all under `min_face`: status no_face, the error
 says so), and one that failed before alignment, stays one image-level row with face_index -1.
@@ -42,10 +43,12 @@ from psp_core.images import DEFAULT_DECODE_TIMEOUT_S
 
 CROP_SIZE = 256
 FACE_MODES = ("best", "largest", "all")
-# --faces all keeps faces whose detection box is at least this many px on its shorter side. The FFHQ
-# crop spans about 1.9x the box, so a 64 px box is already a ~120 px crop upscaled 2x into the
-# 256 px model input; smaller faces (the HOG detector, upsample 1, finds boxes down to about 40 px)
-# invert mostly to blur. --min-face 0 keeps every detected face.
+# Every --faces mode keeps only faces whose detection box is at least this many px on its shorter
+# side (best / largest choose among them). The FFHQ crop spans about 1.9x the box, so a 64 px box is
+# already a ~120 px crop upscaled 2x into the 256 px model input; smaller faces (the HOG detector,
+# upsample 1, finds boxes down to about 36 px) invert mostly to blur. Detection skips the pyramid
+# levels that only hold smaller faces (about half the detector's cost; psp_core.face_detection).
+# --min-face 0 keeps every detected face (and scans every level, as the original).
 DEFAULT_MIN_FACE = 64
 
 
@@ -85,8 +88,8 @@ class AlignFaces:
 
     mode: 'dlib' or 'none'. gray: sketch/seg task (only used with mode 'none').
     aligner_kwargs: passed to `FaceAligner` (e.g. detect_size).
-    faces: 'best' | 'largest' | 'all' (see the module docstring); min_face: with 'all', the
-    smallest box side (px) that becomes a row. stored_alignment: a `pipelines.reuse.StoredAlignment`
+    faces: 'best' | 'largest' | 'all' (see the module docstring); min_face: the smallest box side
+    (px) considered by every faces mode (passed to `FaceAligner`). stored_alignment: a `pipelines.reuse.StoredAlignment`
     (or an ObjectRef to one): inputs whose bytes (source_sha256) it holds are aligned from their
     stored landmarks, without detection (the same crop), and counted as stage 'align_reused'.
     decode_timeout_s: time limit of one image's decode (`DecodeImages`).
@@ -131,7 +134,8 @@ class AlignFaces:
         if mode == "dlib":
             from psp_core.align import FaceAligner
 
-            self.aligner = FaceAligner(output_size=CROP_SIZE, select=faces, **dict(aligner_kwargs or {}))
+            kwargs = {"min_face": self.min_face, **dict(aligner_kwargs or {})}
+            self.aligner = FaceAligner(output_size=CROP_SIZE, select=faces, **kwargs)
         if stored_alignment is not None and not hasattr(stored_alignment, "results"):
             import ray  # an ObjectRef: one StoredAlignment in the object store, shared by the actors
 

@@ -12,9 +12,9 @@ failure modes fixed:
 - Pillow >= 10 (`ANTIALIAS` is `LANCZOS`).
 
 Given the same landmarks the crop equals the original's (the same float64 geometry, Pillow resize,
-crop, reflect-pad + blur + median blend and QUAD transform). Two shortcuts keep it within one gray
-level per pixel (measured: identical on the test photos, or a handful of pixels off by one): the
-shrink resamples only the region the crop keeps, and large pad branches blur by FFT convolution.
+crop, reflect-pad + blur + median blend and QUAD transform). The pad branch is computed only where
+its weights are non-zero and is bit-identical to the original's (`pad_blend`); the shrink resamples
+only the region the crop keeps (within one gray level of resizing the whole image first).
 
 The 68-point predictor and the HOG detector are loaded once per `FaceAligner`. The model files come
 from the `face-recognition-models` wheel, located without importing it (its `__init__` imports
@@ -177,32 +177,101 @@ def plan_alignment(
     return AlignmentPlan(shrink, (rw, rh), crop, padded, quad, float(qsize))
 
 
-#: Above this many pixels the pad branch blurs with an FFT convolution instead of scipy's direct one.
-_FFT_BLUR_PIXELS = 600 * 600
+def _active(n: int, pad_lo: np.int64, pad_hi: np.int64) -> tuple[int, int]:
+    """(lo, hi): along an axis of n padded px, the blur weight of the pad blend's edge term
+    `1 - min(i/pad_lo, (n-1-i)/pad_hi)` (clip(edge*3+1)) is non-zero exactly for i < lo or i >= hi
+    (computed with the blend's own dtypes)."""
+    i = np.arange(n)
+    edge = 1.0 - np.minimum(np.float32(i) / pad_lo, np.float32(n - 1 - i) / pad_hi)
+    inside = np.flatnonzero(~(edge * 3.0 + 1.0 > 0.0))
+    if inside.size == 0:
+        return n, n
+    return int(inside[0]), int(inside[-1]) + 1
 
 
-def _gaussian_blur(a: np.ndarray, sigma: float) -> np.ndarray:
-    """`scipy.ndimage.gaussian_filter(a, [sigma, sigma, 0])` (mode "reflect", truncate 4) on HxWx3 float32.
+def _strips(h: int, w: int, rows: tuple[int, int], cols: tuple[int, int]):
+    """Non-overlapping (row slice, col slice) strips covering the border outside rows x cols."""
+    top, bottom = rows
+    left, right = cols
+    out = [(slice(0, h), slice(0, left)), (slice(0, h), slice(right, w))]
+    if right > left:
+        out += [(slice(0, top), slice(left, right)), (slice(bottom, h), slice(left, right))]
+    return [(r, c) for r, c in out if r.stop > r.start and c.stop > c.start]
 
-    Large images use the same kernel through a float32 FFT convolution of the symmetric-padded image:
-    2-3x faster at the sizes 1024 px outputs of close-up faces reach, and within 2e-4 gray levels of
-    scipy's result (so at most one gray level after rounding, and almost never that).
+
+def pad_blend(img: np.ndarray, pad, qsize: float) -> np.ndarray:
+    """The original's pad branch on an HxWx3 uint8 crop: reflect pad, blur towards the edge, fade
+    to the median. Returns the padded uint8 image.
+
+    Bit-identical to the whole-image version (`psp_core.align_reference`): the Gaussian blur and the
+    blends are computed only in the border strips where their weight is non-zero (the blur on each
+    strip plus the kernel's radius, so every output pixel sees the same neighbours and the same
+    arithmetic), the interior keeps its pixels (its weights are exactly 0), and the median of the
+    whole blended image is found from the interior's histogram and the strips' values.
     """
     import scipy.ndimage
 
-    h, w = a.shape[:2]
-    if h * w <= _FFT_BLUR_PIXELS:
-        return scipy.ndimage.gaussian_filter(a, [sigma, sigma, 0])
-    import scipy.signal
+    pad = np.asarray(pad, dtype=np.int64)  # int64 like the original's np.maximum(pad, ...)
+    padded = np.pad(img, ((pad[1], pad[3]), (pad[0], pad[2]), (0, 0)), "reflect")
+    h, w, _ = padded.shape
+    sigma = qsize * 0.02
+    radius = int(4.0 * sigma + 0.5)  # scipy's kernel radius for truncate=4.0
+    # the blur's weight clip(mask*3+1) is non-zero where an edge term exceeds -1/3
+    rows = _active(h, pad[1], pad[3])
+    cols = _active(w, pad[0], pad[2])
+    strips = _strips(h, w, rows, cols)
 
-    r = int(4.0 * sigma + 0.5)  # scipy's kernel radius for truncate=4.0
-    x = np.arange(-r, r + 1, dtype=np.float64)
-    k = np.exp(-0.5 * (x / sigma) ** 2)
-    k /= k.sum()
-    # scipy's "reflect" repeats the edge pixel (d c b a | a b c d): numpy's "symmetric".
-    p = np.pad(a, ((r, r), (r, r), (0, 0)), "symmetric")
-    out = scipy.signal.fftconvolve(p, np.outer(k, k).astype(np.float32)[:, :, None], mode="valid", axes=(0, 1))
-    return out.astype(np.float32, copy=False)
+    def mask_of(rs: slice, cs: slice) -> np.ndarray:
+        yy, xx, _ = np.ogrid[rs, cs, :1]
+        return np.maximum(
+            1.0 - np.minimum(np.float32(xx) / pad[0], np.float32(w - 1 - xx) / pad[2]),
+            1.0 - np.minimum(np.float32(yy) / pad[1], np.float32(h - 1 - yy) / pad[3]),
+        )
+
+    blended = []
+    for rs, cs in strips:
+        # the strip plus the kernel radius (clipped to the image, where "reflect" then applies as on
+        # the whole image)
+        r0, r1 = max(rs.start - radius, 0), min(rs.stop + radius, h)
+        c0, c1 = max(cs.start - radius, 0), min(cs.stop + radius, w)
+        ext = np.float32(padded[r0:r1, c0:c1])
+        blur = scipy.ndimage.gaussian_filter(ext, [sigma, sigma, 0])
+        inner = (slice(rs.start - r0, rs.stop - r0), slice(cs.start - c0, cs.stop - c0))
+        a = ext[inner]
+        mask = mask_of(rs, cs)
+        a += (blur[inner] - a) * np.clip(mask * 3.0 + 1.0, 0.0, 1.0)
+        blended.append((rs, cs, a, mask))
+
+    median = _median_with_strips(padded, rows, cols, [b[2] for b in blended])
+    out = padded
+    for rs, cs, a, mask in blended:
+        a += (median - a) * np.clip(mask, 0.0, 1.0)
+        out[rs, cs] = np.uint8(np.clip(np.rint(a), 0, 255))
+    return out
+
+
+def _median_with_strips(padded: np.ndarray, rows, cols, strip_values: list[np.ndarray]) -> np.ndarray:
+    """`np.median(a, axis=(0, 1))` of the float32 image a whose interior (rows x cols) is `padded`'s
+    uint8 pixels and whose border strips hold `strip_values`: float32 [3]."""
+    interior = padded[rows[0] : rows[1], cols[0] : cols[1]]
+    n_total = padded.shape[0] * padded.shape[1]
+    values = np.float32(np.arange(256))
+    result = np.empty(3, dtype=np.float32)
+    for ch in range(3):
+        counts = np.bincount(interior[..., ch].ravel(), minlength=256) if interior.size else np.zeros(256, np.int64)
+        strip = np.sort(np.concatenate([s[..., ch].ravel() for s in strip_values])) if strip_values else np.zeros(0, np.float32)
+        vals = np.concatenate([values, strip])
+        weights = np.concatenate([counts, np.ones(strip.size, np.int64)])
+        order = np.argsort(vals, kind="stable")
+        cum = np.cumsum(weights[order])
+        mid = n_total // 2
+        # the k-th smallest value (0-based) is vals[order[searchsorted(cum, k, "right")]]
+        lo, hi = vals[order[np.searchsorted(cum, [mid - 1, mid], side="right")]]
+        if n_total % 2:
+            result[ch] = hi
+        else:  # numpy: the mean of the two middle values, in float32
+            result[ch] = np.median(np.array([lo, hi], dtype=np.float32))
+    return result
 
 
 def extract_aligned(
@@ -248,20 +317,8 @@ def extract_aligned(
 
     # Pad where the quad (+ border) leaves the image: reflect, blur towards the edge, fade to median.
     if plan.pad is not None:
-        # int64 like the original's np.maximum(pad, ...): the mask then divides in float64.
         pad = np.asarray(plan.pad, dtype=np.int64)
-
-        a = np.pad(np.float32(img), ((pad[1], pad[3]), (pad[0], pad[2]), (0, 0)), "reflect")
-        h, w, _ = a.shape
-        yy, xx, _ = np.ogrid[:h, :w, :1]
-        mask = np.maximum(
-            1.0 - np.minimum(np.float32(xx) / pad[0], np.float32(w - 1 - xx) / pad[2]),
-            1.0 - np.minimum(np.float32(yy) / pad[1], np.float32(h - 1 - yy) / pad[3]),
-        )
-        blur = qsize * 0.02
-        a += (_gaussian_blur(a, blur) - a) * np.clip(mask * 3.0 + 1.0, 0.0, 1.0)
-        a += (np.median(a, axis=(0, 1)) - a) * np.clip(mask, 0.0, 1.0)
-        img = Image.fromarray(np.uint8(np.clip(np.rint(a), 0, 255)), "RGB")
+        img = Image.fromarray(pad_blend(np.asarray(img, dtype=np.uint8), pad, qsize), "RGB")
         quad += pad[:2]
 
     img = img.transform(
@@ -331,18 +388,19 @@ class FaceAligner:
     the original's reflect-pad branch (True, as the original). `replace(**changes)` derives an
     aligner with other options that shares the loaded models.
 
-    detect_size (opt-in fast mode, default None = exact): a bound on the longest side the HOG scan
-    sees. The original scans the full image upsampled 2**detector_upsample times, so its cost grows
-    with the resolution (a 2048 px photo: a 4096 px scan). With detect_size set and that scan
-    larger, the detector runs (with the same upsampling) on a bilinear copy scaled so the scan's
-    longest side is detect_size; the box is mapped back and the 68 landmarks are predicted on the
-    full-resolution image. It finds faces taller than about 80/detect_size of the image's longest
-    side (detect_size=1024: 8 %; 640: 12.5 %), where the original finds faces down to about
-    40 px. Images whose scan already fits are processed exactly as in the default mode. The mapped
-    box differs a little from a full-resolution detection, so landmarks move: on the astronaut
-    photos of bench/align.py about 0.5-1.5 % of the inter-ocular distance on average (a few px on
-    a 1000 px face) and the 256 px crop by 1-3 gray levels on average; the bench prints the
-    numbers of its run.
+    min_face: the smallest face kept, as its detection box's shorter side in px (0: every face,
+    the original's behaviour). Detection skips the pyramid levels that can only hold smaller faces
+    (`psp_core.face_detection.PyramidDetector`): for every face it keeps, the box, score and
+    landmarks are the original `detector(img, 1)`'s, at about a third of its cost at min_face 64.
+
+    detect_size (opt-in speed mode, default None = exact): `WindowDetector`: a coarse HOG scan of a
+    copy at most detect_size px on its longest side (it finds faces of at least ~73/detect_size of
+    that side), then each face re-detected in a small window resampled on the geometry of the
+    original's pyramid levels, so its box usually equals the original's; where the coarse scan finds
+    no face or several clear faces, or the choice between faces is close, the exact path runs.
+    Landmarks: bench/align.py prints the deviation (mean under 1 % of the inter-ocular distance on
+    its photos). A face smaller than the coarse scan sees is not found in a photo where it finds
+    one clear face.
     """
 
     def __init__(
@@ -355,6 +413,7 @@ class FaceAligner:
         *,
         min_side: int = MIN_SIDE,
         detect_size: int | None = None,
+        min_face: int = 0,
         enable_padding: bool = True,
         _models: tuple | None = None,
     ):
@@ -368,6 +427,8 @@ class FaceAligner:
             )
         if detect_size is not None:
             check_detect_size(detect_size)
+        if isinstance(min_face, bool) or not isinstance(min_face, (int, np.integer)) or min_face < 0:
+            raise ValueError(f"FaceAligner: min_face={min_face!r}; expected a number of pixels >= 0")
         self.output_size = int(output_size)
         self.transform_size = int(transform_size)
         self.detector_upsample = int(detector_upsample)
@@ -375,6 +436,7 @@ class FaceAligner:
         self.max_pixels = max_pixels
         self.min_side = min_side
         self.detect_size = detect_size
+        self.min_face = int(min_face)
         self.enable_padding = enable_padding
         if _models is None:
             import dlib
@@ -401,6 +463,7 @@ class FaceAligner:
             max_pixels=self.max_pixels,
             min_side=self.min_side,
             detect_size=self.detect_size,
+            min_face=self.min_face,
             enable_padding=self.enable_padding,
         )
         unknown = set(changes) - set(opts)
@@ -428,6 +491,10 @@ class FaceAligner:
         dets = self.detect(arr, pil)
         if not dets:
             msg = f"{_label(image, name)}: no face found by the HOG detector (upsample {self.detector_upsample})"
+            if self.min_face > 0:
+                msg = (f"{_label(image, name)}: no face of at least {self.min_face} px found by the HOG detector "
+                       f"(faces smaller than the minimum face size {self.min_face} px are not looked for; "
+                       "lower --min-face to keep them)")
             return self._wrap([AlignResult(status="no_face", error=msg, n_faces=0, source_size=size)])
         chosen = self._choose(dets)
         results = []
@@ -438,30 +505,25 @@ class FaceAligner:
 
     def detect(self, arr: np.ndarray, pil: Image.Image | None = None) -> list[tuple[tuple[int, int, int, int], float]]:
         """HOG detections on an HxWx3 uint8 RGB array: [((left, top, right, bottom), score)], in dlib's
-        order (descending score, the order `detector(img, upsample)` returns)."""
-        h, w = arr.shape[:2]
-        scan = max(h, w) * 2**self.detector_upsample  # longest side the HOG scan would see
-        if self.detect_size is not None and scan > self.detect_size:
-            s = self.detect_size / scan
-            small_size = (max(1, int(round(w * s))), max(1, int(round(h * s))))
-            src = pil if pil is not None else Image.fromarray(arr, "RGB")
-            small = np.asarray(src.resize(small_size, Image.Resampling.BILINEAR, reducing_gap=2.0))
-            rects, scores, _ = self.detector.run(small, self.detector_upsample, 0.0)
-            fx, fy = w / small_size[0], h / small_size[1]
-            # dlib boxes are inclusive pixel ranges: map the edges, not the pixel indices.
-            boxes = [
-                (
-                    int(round(r.left() * fx)),
-                    int(round(r.top() * fy)),
-                    int(round((r.right() + 1) * fx)) - 1,
-                    int(round((r.bottom() + 1) * fy)) - 1,
-                )
-                for r in rects
-            ]
-        else:
+        order (descending score, the order `detector(img, upsample)` returns), boxes of at least
+        `min_face` px only.
+
+        Exact mode (default): `psp_core.face_detection.PyramidDetector`, the original's
+        `detector(img, 1)` without the pyramid levels that only hold faces under min_face (the same
+        boxes and scores for every face it keeps). With detect_size: `WindowDetector` (speed mode).
+        """
+        from psp_core.face_detection import PyramidDetector, WindowDetector, box_side
+
+        if self.detector_upsample != 1:  # the level skipping is written for the original's upsample 1
             rects, scores, _ = self.detector.run(arr, self.detector_upsample, 0.0)
-            boxes = [(r.left(), r.top(), r.right(), r.bottom()) for r in rects]
-        return list(zip(boxes, [float(s) for s in scores]))
+            dets = [((r.left(), r.top(), r.right(), r.bottom()), float(s)) for r, s in zip(rects, scores)]
+            return [d for d in dets if box_side(d[0]) >= self.min_face]
+        exact = PyramidDetector(self.detector, self.min_face, self._dlib)
+        if self.detect_size is not None:
+            found = WindowDetector(self.detector, exact, self.detect_size).run(arr, pil)
+        else:
+            found = exact.run(arr)
+        return [(d.box, d.score) for d in found]
 
     def landmarks(self, arr: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
         """68 landmarks (int-valued float32 [68,2], x, y) predicted on the full-resolution array in `box`."""

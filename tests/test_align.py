@@ -1,12 +1,11 @@
 """FFHQ alignment on real photos: the astronaut and images derived from it.
 
-The reference is `bench/align.py:reference_align`, a re-statement of the original
+The reference is `psp_core.align_reference.reference_align`, a re-statement of the original
 `scripts/align_all_parallel.py` procedure (its own dlib.load_rgb_image + detector(img, 1) + last
 detection + PIL steps).
 """
 from __future__ import annotations
 
-import importlib.util
 import io
 import struct
 import zlib
@@ -22,20 +21,11 @@ from psp_core.align import (
     ImageDecodeError,
     alignment_quad,
     load_image,
+    pad_blend,
     plan_alignment,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _load_reference():
-    spec = importlib.util.spec_from_file_location("bench_align", ROOT / "bench" / "align.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.reference_align
-
-
-reference_align = _load_reference()
+from psp_core.align_reference import reference_align
+from psp_core.face_detection import PyramidDetector, box_side, skip_levels
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +108,7 @@ def test_last_reproduces_the_original_end_to_end(aligner, photos):
 @pytest.mark.parametrize(
     "photo, output_size, transform_size, branch",
     [
-        ("closeup", 256, 256, "shrink+pad"),  # padded ~940 px square: the FFT blur path
+        ("closeup", 256, 256, "shrink+pad"),  # padded ~940 px square: the strip-only blur path
         ("corner", 256, 256, "pad"),
         ("corner", 1024, 1024, "pad"),
         ("astronaut", 1024, 4096, "ffhq"),
@@ -297,16 +287,131 @@ def test_exif_orientation_is_applied_before_detection(aligner, astronaut, orient
 
 
 def test_fast_mode_finds_the_same_face_and_is_exact_when_the_scan_fits(aligner, astronaut):
-    # 512 px upsampled once is a 1024 px scan: it fits detect_size=1024, so nothing changes
+    # a 512 px photo fits detect_size=1024: the exact scan, nothing changes
     fits = aligner.replace(detect_size=1024)(astronaut)
     np.testing.assert_array_equal(fits.landmarks, aligner(astronaut).landmarks)
 
     big = astronaut.resize((1024, 1024), Image.Resampling.LANCZOS)
     exact, quick = aligner(big), aligner.replace(detect_size=512)(big)
     assert exact.status == quick.status == "ok"
-    # the box comes from a 4x smaller scan: landmarks move a little (documented), the face is the same
-    assert np.abs(quick.landmarks - exact.landmarks).mean() < 0.05 * _iod(exact.landmarks)
+    # coarse scan at 512 px, then the face re-detected on the original's level grid: on this photo
+    # the box is the exact one (in general landmarks may move a little: bench/align.py)
+    assert np.abs(quick.landmarks - exact.landmarks).mean() < 0.01 * _iod(exact.landmarks)
     assert quick.image.size == (256, 256)
+
+
+# -- exact detection without the small-face pyramid levels --------------------------------------
+
+
+def _composite(seed: int, astronaut: Image.Image) -> Image.Image:
+    """Astronaut faces (0-3, random scales 0.3-2.5, mirrored or not) pasted on a plain or photo
+    background, some cut by the border."""
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    face = astronaut.crop((90, 0, 360, 270))
+    width, height = int(rng.integers(500, 1400)), int(rng.integers(400, 1200))
+    if seed % 2:
+        canvas = Image.fromarray(data.coffee()).resize((width, height))
+    else:
+        canvas = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(60, 200, 3)))
+    for _ in range(int(rng.integers(0, 4))):
+        s = float(rng.uniform(0.3, 2.5))
+        tile = face.resize((int(270 * s), int(270 * s)), Image.Resampling.LANCZOS)
+        if rng.random() < 0.5:
+            tile = tile.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = int(rng.integers(-tile.width // 4, max(width - tile.width * 3 // 4, 1)))
+        y = int(rng.integers(-tile.height // 4, max(height - tile.height * 3 // 4, 1)))
+        canvas.paste(tile, (x, y))
+    return canvas
+
+
+def _original_detections(aligner, arr, min_face):
+    rects, scores, idx = aligner.detector.run(arr, 1, 0.0)
+    found = [((r.left(), r.top(), r.right(), r.bottom()), s, i) for r, s, i in zip(rects, scores, idx)]
+    return [d for d in found if box_side(d[0]) >= min_face]
+
+
+def test_pyramid_detector_equals_the_original_detector_for_kept_faces(aligner, astronaut):
+    """Boxes, scores, filter index and order of `detector(img, 1)` for every face of at least
+    min_face px, on astronauts of several sizes and composites with faces at random scales."""
+    images = [astronaut.resize((s, s), Image.Resampling.LANCZOS) for s in (400, 700, 1000)]
+    images += [_composite(seed, astronaut) for seed in range(6)]
+    compared = 0
+    for min_face in (64, 100, 160):
+        assert skip_levels(min_face) > 0
+        detector = PyramidDetector(aligner.detector, min_face)
+        for img in images:
+            arr = np.asarray(img)
+            expected = _original_detections(aligner, arr, min_face)
+            assert [tuple(d) for d in detector.run(arr)] == expected
+            compared += len(expected)
+    assert compared > 20  # the images do hold faces of these sizes
+
+
+def test_min_face_keeps_the_original_landmarks_and_crop(aligner, astronaut):
+    """The aligner with min_face 64 gives the original's box, score, landmarks and crop."""
+    big = astronaut.resize((900, 900), Image.Resampling.LANCZOS)
+    plain, fast = aligner.replace(select="all"), aligner.replace(select="all", min_face=64)
+    expected = [r for r in plain(big) if box_side(r.box) >= 64]
+    found = fast(big)
+    assert len(found) == len(expected) == 2
+    for a, b in zip(found, expected):
+        assert tuple(a.box) == tuple(b.box) and a.score == b.score
+        np.testing.assert_array_equal(a.landmarks, b.landmarks)
+        assert _max_diff(a.image, b.image) == 0
+
+
+def test_min_face_applies_to_best_and_largest(aligner, astronaut):
+    face = astronaut.crop((90, 0, 360, 270))
+    group = Image.new("RGB", (480, 310), (128, 128, 128))
+    group.paste(face, (20, 20))  # a box of about 90 px
+    group.paste(face.resize((162, 162), Image.Resampling.LANCZOS), (300, 20))  # about 53 px
+    group = np.asarray(group)
+    every = aligner.replace(select="all")(group)
+    sides = sorted(box_side(r.box) for r in every)
+    assert len(sides) == 2 and sides[0] < 64 <= sides[1]
+    for select in ("best", "largest"):
+        r = aligner.replace(select=select, min_face=64)(group)
+        assert r.ok and box_side(r.box) >= 64
+        tiny = aligner.replace(select=select, min_face=200)(group)
+        assert tiny.status == "no_face" and "minimum face size 200 px" in tiny.error
+
+
+def test_pad_blend_is_bit_identical_to_the_whole_image_version():
+    """The strips-only pad branch equals the original's whole-image blur / median blend exactly."""
+    import scipy.ndimage
+    from skimage import data
+
+    def whole(img, pad, qsize):  # the original's code (psp_core.align_reference)
+        pad = np.asarray(pad, dtype=np.int64)
+        a = np.pad(np.float32(img), ((pad[1], pad[3]), (pad[0], pad[2]), (0, 0)), "reflect")
+        h, w, _ = a.shape
+        yy, xx, _ = np.ogrid[:h, :w, :1]
+        mask = np.maximum(
+            1.0 - np.minimum(np.float32(xx) / pad[0], np.float32(w - 1 - xx) / pad[2]),
+            1.0 - np.minimum(np.float32(yy) / pad[1], np.float32(h - 1 - yy) / pad[3]),
+        )
+        blur = qsize * 0.02
+        a += (scipy.ndimage.gaussian_filter(a, [blur, blur, 0]) - a) * np.clip(mask * 3.0 + 1.0, 0.0, 1.0)
+        a += (np.median(a, axis=(0, 1)) - a) * np.clip(mask, 0.0, 1.0)
+        return np.uint8(np.clip(np.rint(a), 0, 255))
+
+    rng = np.random.default_rng(7)
+    source = data.astronaut()
+    cases = 0
+    while cases < 25:
+        hh, ww = int(rng.integers(20, 300)), int(rng.integers(20, 300))
+        y, x = int(rng.integers(0, 512 - hh)), int(rng.integers(0, 512 - ww))
+        img = source[y : y + hh, x : x + ww] if cases % 3 else rng.integers(0, 256, (hh, ww, 3), dtype=np.uint8)
+        qsize = float(rng.uniform(30, 500))
+        p = int(np.rint(qsize * 0.3))
+        pad = [max(int(rng.integers(0, 3 * p)), p) if rng.random() < 0.5 else p for _ in range(4)]
+        pad = [min(v, d - 1) for v, d in zip(pad, (ww, hh, ww, hh))]  # reflect needs pad < size
+        if min(pad) < 1:
+            continue
+        assert np.array_equal(pad_blend(img, pad, qsize), whole(img, pad, qsize)), (img.shape, pad, qsize)
+        cases += 1
 
 
 def test_invalid_options_are_rejected(aligner):
@@ -316,6 +421,8 @@ def test_invalid_options_are_rejected(aligner):
         aligner.replace(output_size=1024, transform_size=256)
     with pytest.raises(TypeError, match="unknown"):
         aligner.replace(sise=3)
+    with pytest.raises(ValueError, match="min_face"):
+        aligner.replace(min_face=-1)
 
 
 def test_align_result_defaults():

@@ -1,0 +1,279 @@
+"""dlib HOG face detection at a fraction of the original's cost.
+
+The original recipe calls `detector(img, 1)`: dlib upsamples the photo 2x and scans an image
+pyramid of it (each level 5/6 of the previous one) with an 80x80 fHOG window. A detection at level
+l has a box of about 36 * 1.2**l px (in the photo's pixels): level 0 finds ~36 px faces, level 4
+~75 px faces. The finest levels are the largest images, so they cost most of the scan (levels 0-2
+are about 2/3 of it), and they can only hold faces smaller than a product keeps anyway.
+
+`PyramidDetector` (the exact default) skips those levels and gives exactly what `detector(img, 1)`
+gives for every detection whose box is at least `min_face` px on its shorter side: the same boxes,
+scores, filter index and order. How (facts of dlib's Python API, checked by tests/test_align.py):
+
+- `detector.run(resize_image(img, 2H+1, 2W+2), 0, 0.0)` is `detector.run(img, 1, 0.0)` before its
+  boxes are mapped back with `pyramid_down(2).rect_down` (that is dlib's own upsampling);
+- `pyramid_down(6)` applied k times to that image is the scan's level k, and the detector run on it
+  (no upsampling) finds every detection of level >= k with the same score;
+- a box is `rect_up(L, level)` of a fixed 73x73 box L in the level's pixels, rounded once; the
+  detector run on level k maps with `rect_up(L, j)` from its own level j, so the box is recovered as
+  L (the unique 73 px box that maps to it) and mapped again with `rect_up(L, k + j)` and
+  `pyramid_down(2).rect_down`: dlib's own rounding (mapping the level-k box up naively is off by a
+  pixel).
+
+k is one level below the finest level whose boxes can reach `min_face` (so a face at the boundary
+is never lost). Non-maximum suppression runs inside dlib on the detections it sees; it differs
+from the original's only where a skipped box (under `min_face`, scored higher) overlapped a kept one,
+which the original would then have dropped, or where an overlap sits exactly at dlib's threshold
+and the rounding of the two frames decides it (neither happened on the bench and test photos).
+
+`WindowDetector` (the speed mode, opt-in) scans a cheap downscaled copy and re-detects each face it
+finds in a small window resampled on the exact geometry of the original's pyramid levels around
+the face's size; boxes are the original's in most cases and close otherwise (bench/align.py prints
+the landmark deviation). When the coarse scan finds no face the exact path runs.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+#: side (px, inclusive) of a detection box at its own pyramid level (the 2x upsampled frame at level 0)
+LEVEL_BOX = 73
+#: the scan's pyramid ratio (dlib pyramid_down<6>)
+RATIO = 6.0 / 5.0
+
+
+class Detection(NamedTuple):
+    """One HOG detection: box (left, top, right, bottom; inclusive px), score, filter index (0-4)."""
+
+    box: tuple[int, int, int, int]
+    score: float
+    filter: int
+
+
+def box_side(box) -> int:
+    """Shorter side (px) of a dlib box (left, top, right, bottom; inclusive)."""
+    left, top, right, bottom = (int(v) for v in box)
+    return min(right - left + 1, bottom - top + 1)
+
+
+def skip_levels(min_face: int) -> int:
+    """Pyramid levels the exact scan may skip for `min_face`: one below the finest level whose
+    boxes (~36 * 1.2**l px, + 2 px for rounding) can reach min_face (0 for min_face <= ~40)."""
+    if min_face <= 0:
+        return 0
+    level = 0
+    while LEVEL_BOX / 2 * RATIO**level + 2 < min_face:
+        level += 1
+    return max(level - 1, 0)
+
+
+def _rect(dlib, box):
+    return dlib.rectangle(*(int(v) for v in box))
+
+
+def _tuple(r) -> tuple[int, int, int, int]:
+    return (r.left(), r.top(), r.right(), r.bottom())
+
+
+def level_box(dlib, pyr6, r) -> tuple[int, tuple[int, int, int, int]] | None:
+    """(j, L): the level j and the 73 px level box L with `pyr6.rect_up(L, j) == r` (None if none)."""
+    w = r.right() - r.left() + 1
+    j0 = int(round(math.log(max(w, 1) / LEVEL_BOX) / math.log(RATIO)))
+    for j in (j0, j0 - 1, j0 + 1):
+        if j < 0:
+            continue
+        p = pyr6.point_down(dlib.dpoint(r.left(), r.top()), j)
+        for dy in (0, -1, 1):
+            for dx in (0, -1, 1):
+                left, top = int(round(p.x)) + dx, int(round(p.y)) + dy
+                cand = (left, top, left + LEVEL_BOX - 1, top + LEVEL_BOX - 1)
+                if _tuple(pyr6.rect_up(_rect(dlib, cand), j)) == _tuple(r):
+                    return j, cand
+    return None
+
+
+class PyramidDetector:
+    """`detector(img, 1)` restricted to boxes of at least `min_face` px, at a fraction of its cost.
+
+    run(arr) -> [Detection] in dlib's order (descending score); see the module docstring.
+    min_face 0 (or a level count of 0) runs the plain `detector.run(img, 1, 0.0)`.
+    """
+
+    def __init__(self, detector, min_face: int = 64, dlib_module=None):
+        import dlib as _dlib
+
+        self.dlib = dlib_module or _dlib
+        self.detector = detector
+        self.min_face = int(min_face)
+        self.levels = skip_levels(self.min_face)
+        self._pyr6 = self.dlib.pyramid_down(6)
+        self._pyr2 = self.dlib.pyramid_down(2)
+
+    def run(self, arr: np.ndarray) -> list[Detection]:
+        dlib = self.dlib
+        if self.levels == 0:
+            rects, scores, idx = self.detector.run(arr, 1, 0.0)
+            dets = [Detection(_tuple(r), float(s), int(i)) for r, s, i in zip(rects, scores, idx)]
+        else:
+            h, w = arr.shape[:2]
+            img = dlib.resize_image(np.ascontiguousarray(arr), 2 * h + 1, 2 * w + 2)  # dlib's own upsampling
+            for _ in range(self.levels):
+                img = self._pyr6(img)
+            rects, scores, idx = self.detector.run(img, 0, 0.0)
+            dets = []
+            for r, s, i in zip(rects, scores, idx):
+                found = level_box(dlib, self._pyr6, r)
+                if found is None:  # cannot happen with dlib's 73 px boxes; keep the naive map
+                    up = self._pyr6.rect_up(r, self.levels)
+                else:
+                    j, box = found
+                    up = self._pyr6.rect_up(_rect(dlib, box), self.levels + j)
+                dets.append(Detection(_tuple(self._pyr2.rect_down(up)), float(s), int(i)))
+        return [d for d in dets if box_side(d.box) >= self.min_face]
+
+
+class WindowDetector:
+    """Speed mode: a coarse scan on a copy of at most `detect_size` px (longest side), then each
+    face it finds re-detected in a window around it, resampled on the geometry of the original's
+    pyramid levels near the face's size (so the box lands on the original's grid).
+
+    run(arr) -> [Detection] (descending score). Falls back to `exact` (a PyramidDetector) when the
+    photo fits detect_size (it is then aligned exactly), when the coarse scan
+    finds no face of at least min_face (the exact scan then also sees the small faces the coarse one
+    cannot), when it finds more than one clear face (score >= `strong`: a group photo, where a face
+    too small for the coarse scan may rank first), when a refinement loses a face, or when the two best faces' refined scores are within
+    `margin` (the choice between them is close). The coarse scan sees faces of at least
+    ~73/detect_size of the longest side: a smaller face that the original would rank first is not
+    seen (bench/align.py counts such cases as "another face").
+    """
+
+    def __init__(self, detector, exact: PyramidDetector, detect_size: int = 640, margin: float = 0.5,
+                 strong: float = 0.3):
+        self.dlib = exact.dlib
+        self.detector = detector
+        self.exact = exact
+        self.min_face = exact.min_face
+        self.detect_size = int(detect_size)
+        self.margin = float(margin)
+        self.strong = float(strong)
+        self._pyr6 = exact._pyr6
+        self._pyr2 = exact._pyr2
+        self.last_path = "exact"
+
+    def run(self, arr: np.ndarray, pil=None) -> list[Detection]:
+        from PIL import Image
+
+        h, w = arr.shape[:2]
+        scale = self.detect_size / max(h, w)
+        if scale >= 1.0:  # the photo fits detect_size: the exact scan
+            self.last_path = "exact"
+            return self.exact.run(arr)
+        src = pil if pil is not None else Image.fromarray(arr, "RGB")
+        size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
+        small = np.asarray(src.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
+        rects, scores, _ = self.detector.run(small, 0, 0.0)
+        fx, fy = w / size[0], h / size[1]
+        coarse, strong = [], 0
+        for r, score in zip(rects, scores):
+            box = (r.left() * fx, r.top() * fy, (r.right() + 1) * fx - 1, (r.bottom() + 1) * fy - 1)
+            if min(box[2] - box[0], box[3] - box[1]) + 1 >= 0.8 * self.min_face:
+                coarse.append(box)
+                strong += score >= self.strong
+        # no face: a smaller one may be there; several clear faces: a group photo, where a face under
+        # what the coarse scan sees may rank first. Both take the exact path.
+        if not coarse or strong > 1:
+            self.last_path = "exact"
+            return self.exact.run(arr)
+        self.last_path = "window"
+        dets = []
+        for box in coarse:
+            found = self._refine(arr, box)
+            if found is not None and box_side(found.box) >= self.min_face:
+                dets.append(found)
+        # one detection per face: drop refinements that landed on a face already found
+        dets.sort(key=lambda d: -d.score)
+        kept: list[Detection] = []
+        for d in dets:
+            if not any(_iou(d.box, k.box) > 0.3 for k in kept):
+                kept.append(d)
+        # the refined scores are close to the original's, not equal: where a face was lost or the
+        # best two are within `margin`, the choice is close and the exact path decides
+        if len(kept) != len(coarse) or (len(kept) > 1 and kept[0].score - kept[1].score < self.margin):
+            self.last_path = "exact"
+            return self.exact.run(arr)
+        return kept
+
+    def _refine(self, arr: np.ndarray, box) -> Detection | None:
+        """The best detection of the face in `box` (photo px) over the levels near its size, each
+        level's window resampled from the photo so its pixels sit where the original's do."""
+        dlib = self.dlib
+        h, w = arr.shape[:2]
+        side = max(box[2] - box[0], box[3] - box[1]) + 1
+        # photo px -> upsampled px (dlib resize_image to 2H+1 x 2W+2 maps index i to i*(2W+1)/(W-1))
+        sx, sy = (2 * w + 1) / max(w - 1, 1), (2 * h) / max(h - 1, 1)
+        level = int(round(math.log(max(side * 2.0 / LEVEL_BOX, 1.0)) / math.log(RATIO)))
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        best: Detection | None = None
+        for lev in (level - 1, level, level + 1):
+            if lev < 0:
+                continue
+            a = RATIO**lev  # level px -> upsampled px: u = a*p + b
+            b = 0.3 * (a - 1) / (RATIO - 1)
+            # window in level px: the face (73 px) with 60 px of context each side
+            half = LEVEL_BOX / 2 + 60
+            pcx, pcy = ((cx * sx) - b) / a, ((cy * sy) - b) / a
+            # the window starts on the fHOG cell grid (8 px) of the level, so cells sit where the
+            # original's do
+            x0, y0 = max(int(math.floor((pcx - half) / 8)) * 8, 0), max(int(math.floor((pcy - half) / 8)) * 8, 0)
+            # the level's own size: the upsampled image's size mapped down `lev` times
+            full = self._pyr6.rect_down(dlib.rectangle(0, 0, 2 * w + 1, 2 * h), lev)
+            lw, lh = full.right() + 1, full.bottom() + 1
+            x1, y1 = min(int(math.ceil(pcx + half)), lw), min(int(math.ceil(pcy + half)), lh)
+            if x1 - x0 < LEVEL_BOX or y1 - y0 < LEVEL_BOX:
+                continue
+            # level index p -> photo pixel centre: (a*p + b)/s + 0.5; PIL's box is in centre coords
+            ax, ay = a / sx, a / sy
+            bx, by = b / sx + 0.5 - 0.5 * ax, b / sy + 0.5 - 0.5 * ay
+            pbox = (bx + ax * x0, by + ay * y0, bx + ax * x1, by + ay * y1)
+            win = _resample(arr, (x1 - x0, y1 - y0), pbox)
+            rects, scores, idx = self.detector.run(win, 0, 0.0)
+            for r, s, i in zip(rects, scores, idx):
+                if r.right() - r.left() + 1 != LEVEL_BOX:  # only this level's boxes (on its grid)
+                    continue
+                lbox = (r.left() + x0, r.top() + y0, r.right() + x0, r.bottom() + y0)
+                up = self._pyr6.rect_up(_rect(dlib, lbox), lev)
+                out = _tuple(self._pyr2.rect_down(up))
+                if _iou(out, box) < 0.3:
+                    continue
+                if best is None or s > best.score:
+                    best = Detection(out, float(s), int(i))
+        return best
+
+
+def _resample(arr: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:
+    """PIL bilinear resize of the region `box` (pixel-centre coordinates, may leave the image: the
+    edge pixels repeat, as dlib's resampling does) of an HxWx3 array to `size`."""
+    from PIL import Image
+
+    h, w = arr.shape[:2]
+    left, top = int(math.floor(box[0])) - 2, int(math.floor(box[1])) - 2
+    right, bottom = int(math.ceil(box[2])) + 2, int(math.ceil(box[3])) + 2
+    crop = arr[max(top, 0) : min(bottom, h), max(left, 0) : min(right, w)]
+    pad = ((max(-top, 0), max(bottom - h, 0)), (max(-left, 0), max(right - w, 0)), (0, 0))
+    if any(p for pair in pad for p in pair):
+        crop = np.pad(crop, pad, mode="edge")
+    img = Image.fromarray(np.ascontiguousarray(crop), "RGB")
+    shifted = (box[0] - left, box[1] - top, box[2] - left, box[3] - top)
+    return np.asarray(img.resize(size, Image.Resampling.BILINEAR, box=shifted))
+
+
+def _iou(a, b) -> float:
+    ix = min(a[2], b[2]) - max(a[0], b[0]) + 1
+    iy = min(a[3], b[3]) - max(a[1], b[1]) + 1
+    if ix <= 0 or iy <= 0:
+        return 0.0
+    inter = ix * iy
+    area = lambda r: (r[2] - r[0] + 1) * (r[3] - r[1] + 1)  # noqa: E731
+    return inter / (area(a) + area(b) - inter)

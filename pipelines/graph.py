@@ -47,6 +47,10 @@ STAGES = ("read", "decode", "align", "invert", "outputs")
 FINAL_STAGE = "outputs"  # the stage that reports each row's final status
 ALIGN_BATCH = 4
 READ_BATCH = 16
+# Rows per block without face detection (--align none): every stage then costs well under a
+# millisecond per row, and Ray's cost per block (a task or actor call per operator, the
+# executor's bookkeeping) must be spread over many rows.
+UNALIGNED_BATCH = 128
 
 
 @dataclass
@@ -219,14 +223,16 @@ def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resourc
     model, outputs = resources["model"], resources["outputs"]
     on_gpu = model["device"] == "cuda"
     batch_size = config.batch_size or (DEFAULT_GPU_BATCH if on_gpu else DEFAULT_CPU_BATCH)
+    detect = resolved.align != "none"
+    read_rows, align_rows = (READ_BATCH, ALIGN_BATCH) if detect else (UNALIGNED_BATCH, UNALIGNED_BATCH)
     rows = [item.to_row() for item in items]
     # Small blocks so alignment and inversion overlap from the start; capped for huge listings.
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / ALIGN_BATCH), 1000)))
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / align_rows), 1000)))
     ds = ds.map_batches(
         read_batch,
         fn_kwargs={"storage_options": config.storage_options, "stage_clock": clock,
                    "timeout_s": config.read_timeout},
-        batch_size=READ_BATCH,
+        batch_size=read_rows,
         batch_format="numpy",
         num_cpus=0.25,
     )
@@ -246,7 +252,7 @@ def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resourc
             "stored_alignment": stored_alignment,
         },
         compute=ActorPoolStrategy(min_size=1, max_size=config.align_actors),
-        batch_size=ALIGN_BATCH,
+        batch_size=align_rows,
         batch_format="numpy",
         num_cpus=0.5,
     )

@@ -1,10 +1,12 @@
 """The Ray wiring: list -> read -> decode+align (CPU actors) -> invert (GPU or CPU actors) -> outputs
 (CPU actors) -> one commit to the Delta output table.
 
-`run_invert(config)` is the whole run: validate on the driver (fail fast), list the inputs, skip what
-the output table already holds, build the dataset with `build_dataset` (the one short function that
-wires the stages), write the run's files and commit them to the output table in one Delta commit
-(`pipelines.table`), and return a `RunSummary` (counts per status, rows and rows/s per stage).
+`run_invert(config)` is the whole run: validate on the driver (fail fast), list the inputs in Ray
+tasks into Parquet shards (`pipelines.listing`: the driver holds shard names and counts), skip what
+the output table already holds (in the read tasks), build the dataset with `build_dataset` (the one
+short function that wires the stages), write the run's files and commit them to the output table in
+one Delta commit (`pipelines.table`), and return a `RunSummary` (counts per status, rows and rows/s
+per stage, wall time per phase).
 Stages report their time to a small `StageClock` actor. `process_items` (write, no commit) is what
 the nightly job runs too.
 """
@@ -25,8 +27,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.config import ConfigError, InvertConfig, ResolvedConfig, code_version, resolve_config
-from pipelines.reuse import alignment_signature
-from pipelines.secrets import WORKER_SETUP_HOOK, redact, redacted_rows
 from pipelines.listing import (
     LISTING_DIR,
     Listing,
@@ -37,6 +37,8 @@ from pipelines.listing import (
     listing_datasource,
     read_user_listing,
 )
+from pipelines.reuse import alignment_signature
+from pipelines.secrets import WORKER_SETUP_HOOK, redact, redacted_rows
 from pipelines.sources import SourceItem
 from pipelines.table import (
     ConcurrentRunError,

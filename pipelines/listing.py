@@ -310,9 +310,7 @@ def read_user_listing(path: str, scratch: str, storage_options: Mapping[str, Any
     last_modified(_date). Converted to shards in Ray tasks, one per file."""
     import ray
 
-    from pipelines.sources import InputError
-
-    from pipelines.sources import filesystem_for
+    from pipelines.sources import InputError, filesystem_for
 
     so = dict(storage_options or {})
     fs, root_path = filesystem_for(path, so)
@@ -384,11 +382,11 @@ def user_listing_table(uri: str, storage_options: Mapping[str, Any] | None = Non
     if n and not pc.all(plain).as_py():
         uris = pa.array([escape_name(v) for v in uris.to_pylist()], pa.string())
 
-    def num(*cands, kind=pa.int64(), fill=-1):
+    def num(*cands, fill=-1):
         c = next((names[x] for x in cands if x in names), None)
         if c is None:
-            return pa.array(np.full(n, fill), kind)
-        return pc.fill_null(pc.cast(t[c], kind, safe=False), fill)
+            return pa.array(np.full(n, fill), pa.int64())
+        return pc.fill_null(pc.cast(t[c], pa.int64(), safe=False), fill)
 
     etag_col = next((names[x] for x in ("etag", "e_tag") if x in names), None)
     etag = (pc.replace_substring(pc.fill_null(pc.cast(t[etag_col], pa.string()), ""), '"', "")

@@ -237,7 +237,7 @@ def test_a_user_listing_drives_a_run(s3_run, s3_server, ray_cluster, tiny_checkp
     table = read_outputs(config.output, s3_server.storage_options)
     rows = {r["source_uri"]: r for r in table.select(["source_uri", "status", "source_size", "source_etag"]).to_pylist()}
     assert sorted(rows) == sorted(uris)
-    for (name, blob, expected), uri, etag in zip(chosen, uris, etags):
+    for (_, blob, expected), uri, etag in zip(chosen, uris, etags):
         assert rows[uri]["status"] == expected
         assert (rows[uri]["source_size"], rows[uri]["source_etag"]) == (len(blob), etag.strip('"'))
     # the run's listing shards are gone once it has committed

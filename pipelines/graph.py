@@ -30,6 +30,7 @@ from pipelines.config import ConfigError, InvertConfig, ResolvedConfig, code_ver
 from pipelines.listing import (
     LISTING_DIR,
     Listing,
+    check_inputs,
     count_todo,
     done_keys,
     items_listing,
@@ -521,6 +522,8 @@ def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) 
     resolved = resolve_config(config)
     config = resolved.config
     table, dt = open_output(resolved)
+    if items is None:  # a missing INPUT fails fast, before Ray starts
+        check_inputs(config.input, config.storage_options, config.listing)
     ensure_ray()
     lap = time.perf_counter()
     listing = make_listing(config, table, resolved.run_id, None if items is None else _coerce_items(items))

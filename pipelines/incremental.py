@@ -41,6 +41,7 @@ from pipelines.graph import (
     process_items,
     stage_dict,
 )
+from pipelines.listing import check_inputs
 from pipelines.listing import first_per_key as _first_per_key
 from pipelines.reuse import alignment_signature
 from pipelines.table import (
@@ -412,6 +413,13 @@ def run_nightly(
     run_id = resolved.run_id
     sha = checkpoint_sha256(config.checkpoint, config.storage_options)
     table, dt = open_output(resolved)
+    try:  # a missing INPUT fails fast, before Ray starts
+        check_inputs(config.input, config.storage_options, config.listing)
+    except Exception as exc:
+        raise NightlyError(
+            f"listing {config.input!r} failed: {type(exc).__name__}: {exc}. Nothing was committed; "
+            "check the URI and credentials, then rerun"
+        ) from exc
     ensure_ray()
     clock.lap("open_s")
     listing = _listed(config, table, run_id)

@@ -270,6 +270,14 @@ def list_to_shards(
     return listing
 
 
+def check_inputs(inputs: str | Sequence[str], storage_options: Mapping[str, Any] | None = None,
+                 listing: str | None = None) -> None:
+    """InputError (on the driver, before Ray starts) when an INPUT, or the `--listing` file, is
+    missing or cannot be listed."""
+    for uri in [listing] if listing else ([inputs] if isinstance(inputs, str) else list(inputs)):
+        _check_input(uri, dict(storage_options or {}))
+
+
 def _check_input(uri: str, storage_options) -> None:
     from pipelines.sources import InputError, filesystem_for
 

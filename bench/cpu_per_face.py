@@ -142,8 +142,9 @@ def make_photos(folder: Path, n: int) -> None:
         img.save(folder / f"photo_{i:05d}.jpg", quality=92)
 
 
-def make_tiny_pngs(folder: Path, n: int, size: int = 24) -> None:
-    """n small generated PNGs (issue 18's per-row overhead inputs)."""
+def make_tiny_pngs(folder: Path, n: int, size: int = 64) -> None:
+    """n small generated PNGs (issue 18's per-row overhead inputs), 64 px: above the decoder's smallest
+    side (`psp_core.images.MIN_SIDE`), so every row goes through every stage as an ok row."""
     import numpy as np
     from PIL import Image
 

@@ -152,7 +152,9 @@ class AlignFaces:
         take = np.array([i for i, found in enumerate(rows) for _ in found], dtype=np.int64)
         flat = [r for found in rows for r in found]
         m = len(flat)
-        aligned = np.zeros((m, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8)
+        # Mode 'none' prepares the model input from the decoded image: no crops unless kept.
+        need_crops = self.keep_aligned or self.aligner is not None
+        aligned = np.zeros((m, CROP_SIZE, CROP_SIZE, 3), dtype=np.uint8) if need_crops else None
         landmarks = np.full((m, 68, 2), np.nan, dtype=np.float32)
         quad = np.full((m, 4, 2), np.nan, dtype=np.float32)
         score = np.full(m, np.nan, dtype=np.float32)
@@ -163,7 +165,7 @@ class AlignFaces:
         for j, (st, err, crop, result, k, count) in enumerate(flat):
             status.append(st)
             error.append(err)
-            if crop is not None:
+            if crop is not None and aligned is not None:
                 aligned[j] = crop
             if result is not None:
                 landmarks[j] = result.landmarks
@@ -207,8 +209,9 @@ class AlignFaces:
         uri = decoded["source_uri"][i]
         rgb = decoded["image"][i]
         try:
-            if self.aligner is None:
-                return [(status, error, resize_unaligned(rgb, self.gray), None, -1, -1)]
+            if self.aligner is None:  # the model input is prepared from `rgb`: a crop only if kept
+                crop = resize_unaligned(rgb, self.gray) if self.keep_aligned else None
+                return [(status, error, crop, None, -1, -1)]
             found = self._stored_results(decoded, i, rgb) or self.aligner(rgb, name=str(uri))
             results = found if isinstance(found, list) else [found]
             if results[0].status != "ok":

@@ -125,6 +125,9 @@ class InvertConfig:
     run_id: str | None = shared("run_id", scope=("invert", "nightly"))
     progress: bool | None = option(None, "Ray progress bars (default: when stderr is a terminal)",
                                    kind="switch", scope="invert")
+    listing: str | None = option(
+        None, "take the inputs from this listing instead of walking INPUT: a Parquet or CSV file (or a "
+        "folder of them) with a uri column, or an S3 Inventory report (bucket and key columns)", metavar="PATH")
     include: list[str] | None = option(
         None, "read only the files under INPUT matching GLOB (repeatable; without / it matches the file "
         "name, with / the path below INPUT); what is left out is counted in the run summary",

@@ -1,10 +1,12 @@
 """The Ray wiring: list -> read -> decode+align (CPU actors) -> invert (GPU or CPU actors) -> outputs
 (CPU actors) -> one commit to the Delta output table.
 
-`run_invert(config)` is the whole run: validate on the driver (fail fast), list the inputs, skip what
-the output table already holds, build the dataset with `build_dataset` (the one short function that
-wires the stages), write the run's files and commit them to the output table in one Delta commit
-(`pipelines.table`), and return a `RunSummary` (counts per status, rows and rows/s per stage).
+`run_invert(config)` is the whole run: validate on the driver (fail fast), list the inputs in Ray
+tasks into Parquet shards (`pipelines.listing`: the driver holds shard names and counts), skip what
+the output table already holds (in the read tasks), build the dataset with `build_dataset` (the one
+short function that wires the stages), write the run's files and commit them to the output table in
+one Delta commit (`pipelines.table`), and return a `RunSummary` (counts per status, rows and rows/s
+per stage, wall time per phase).
 Stages report their time to a small `StageClock` actor. `process_items` (write, no commit) is what
 the nightly job runs too.
 """
@@ -25,18 +27,29 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.config import ConfigError, InvertConfig, ResolvedConfig, code_version, resolve_config
+from pipelines.listing import (
+    LISTING_DIR,
+    Listing,
+    check_inputs,
+    count_todo,
+    done_keys,
+    items_listing,
+    list_to_shards,
+    listing_datasource,
+    read_user_listing,
+)
 from pipelines.reuse import alignment_signature
 from pipelines.secrets import WORKER_SETUP_HOOK, redact, redacted_rows
-from pipelines.sources import SourceItem, list_inputs
+from pipelines.sources import SourceItem
 from pipelines.table import (
     ConcurrentRunError,
     OutputTable,
-    SourceFacts,
     TableMismatchError,
     WrittenRun,
     adoptable_rows,
     commit_run,
     run_metadata,
+    uncommitted_runs,
     write_run,
     write_run_summary,
 )
@@ -47,6 +60,10 @@ STAGES = ("read", "decode", "align", "invert", "outputs")
 FINAL_STAGE = "outputs"  # the stage that reports each row's final status
 ALIGN_BATCH = 4
 READ_BATCH = 16
+# Rows per block without face detection (--align none): every stage then costs well under a
+# millisecond per row, and Ray's cost per block (a task or actor call per operator, the
+# executor's bookkeeping) must be spread over many rows.
+UNALIGNED_BATCH = 128
 
 
 @dataclass
@@ -99,6 +116,7 @@ class RunSummary:
     model_family: str = "psp"  # the checkpoint's family (psp, e4e, restyle_psp, restyle_e4e)
     n_iters: int = 1  # ReStyle's refinement steps in this run (1 for pSp and e4e)
     alignment: str = ""  # the alignment options (pipelines.reuse.alignment_signature): what reuse matches
+    phases: dict[str, float] = field(default_factory=dict)  # wall seconds: list_s, plan_s, process_s, commit_s
 
     def format(self) -> str:
         """The end-of-run report printed by the CLI."""
@@ -106,7 +124,8 @@ class RunSummary:
         lines = [
             f"run {self.run_id}: {self.processed} processed, {self.adopted} adopted, {self.skipped} skipped "
             f"(already in {self.output}), {self.listed} listed, {self.replaced} older rows replaced; "
-            f"{committed}; {self.wall_s:.1f}s",
+            f"{committed}; {self.wall_s:.1f}s"
+            + (" (" + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()) + ")" if self.phases else ""),
             "  status counts: " + (", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"),
             "  not inputs (skipped while listing): "
             + (", ".join(f"{k}={v}" for k, v in sorted(self.not_inputs.items())) or "none"),
@@ -195,9 +214,13 @@ class StageClock:
 # The graph
 
 
-def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resources: Mapping[str, Any], clock=None,
-                  stored_alignment=None):
-    """The Ray Data graph for `items` (not executed): read -> decode+align -> invert -> outputs.
+def build_dataset(source: Listing | Sequence[SourceItem], resolved: ResolvedConfig, resources: Mapping[str, Any],
+                  clock=None, stored_alignment=None, skip=None):
+    """The Ray Data graph for `source` (not executed): read -> decode+align -> invert -> outputs.
+
+    source: a `pipelines.listing.Listing` (read lazily, one read task per shard, dropping the
+    inputs in `skip`, an ObjectRef to `pipelines.listing.done_keys`, and `config.limit` applied),
+    or explicit `SourceItem`s (a short list: the nightly plan's inputs, tests).
 
     Read is a task operator (fractional CPU, I/O bound); align, invert and outputs are separate
     actor pools (different compute and resources, so Ray does not fuse them): the align actors do
@@ -219,14 +242,21 @@ def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resourc
     model, outputs = resources["model"], resources["outputs"]
     on_gpu = model["device"] == "cuda"
     batch_size = config.batch_size or (DEFAULT_GPU_BATCH if on_gpu else DEFAULT_CPU_BATCH)
-    rows = [item.to_row() for item in items]
-    # Small blocks so alignment and inversion overlap from the start; capped for huge listings.
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / ALIGN_BATCH), 1000)))
+    detect = resolved.align != "none"
+    read_rows, align_rows = (READ_BATCH, ALIGN_BATCH) if detect else (UNALIGNED_BATCH, UNALIGNED_BATCH)
+    if isinstance(source, Listing):
+        ds = ray.data.read_datasource(listing_datasource(source, align_rows, skip), num_cpus=0.25)
+        if config.limit is not None:
+            ds = ds.limit(config.limit)
+    else:
+        rows = [item.to_row() for item in source]
+        # Small blocks so alignment and inversion overlap from the start; capped for long lists.
+        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / align_rows), 1000)))
     ds = ds.map_batches(
         read_batch,
         fn_kwargs={"storage_options": config.storage_options, "stage_clock": clock,
                    "timeout_s": config.read_timeout},
-        batch_size=READ_BATCH,
+        batch_size=read_rows,
         batch_format="numpy",
         num_cpus=0.25,
     )
@@ -246,7 +276,7 @@ def build_dataset(items: Sequence[SourceItem], resolved: ResolvedConfig, resourc
             "stored_alignment": stored_alignment,
         },
         compute=ActorPoolStrategy(min_size=1, max_size=config.align_actors),
-        batch_size=ALIGN_BATCH,
+        batch_size=align_rows,
         batch_format="numpy",
         num_cpus=0.5,
     )
@@ -334,30 +364,16 @@ def ensure_ray() -> None:
              runtime_env=runtime_env)
 
 
-def inputs_done(state: pa.Table) -> set[str]:
-    """source_ids of the inputs a rerun skips: every row of the input (each face) has a final
-    status. One transient row (e.g. one face's invert_error) makes the whole input run again."""
+def inputs_done(state: pa.Table) -> pa.Array:
+    """source_ids of the inputs a rerun skips (Arrow, unique): every row of the input (each face)
+    has a final status. One transient row (e.g. one face's invert_error) makes the whole input run
+    again."""
+    if state.num_rows == 0:
+        return pa.array([], pa.string())
     final = pc.is_in(state["status"], value_set=pa.array(FINAL_STATUSES))
-    done = set(state["source_id"].filter(final).to_pylist())
-    return done - set(state["source_id"].filter(pc.invert(final)).to_pylist())
-
-
-def select_items(
-    items: Sequence[SourceItem], done_ids: set[str], limit: int | None
-) -> tuple[list[SourceItem], int]:
-    """Drop inputs already done and repeated inputs (same source_uri), then apply `limit`.
-    Returns (items to process, number skipped because already done)."""
-    seen: set[str] = set()
-    todo: list[SourceItem] = []
-    skipped = 0
-    for item in items:
-        key = image_id_for(item.source_uri)
-        if key in done_ids:
-            skipped += 1
-        elif key not in seen:
-            seen.add(key)
-            todo.append(item)
-    return (todo[:limit] if limit is not None else todo), skipped
+    done = pc.unique(state["source_id"].filter(final))
+    again = pc.unique(state["source_id"].filter(pc.invert(final)))
+    return done.filter(pc.invert(pc.is_in(done, value_set=again)))
 
 
 def _coerce_items(items: Sequence[Any]) -> list[SourceItem]:
@@ -397,16 +413,22 @@ class Processed:
     device: str
 
 
-def process_items(resolved: ResolvedConfig, items: Sequence[SourceItem], table: OutputTable) -> Processed:
-    """Run the pipeline on `items` and write the rows as run `resolved.run_id`'s files in `table`
-    (not committed: `pipelines.table.commit_run` does that)."""
+def process_items(resolved: ResolvedConfig, source: Listing | Sequence[SourceItem], table: OutputTable,
+                  skip=None) -> Processed:
+    """Run the pipeline on `source` (a Listing, less the inputs in `skip`, or SourceItems) and write
+    the rows as run `resolved.run_id`'s files in `table` (not committed: `pipelines.table.commit_run`
+    does that)."""
     import ray
 
-    from pipelines.reuse import load_stored_alignment
+    from pipelines.reuse import load_stored_alignment, reuse_enabled
 
     config = resolved.config
-    stored = load_stored_alignment(resolved, items, table)
     ensure_ray()
+    items = source
+    if isinstance(source, Listing):  # reuse looks up stored alignments by the inputs' ids
+        items = ([_Uri(u) for u in source.read_table(["source_uri"])["source_uri"].to_pylist()]
+                 if reuse_enabled(config, resolved.align) else [])
+    stored = load_stored_alignment(resolved, items, table)
     try:
         resources = pipeline_resources(ray.cluster_resources(), resolved)
     except ValueError as e:
@@ -425,14 +447,53 @@ def process_items(resolved: ResolvedConfig, items: Sequence[SourceItem], table: 
     try:
         # Credentials are masked in the rows' free text right before they are written.
         stored_ref = ray.put(stored) if stored is not None else None
-        ds = redacted_rows(build_dataset(items, resolved, resources, clock, stored_ref), config.storage_options)
-        written = write_run(ds, table, resolved.run_id, resolved.checkpoint.n_styles, items)
-        timings, counts, meta = clock.collect(len(items))
+        ds = redacted_rows(build_dataset(source, resolved, resources, clock, stored_ref, skip),
+                           config.storage_options)
+        written = write_run(ds, table, resolved.run_id, resolved.checkpoint.n_styles)
+        timings, counts, meta = clock.collect(written.rows)
         operators = _operator_names(ds)
     finally:
         ray.kill(clock_actor)
     return Processed(written, timings, counts, operators, meta.get("checkpoint_sha256"),
                      resources["model"]["device"])
+
+
+@dataclass(frozen=True)
+class _Uri:
+    source_uri: str
+
+
+def scratch_dir(table: OutputTable, run_id: str) -> str:
+    """Where a run keeps its listing shards (removed when the run ends)."""
+    return f"{table.uri.rstrip('/')}/{LISTING_DIR}/{run_id}"
+
+
+def make_listing(config: InvertConfig, table: OutputTable, run_id: str,
+                 items: Sequence[SourceItem] | None = None) -> Listing:
+    """The run's listing: INPUT listed in Ray tasks, or `--listing PATH`, or explicit `items`."""
+    ensure_ray()
+    scratch = scratch_dir(table, run_id)
+    so = config.storage_options
+    try:
+        if items is not None:
+            return items_listing(items, scratch, so)
+        if config.listing:
+            return read_user_listing(config.listing, scratch, so)
+        return list_to_shards(config.input, scratch, so, config.image_column, include=config.include or (),
+                              exclude=config.exclude or (), output=config.output)
+    except ray_task_error() as e:  # a listing task's InputError reads as the driver's would
+        from pipelines.sources import InputError
+
+        cause = e.as_instanceof_cause()
+        if isinstance(cause, InputError):
+            raise InputError(str(cause).strip().splitlines()[-1]) from None
+        raise
+
+
+def ray_task_error():
+    import ray
+
+    return ray.exceptions.RayTaskError
 
 
 def open_output(resolved: ResolvedConfig) -> tuple[OutputTable, Any]:
@@ -461,41 +522,72 @@ def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) 
     resolved = resolve_config(config)
     config = resolved.config
     table, dt = open_output(resolved)
-    state = table.state(dt, ("source_id", "status"))
-    done = inputs_done(state)
-    not_inputs: Counter = Counter()
-    listed = (
-        list_inputs(config.input, config.storage_options, config.image_column, include=config.include or (),
-                    exclude=config.exclude or (), output=config.output, skipped=not_inputs)
-        if items is None else _coerce_items(items)
-    )
-    todo, skipped = select_items(listed, done, config.limit)
+    if items is None:  # a missing INPUT fails fast, before Ray starts
+        check_inputs(config.input, config.storage_options, config.listing)
+    ensure_ray()
+    lap = time.perf_counter()
+    listing = make_listing(config, table, resolved.run_id, None if items is None else _coerce_items(items))
+    try:
+        return _run_listing(resolved, table, dt, listing, started, t0, {"list_s": time.perf_counter() - lap})
+    finally:
+        listing.discard()
 
-    facts = SourceFacts.from_items(todo)
-    wanted = pa.table({"image_id": facts.image_id, "source_size": facts.size, "source_mtime": facts.mtime,
-                       "source_etag": facts.etag})
+
+def _run_listing(resolved: ResolvedConfig, table: OutputTable, dt, listing: Listing, started, t0: float,
+                 phases: dict[str, float]) -> RunSummary:
+    import ray
+
+    config = resolved.config
+    lap = time.perf_counter()
+    done = inputs_done(table.state(dt, ("source_id", "status")))
     sha = resolved.checkpoint.sha256
-    written = adoptable_rows(table, dt, wanted, sha, retry_failed=True, exclude_run=resolved.run_id)
-    adopted = len(written.ids)
-    adopted_ids = set(written.ids.to_pylist())
-    rest = [it for it in todo if image_id_for(it.source_uri) not in adopted_ids]
-    processed = process_items(resolved, rest, table) if rest else None
+    written = WrittenRun(resolved.run_id)
+    if listing.total and uncommitted_runs(table, dt, resolved.run_id):  # a crashed run's rows to adopt
+        written = _adopt(table, dt, listing, done, sha, resolved.run_id)
+    adopted = written.rows
+    skip = ray.put(done_keys(pa.concat_arrays([done, written.ids.cast(pa.string())])))
+    todo, skipped = count_todo(listing, skip) if listing.total else (0, 0)
+    skipped -= adopted
+    todo = min(todo, config.limit) if config.limit is not None else todo
+    phases["plan_s"], lap = time.perf_counter() - lap, time.perf_counter()
+    processed = process_items(resolved, listing, table, skip) if todo else None
+    phases["process_s"], lap = time.perf_counter() - lap, time.perf_counter()
     if processed is not None:
-        written.extend(processed.written.adds, processed.written.ids, processed.written.statuses)
-        written.run_id = resolved.run_id
+        written.merge(processed.written)
     summary = RunSummary(
         run_id=resolved.run_id, input=config.input, output=config.output, checkpoint=config.checkpoint,
         checkpoint_sha256=(processed.checkpoint_sha256 if processed else None) or sha, task=resolved.task,
-        align=resolved.align, device=processed.device if processed else config.device, listed=len(listed),
-        skipped=skipped, processed=len(rest), counts=written.counts(),
+        align=resolved.align, device=processed.device if processed else config.device, listed=listing.total,
+        skipped=skipped, processed=todo, counts=written.counts(),
         stages=stage_dict(processed.timings if processed else {}),
         operators=processed.operators if processed else [], started_at=started.isoformat(),
-        code_version=code_version(), adopted=adopted, not_inputs=dict(sorted(not_inputs.items())),
+        code_version=code_version(), adopted=adopted, not_inputs=dict(sorted(listing.not_inputs.items())),
         model_family=resolved.checkpoint.family, n_iters=resolved.n_iters,
-        alignment=alignment_signature(config, resolved.align),
+        alignment=alignment_signature(config, resolved.align), phases=phases,
     )
     written.run_id = resolved.run_id
-    return commit_summary(table, written, resolved.checkpoint.n_styles, summary, dt.version(), t0)
+    summary = commit_summary(table, written, resolved.checkpoint.n_styles, summary, dt.version(), t0)
+    phases["commit_s"] = time.perf_counter() - lap
+    summary.phases = {k: round(v, 3) for k, v in phases.items()}
+    return summary
+
+
+def _adopt(table: OutputTable, dt, listing: Listing, done: pa.Array, sha: str | None, run_id: str) -> WrittenRun:
+    """Rows crashed runs wrote for this listing's inputs that are not done (read on the driver:
+    only when there is an uncommitted run to adopt from)."""
+    listed = listing.read_table(["source_uri", "size", "etag", "mtime"])
+    ids = pa.array([image_id_for(u) for u in listed["source_uri"].to_pylist()], pa.string())
+    keep = pc.invert(pc.is_in(ids, value_set=done))
+    listed, ids = listed.filter(keep), ids.filter(keep)
+    size = pc.if_else(pc.less(listed["size"], 0), pa.scalar(None, pa.int64()), listed["size"])
+    etag = pc.if_else(pc.equal(listed["etag"], ""), pa.scalar(None, pa.string()), listed["etag"])
+    us = pc.cast(pc.round(pc.multiply(listed["mtime"], 1e6)), pa.int64(), safe=False)
+    mtime = pc.if_else(pc.is_nan(listed["mtime"]), pa.scalar(None, pa.int64()), us)
+    wanted = pa.table({"image_id": ids, "source_size": size, "source_mtime": pc.cast(mtime, pa.timestamp("us", tz="UTC")),
+                       "source_etag": etag})
+    written = adoptable_rows(table, dt, wanted, sha, retry_failed=True, exclude_run=run_id)
+    written.run_id = run_id
+    return written
 
 
 def commit_summary(table: OutputTable, written: WrittenRun, n_styles: int, summary, read_version: int,

@@ -34,10 +34,14 @@ from pipelines.config import ConfigError, InvertConfig, resolve_config
 from pipelines.graph import (
     RunSummary,
     commit_summary,
+    ensure_ray,
+    make_listing,
     open_output,
     process_items,
     stage_dict,
 )
+from pipelines.listing import check_inputs
+from pipelines.listing import first_per_key as _first_per_key
 from pipelines.reuse import alignment_signature
 from pipelines.table import (
     ConcurrentRunError,
@@ -197,21 +201,6 @@ def listing_table(items: Iterable[Any]) -> pa.Table:
     return _first_per_key(table, "source_uri")
 
 
-def _first_per_key(table: pa.Table, key: str, last: bool = False) -> pa.Table:
-    """`table` with one row per `key` (the first, or the last, occurrence), in table order."""
-    if table.num_rows == 0:
-        return table
-    idx = pa.array(np.arange(table.num_rows, dtype=np.int64))
-    agg = "max" if last else "min"
-    keep = (
-        pa.table({key: table[key], "_i": idx}).group_by(key, use_threads=False)
-        .aggregate([("_i", agg)])[f"_i_{agg}"]
-    )
-    if len(keep) == table.num_rows:
-        return table
-    return table.take(pc.take(keep, pc.sort_indices(keep)))
-
-
 def source_items(listing: pa.Table, uris: Sequence[str]) -> list[Any]:
     """`pipelines.sources.SourceItem`s for the listed inputs `uris` (source URIs), in that order."""
     from pipelines.sources import KIND_FILE, SourceItem
@@ -248,6 +237,45 @@ def read_listing(input_uri: Any, storage_options: dict | None = None, **rules: A
         ) from exc
     pa.default_memory_pool().release_unused()
     return table
+
+
+def shards_to_listing_table(shards: pa.Table) -> pa.Table:
+    """Rows of `pipelines.listing.SHARD_SCHEMA` as a `listing_table` (nulls for 'none', one row
+    per source URI, the first listed wins)."""
+    def none_if(col, value):
+        return pc.if_else(pc.equal(col, value), pa.scalar(None, col.type), col)
+
+    uri, src = shards["uri"], shards["source_uri"]
+    kind = shards["kind"]
+    table = pa.table({
+        "source_uri": src,
+        "size": none_if(shards["size"], -1),
+        "etag": none_if(shards["etag"], ""),
+        "mtime": pc.if_else(pc.is_nan(shards["mtime"]), pa.scalar(None, pa.float64()), shards["mtime"]),
+        "uri": pc.if_else(pc.equal(uri, src), pa.scalar(None, pa.string()), uri),
+        "kind": pc.cast(kind, pa.dictionary(pa.int8(), pa.string())),
+        "url": pc.if_else(pc.equal(uri, src), pa.scalar(None, pa.string()), src),
+        "column": none_if(shards["column"], ""),
+        "offset": none_if(shards["offset"], -1),
+    }, schema=LISTING_SCHEMA)
+    return _first_per_key(table.combine_chunks(), "source_uri")
+
+
+def _listed(config: InvertConfig, table, run_id: str) -> pa.Table:
+    """INPUT (or --listing) listed in Ray tasks, as one `listing_table` for the plan."""
+    try:
+        shards = make_listing(config, table, run_id)
+    except Exception as exc:
+        raise NightlyError(
+            f"listing {config.input!r} for run {run_id} failed: {type(exc).__name__}: {exc}. Nothing was "
+            "committed; check the URI and credentials, then rerun"
+        ) from exc
+    try:
+        listed = shards_to_listing_table(shards.read_table())
+    finally:
+        shards.discard()
+    pa.default_memory_pool().release_unused()
+    return listed
 
 
 # -- pure planning ----------------------------------------------------------------------------
@@ -383,10 +411,18 @@ def run_nightly(
     config = resolved.config
     run_id = resolved.run_id
     sha = resolved.checkpoint.sha256
-    listing = read_listing(config.input, config.storage_options, image_column=config.image_column,
-                           include=config.include or (), exclude=config.exclude or (), output=config.output)
-    clock.lap("list_s")
     table, dt = open_output(resolved)
+    try:  # a missing INPUT fails fast, before Ray starts
+        check_inputs(config.input, config.storage_options, config.listing)
+    except Exception as exc:
+        raise NightlyError(
+            f"listing {config.input!r} failed: {type(exc).__name__}: {exc}. Nothing was committed; "
+            "check the URI and credentials, then rerun"
+        ) from exc
+    ensure_ray()
+    clock.lap("open_s")
+    listing = _listed(config, table, run_id)
+    clock.lap("list_s")
     state = table.state(dt)
     plan = plan_nightly(listing, state, sha, reprocess_on_model_change, retry_failed)
     clock.lap("plan_s")
@@ -420,8 +456,9 @@ def run_nightly(
                 f"{type(exc).__name__}: {exc}. Nothing was committed; rerun the same command "
                 "(finished rows are adopted, not redone)"
             ) from exc
-        written.extend(processed.written.adds, processed.written.ids, processed.written.statuses)
+        written.merge(processed.written)
         clock.lap("process_s")
+    written.load(table)
     got = set(written.ids.to_pylist())
     result.processed = len(got) - result.adopted
     result.lost = sum(1 for it in items if image_id_for(it.source_uri) not in got)

@@ -239,6 +239,12 @@ class EncodeOutputs:
             "code_version": [self.code_version] * n,
             "run_id": [self.run_id] * n,
         }
+        if "source_size" in batch:  # the input's listing facts, from the read stage
+            sizes = np.asarray(batch["source_size"], dtype=np.int64)
+            mtimes = np.asarray(batch["source_mtime"], dtype=np.float64)
+            columns["source_size"] = [int(v) if v >= 0 else None for v in sizes.tolist()]
+            columns["source_etag"] = [str(v) if v else None for v in batch["source_etag"]]
+            columns["source_mtime"] = [None if m != m else int(round(m * 1e6)) for m in mtimes.tolist()]  # us
         if "model_family" in batch:  # every row: what the run's checkpoint is
             columns["model_family"] = [str(v) if v else None for v in batch["model_family"]]
             columns["n_iters"] = _ints(batch["n_iters"])

@@ -112,9 +112,9 @@ class SourceItem:
         """The URI recorded on the output row (its `image_id` is derived from it)."""
         return self.url or self.uri
 
-    def to_row(self) -> dict[str, str]:
-        """The read stage's input row, for `ray.data.from_items` (strings only: columns that are
-        all None in one block would get another Arrow type than in the next)."""
+    def to_row(self) -> dict[str, Any]:
+        """The read stage's input row (`pipelines.listing.SHARD_SCHEMA`): no None (columns that
+        are all None in one block would get another Arrow type than in the next)."""
         return {
             "uri": self.uri,
             "kind": self.kind,
@@ -122,6 +122,8 @@ class SourceItem:
             "source_uri": self.source_uri,
             "offset": -1 if self.offset is None else int(self.offset),
             "size": -1 if self.size is None else int(self.size),
+            "etag": str(self.etag).strip('"') if self.etag else "",
+            "mtime": float("nan") if self.mtime is None else float(self.mtime),
         }
 
 
@@ -400,11 +402,11 @@ def _manifest_uris(fs, path: str) -> list[str]:
     return out
 
 
-def _local_entries(root: str, skipped: Counter) -> Iterator[tuple[str, dict]]:
+def _local_entries(root: str, skipped: Counter, recursive: bool = True) -> Iterator[tuple[str, dict]]:
     """(path, info) for everything below a local folder that is not a directory, symlinked
-    directories included (info type 'directory_link'), without following links into folders.
-    info type: 'file' (regular, or a link to one), 'other' (FIFO, socket, device, a link to one,
-    a dangling link)."""
+    directories included (info type 'directory_link'), without following links into folders
+    (`recursive=False`: only the folder's own entries). info type: 'file' (regular, or a link to
+    one), 'other' (FIFO, socket, device, a link to one, a dangling link)."""
     stack = [root]
     while stack:
         folder = stack.pop()
@@ -417,7 +419,8 @@ def _local_entries(root: str, skipped: Counter) -> Iterator[tuple[str, dict]]:
         for e in entries:
             try:
                 if e.is_dir(follow_symlinks=False):
-                    stack.append(e.path)
+                    if recursive:
+                        stack.append(e.path)
                     continue
                 islink = e.is_symlink()
                 try:
@@ -450,12 +453,17 @@ def _sniff_local(path: str) -> bytes | None:
 
 
 def _folder_items(fs, root: str, rules: ListingRules, image_column: str | None,
-                  skipped: Counter, storage_options) -> Iterator[SourceItem]:
+                  skipped: Counter, storage_options, base: str | None = None,
+                  files_only: bool = False) -> Iterator[SourceItem]:
+    """The items below folder `root`. `base`: the INPUT folder the rules' relative paths start
+    at (a listing shard walks a folder below its INPUT; default `root`). `files_only`: only the
+    entries directly in `root` (its sub-folders are other shards)."""
     root = root.rstrip("/") or "/"
     if _is_local(fs):
-        entries = dict(_local_entries(root, skipped))
+        entries = dict(_local_entries(root, skipped, recursive=not files_only))
     else:
-        entries = fs.find(root, detail=True)
+        entries = fs.find(root, detail=True, maxdepth=1 if files_only else None)
+    root = (base.rstrip("/") or "/") if base is not None else root
     out_prefix = None
     if rules.output:
         ofs, opath = filesystem_for(rules.output, storage_options)
@@ -843,8 +851,10 @@ def read_batch(
     In: a batch of `SourceItem.to_row()` dicts (columns uri, kind, column, source_uri, ...).
     Out: columns `source_uri`, `data` (bytes; b'' on failure), `source_sha256` ('' on failure),
     `status` ('ok', 'read_error' -- retried --, or a permanent 'not_a_file', 'container_error',
-    'decode_error'), `error` ('' or the reason, naming the input). Missing values are '' rather
-    than None so every block has the same Arrow types.
+    'decode_error'), `error` ('' or the reason, naming the input), and the listing facts the
+    output row records, `source_size` (-1: none), `source_etag` ('': none), `source_mtime` (epoch
+    s, NaN: none), when the batch has them. Missing values are '' rather than None so every block
+    has the same Arrow types.
     """
     start = time.perf_counter()
     uris = [str(u) for u in batch["uri"]]
@@ -904,6 +914,10 @@ def read_batch(
         "status": np.asarray(status, dtype=object),
         "error": np.asarray(error, dtype=object),
     }
+    if "etag" in batch:  # the listing facts travel with the row to the output table
+        out["source_size"] = np.asarray(batch["size"], dtype=np.int64)
+        out["source_etag"] = np.asarray(batch["etag"], dtype=object)
+        out["source_mtime"] = np.asarray(batch["mtime"], dtype=np.float64)
     if stage_clock is not None:
         stage_clock.record("read", len(uris), time.perf_counter() - start)
     return out

@@ -269,23 +269,59 @@ def mtime_us(value: Any) -> int | None:
 @dataclass
 class WrittenRun:
     """What a run's write tasks produced, not yet committed: Delta add actions (paths relative to
-    the table) and the image_id and status of every row in them."""
+    the table), and the image_id and status of every row in them -- loaded (`ids`, `statuses`,
+    e.g. adopted rows), or still only in the files the write tasks wrote (`unloaded`: their
+    status counts and rows are known, the ids are read by `load` when the commit needs them)."""
 
     run_id: str
     adds: list = field(default_factory=list)
     ids: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
     statuses: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
+    unloaded: list = field(default_factory=list)
+    unloaded_counts: dict[str, int] = field(default_factory=dict)
+    unloaded_rows: int = 0
 
     def extend(self, adds: Sequence[Any], ids: pa.Array | pa.ChunkedArray, statuses: pa.Array | pa.ChunkedArray) -> None:
         self.adds.extend(adds)
         self.ids = _concat(self.ids, ids)
         self.statuses = _concat(self.statuses, statuses)
 
+    def add_files(self, adds: Sequence[Any], counts: Mapping[str, int], rows: int) -> None:
+        """Files written by write tasks: their add actions and status counts (ids not loaded)."""
+        self.adds.extend(adds)
+        self.unloaded.extend(adds)
+        for k, v in counts.items():
+            self.unloaded_counts[k] = self.unloaded_counts.get(k, 0) + int(v)
+        self.unloaded_rows += int(rows)
+
+    def merge(self, other: WrittenRun) -> None:
+        self.extend([a for a in other.adds if a not in other.unloaded], other.ids, other.statuses)
+        self.add_files(other.unloaded, other.unloaded_counts, other.unloaded_rows)
+
+    @property
+    def rows(self) -> int:
+        return len(self.ids) + self.unloaded_rows
+
+    def load(self, table: OutputTable) -> WrittenRun:
+        """Read the image_id and status of the rows of the unloaded files (a few files at a time)."""
+        if not self.unloaded:
+            return self
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            parts = list(pool.map(lambda a: table.read_file(a.path, ("image_id", "status")), self.unloaded))
+        for part in parts:
+            self.ids = _concat(self.ids, part["image_id"])
+            self.statuses = _concat(self.statuses, part["status"])
+        self.unloaded, self.unloaded_counts, self.unloaded_rows = [], {}, 0
+        return self
+
     def counts(self) -> dict[str, int]:
-        if len(self.statuses) == 0:
-            return {}
-        vc = pc.value_counts(self.statuses).to_pylist()
-        return dict(sorted((d["values"], d["counts"]) for d in vc))
+        out = dict(self.unloaded_counts)
+        if len(self.statuses):
+            for d in pc.value_counts(self.statuses).to_pylist():
+                out[d["values"]] = out.get(d["values"], 0) + d["counts"]
+        return dict(sorted(out.items()))
 
 
 def _concat(a: pa.Array, b: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -301,21 +337,21 @@ def _run_sink_class():
 
     @dataclass
     class RunWriteResult(DeltaWriteResult):
-        ids: list = field(default_factory=list)
-        statuses: list = field(default_factory=list)
+        counts: dict = field(default_factory=dict)  # rows per status
+        rows: int = 0
 
     class RunSink(DeltaDatasink):
         """Ray Data's Delta sink, writing one run's files under OUTPUT/runs/<run_id>/ without
-        committing: each block is checked (tensor lengths), stamped with its inputs' listing facts
-        and cast to the output schema; the driver's `written` collects the add actions."""
+        committing: each block is checked (tensor lengths) and cast to the output schema (the
+        rows carry their listing facts from the read stage); the driver's `written` collects the
+        add actions and status counts (never a value per row)."""
 
-        def __init__(self, table: OutputTable, run_id: str, n_styles: int, facts_ref=None):
+        def __init__(self, table: OutputTable, run_id: str, n_styles: int):
             run_dir = f"{table.path}/{RUN_FILES}/{run_id}"
             super().__init__(run_dir, storage_options=table.delta_options,
                              filesystem=table.worker_filesystem(), schema_mode="error")
             self.run_id = run_id
             self.n_styles = n_styles
-            self.facts_ref = facts_ref
             self.written: WrittenRun | None = None
 
         def _prepare(self, block) -> pa.Table:
@@ -325,20 +361,17 @@ def _run_sink_class():
             schema = output_schema(self.n_styles)
             table = table.select(schema.names).cast(schema)  # a block of another schema fails here
             validate_tensors(table, self.n_styles)
-            if self.facts_ref is not None:
-                import ray
-
-                table = ray.get(self.facts_ref).stamp(table)
             return table
 
         def write(self, blocks, ctx):
             tables = [self._prepare(b) for b in blocks]
             res = super().write(tables, ctx)
-            return RunWriteResult(
-                add_actions=res.add_actions, schemas=res.schemas,
-                ids=[i for t in tables for i in t["image_id"].to_pylist()],
-                statuses=[s for t in tables for s in t["status"].to_pylist()],
-            )
+            counts: dict[str, int] = {}
+            for t in tables:
+                for d in pc.value_counts(t["status"]).to_pylist():
+                    counts[d["values"]] = counts.get(d["values"], 0) + d["counts"]
+            return RunWriteResult(add_actions=res.add_actions, schemas=res.schemas, counts=counts,
+                                  rows=sum(t.num_rows for t in tables))
 
         def on_write_complete(self, write_result) -> None:
             from deltalake.transaction import AddAction
@@ -350,27 +383,26 @@ def _run_sink_class():
                     continue
                 adds = [AddAction(prefix + a.path, a.size, a.partition_values, a.modification_time,
                                   a.data_change, a.stats) for a in res.add_actions]
-                written.extend(adds, pa.array(res.ids, pa.string()), pa.array(res.statuses, pa.string()))
+                written.add_files(adds, res.counts, res.rows)
             self.written = written
 
     return RunSink
 
 
-def write_run(ds, table: OutputTable, run_id: str, n_styles: int, items: Sequence[Any] = ()) -> WrittenRun:
+def write_run(ds, table: OutputTable, run_id: str, n_styles: int) -> WrittenRun:
     """Write a Ray Dataset of output-schema tables as the files of run `run_id` (not committed).
 
-    `items` (SourceItems) give the listing facts stamped on each row. A block that is not an
-    output table of `n_styles` fails the write; a failed block fails it too (`max_errored_blocks
-    = 0`): rows are never silently lost.
+    Rows carry their listing facts (source_size/mtime/etag) from the read stage. A block that is
+    not an output table of `n_styles` fails the write; a failed block fails it too
+    (`max_errored_blocks = 0`): rows are never silently lost. The driver gets add actions and
+    status counts, not a value per row.
     """
-    import ray
     from ray.data import DataContext
 
     check_run_id(run_id)
     DataContext.get_current().max_errored_blocks = 0
     ds.context.max_errored_blocks = 0
-    facts_ref = ray.put(SourceFacts.from_items(items)) if items else None
-    sink = _run_sink_class()(table, run_id, n_styles, facts_ref)
+    sink = _run_sink_class()(table, run_id, n_styles)
     ds.write_datasink(sink)
     return sink.written or WrittenRun(run_id)
 
@@ -384,6 +416,20 @@ def committed_run_ids(dt) -> set[str]:
     if dt is None:
         return set()
     return {c[COMMIT_RUN_ID] for c in dt.history() if c.get(COMMIT_RUN_ID)}
+
+
+def uncommitted_runs(table: OutputTable, dt, exclude_run: str | None = None) -> list[str]:
+    """Ids of the runs with files under ``runs/`` that no commit of `dt`'s history names (runs
+    that died before their commit, or are still in flight), sorted; `exclude_run` left out."""
+    fs, root = table.filesystem()
+    base = f"{root}/{RUN_FILES}"
+    try:
+        fs.invalidate_cache(base)
+        run_dirs = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
+    except FileNotFoundError:
+        return []
+    skip = committed_run_ids(dt) | {exclude_run}
+    return [r for r in run_dirs if r not in skip]
 
 
 def adoptable_rows(
@@ -402,22 +448,17 @@ def adoptable_rows(
     out = WrittenRun(exclude_run or "")
     if wanted.num_rows == 0:
         return out
+    run_dirs = uncommitted_runs(table, dt, exclude_run)
+    if not run_dirs:
+        return out
     fs, root = table.filesystem()
     base = f"{root}/{RUN_FILES}"
-    try:
-        fs.invalidate_cache(base)
-        run_dirs = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(base, detail=False))
-    except FileNotFoundError:
-        return out
-    skip_runs = committed_run_ids(dt) | {exclude_run}
     live = table.files(dt)
     facts = {r["image_id"]: r for r in wanted.select(["image_id", "source_size", "source_mtime", "source_etag"]).to_pylist()}
     small = ["image_id", "source_id", "face_count", "status", "checkpoint_sha256", "source_size",
              "source_mtime", "source_etag"]
     taken: set[str] = set()  # inputs (source_id) adopted from an earlier run
     for run in run_dirs:
-        if run in skip_runs:
-            continue
         files = []  # (rel, full path, small columns)
         for full in sorted(p for p in fs.find(f"{base}/{run}") if p.endswith(".parquet")):
             rel = full[len(root) + 1:]
@@ -580,7 +621,7 @@ def commit_run(
     remove = pa.array(list(remove_ids) if not isinstance(remove_ids, pa.Array) else remove_ids, pa.string())
     if not run.adds and len(remove) == 0:
         return None
-    run = _dedupe(table, run)
+    run = _dedupe(table, run.load(table))
     touched = pa.concat_arrays([run.ids, remove]).unique()
     meta = {COMMIT_RUN_ID: run.run_id, COMMIT_RUN: json.dumps(dict(summary), sort_keys=True, default=_json_default)}
     for attempt in range(1, COMMIT_ATTEMPTS + 1):
@@ -709,6 +750,7 @@ __all__ = [
     "TableMismatchError",
     "WrittenRun",
     "adoptable_rows",
+    "uncommitted_runs",
     "commit_run",
     "facts_changed",
     "mtime_us",

@@ -212,3 +212,33 @@ def test_hostile_folder_one_row_per_input_no_hang_and_a_rerun_leaves_permanent_r
     assert (rerun.processed, rerun.skipped) == (0, len(expected))
     assert read_outputs(str(out)).num_rows == len(expected)
     sock.close()
+
+
+def test_a_user_listing_drives_a_run(s3_run, s3_server, ray_cluster, tiny_checkpoint):
+    """--listing: a Parquet file with a uri column (plus size/etag) chooses the inputs; the folder
+    is not walked (a file under INPUT that the listing leaves out gets no row), and the listing's
+    facts are recorded on the rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bucket, files, client = s3_run["bucket"], s3_run["files"], s3_server.client()
+    chosen = files[:3]
+    uris = [f"s3://{bucket}/raw/{name}" for name, _, _ in chosen]
+    etags = [client.head_object(Bucket=bucket, Key=f"raw/{name}")["ETag"] for name, _, _ in chosen]
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table({"uri": uris, "size": [len(blob) for _, blob, _ in chosen], "etag": etags}), buf)
+    client.put_object(Bucket=bucket, Key="listings/mine.parquet", Body=buf.getvalue().to_pybytes())
+    config = InvertConfig(
+        input=f"s3://{bucket}/raw/", output=f"s3://{bucket}/listed-out/", checkpoint=tiny_checkpoint,
+        storage_options=s3_server.storage_options, listing=f"s3://{bucket}/listings/mine.parquet", batch_size=8,
+    )
+    summary = run_invert(config)
+    assert (summary.listed, summary.processed) == (3, 3)
+    table = read_outputs(config.output, s3_server.storage_options)
+    rows = {r["source_uri"]: r for r in table.select(["source_uri", "status", "source_size", "source_etag"]).to_pylist()}
+    assert sorted(rows) == sorted(uris)
+    for (_, blob, expected), uri, etag in zip(chosen, uris, etags):
+        assert rows[uri]["status"] == expected
+        assert (rows[uri]["source_size"], rows[uri]["source_etag"]) == (len(blob), etag.strip('"'))
+    # the run's listing shards are gone once it has committed
+    assert not [k for k in client.list_objects_v2(Bucket=bucket, Prefix="listed-out/_listing").get("Contents", [])]

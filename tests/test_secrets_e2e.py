@@ -75,14 +75,14 @@ def test_no_secret_reaches_outputs_logs_or_printed_text(
     client.put_object(Bucket=bucket, Key="in/shard.parquet", Body=shard.getvalue())
 
     # gone.jpg is listed, then deleted before it is read: the read fails with an S3 error.
-    real_list_inputs = graph.list_inputs
+    real_list_to_shards = graph.list_to_shards
 
     def list_then_delete(*args, **kwargs):
-        items = real_list_inputs(*args, **kwargs)
+        listing = real_list_to_shards(*args, **kwargs)
         client.delete_object(Bucket=bucket, Key="in/gone.jpg")
-        return items
+        return listing
 
-    monkeypatch.setattr(graph, "list_inputs", list_then_delete)
+    monkeypatch.setattr(graph, "list_to_shards", list_then_delete)
 
     endpoint = {"endpoint_url": s3_server.endpoint_url, "region_name": "us-east-1"}
     options = {"key": "env:PSP_E2E_KEY_ID", "secret": secrets["option secret"], "client_kwargs": endpoint}

@@ -69,6 +69,7 @@ def _readers(out: str, tmp: str) -> dict[str, list[str]]:
     }
 
 
+@pytest.mark.tier2
 def test_every_table_reader_exits_0_ten_times_out_of_ten(table_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 

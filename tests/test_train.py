@@ -105,6 +105,7 @@ def two_workers(setup):
 
 
 @pytest.mark.slow
+@pytest.mark.tier2
 def test_two_workers_equal_one_worker_with_the_doubled_batch(setup, two_workers):
     from pipelines.train import run_train
 
@@ -139,6 +140,7 @@ def _train_workers():
 
 
 @pytest.mark.slow
+@pytest.mark.tier2
 def test_a_killed_worker_resumes_from_the_last_checkpoint(setup, two_workers):
     from pipelines.train import run_train
 
@@ -180,6 +182,7 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint(setup, two_workers):
 
 
 @pytest.mark.slow
+@pytest.mark.tier2
 def test_the_checkpoint_loads_in_psp_invert_and_inverts(setup, two_workers, tmp_path):
     import schemas
     from jobs.cli import main
@@ -214,6 +217,7 @@ def test_a_missing_weight_file_fails_before_any_work_naming_it(weights, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.tier2
 def test_training_data_from_an_output_table_is_its_aligned_faces(setup):
     from pipelines.train import TrainSamples, list_training_items
     from psp_core.training.options import TrainOptions
@@ -247,6 +251,7 @@ def test_psp_submit_takes_a_training_command_and_warns_about_local_weights(tmp_p
 
 
 @pytest.mark.slow
+@pytest.mark.tier2
 def test_resume_continues_a_finished_run_to_more_steps(setup, two_workers):
     """`--resume` (a new driver on the same run folder): Ray Train's snapshot gives the last
     checkpoint, and training goes on from the next step."""
@@ -361,6 +366,7 @@ def test_fine_tuning_a_checkpoint_needs_its_model_flags(weights, tiny_checkpoint
 
 
 @pytest.mark.slow
+@pytest.mark.tier2
 def test_the_run_folder_on_object_storage(s3_server):
     """RUN_DIR on S3: metrics rewritten whole (no appends on object stores), cut back to the
     restored step after a restart, checkpoints in the official format."""

@@ -67,22 +67,9 @@ def composite(seed: int) -> Image.Image:
     """Astronaut faces at random scales / places (some cut by the border) on a plain or photo background."""
     from skimage import data
 
-    rng = np.random.default_rng(seed)
-    face = Image.fromarray(data.astronaut()).crop((90, 0, 360, 270))
-    width, height = int(rng.integers(500, 1800)), int(rng.integers(400, 1500))
-    if seed % 2:
-        canvas = Image.fromarray(data.coffee()).resize((width, height))
-    else:
-        canvas = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(60, 200, 3)))
-    for _ in range(int(rng.integers(1, 4))):
-        s = float(rng.uniform(0.3, 2.5))
-        tile = face.resize((int(270 * s), int(270 * s)), Image.Resampling.LANCZOS)
-        if rng.random() < 0.5:
-            tile = tile.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        x = int(rng.integers(-tile.width // 4, max(width - tile.width * 3 // 4, 1)))
-        y = int(rng.integers(-tile.height // 4, max(height - tile.height * 3 // 4, 1)))
-        canvas.paste(tile, (x, y))
-    return canvas
+    from psp_core.align_reference import composite_photo
+
+    return composite_photo(seed, Image.fromarray(data.astronaut()).crop((90, 0, 360, 270)))
 
 
 def make_photos(folder: str) -> list[tuple[str, str]]:

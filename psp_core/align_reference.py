@@ -13,7 +13,49 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-__all__ = ["reference_align"]
+__all__ = ["reference_align", "reference_pad_blend", "composite_photo"]
+
+
+def reference_pad_blend(img, pad, qsize: float) -> np.ndarray:
+    """The original's padding step on the whole image: reflect-pad by `pad` (left, top, right,
+    bottom), blur towards the border and fade to the median; uint8 [H, W, 3]."""
+    import scipy.ndimage
+
+    pad = np.asarray(pad, dtype=np.int64)
+    a = np.pad(np.float32(img), ((pad[1], pad[3]), (pad[0], pad[2]), (0, 0)), "reflect")
+    h, w, _ = a.shape
+    yy, xx, _ = np.ogrid[:h, :w, :1]
+    mask = np.maximum(
+        1.0 - np.minimum(np.float32(xx) / pad[0], np.float32(w - 1 - xx) / pad[2]),
+        1.0 - np.minimum(np.float32(yy) / pad[1], np.float32(h - 1 - yy) / pad[3]),
+    )
+    blur = qsize * 0.02
+    a += (scipy.ndimage.gaussian_filter(a, [blur, blur, 0]) - a) * np.clip(mask * 3.0 + 1.0, 0.0, 1.0)
+    a += (np.median(a, axis=(0, 1)) - a) * np.clip(mask, 0.0, 1.0)
+    return np.uint8(np.clip(np.rint(a), 0, 255))
+
+
+def composite_photo(seed: int, face: Image.Image, max_size: tuple[int, int] = (1800, 1500),
+                    min_faces: int = 1) -> Image.Image:
+    """A test photo: `face` (e.g. the astronaut's, 270 px) pasted `min_faces`-3 times at random
+    scales (0.3-2.5), mirrored or not, some cut by the border, on a plain or coffee-photo background."""
+    from skimage import data
+
+    rng = np.random.default_rng(seed)
+    width, height = int(rng.integers(500, max_size[0])), int(rng.integers(400, max_size[1]))
+    if seed % 2:
+        canvas = Image.fromarray(data.coffee()).resize((width, height))
+    else:
+        canvas = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(60, 200, 3)))
+    for _ in range(int(rng.integers(min_faces, 4))):
+        s = float(rng.uniform(0.3, 2.5))
+        tile = face.resize((int(270 * s), int(270 * s)), Image.Resampling.LANCZOS)
+        if rng.random() < 0.5:
+            tile = tile.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        x = int(rng.integers(-tile.width // 4, max(width - tile.width * 3 // 4, 1)))
+        y = int(rng.integers(-tile.height // 4, max(height - tile.height * 3 // 4, 1)))
+        canvas.paste(tile, (x, y))
+    return canvas
 
 
 def reference_align(
@@ -31,7 +73,6 @@ def reference_align(
     original raised UnboundLocalError).
     """
     import dlib
-    import scipy.ndimage
 
     if landmarks is None:
         detector = detector or dlib.get_frontal_face_detector()
@@ -80,17 +121,7 @@ def reference_align(
     pad = (max(-b[0] + border, 0), max(-b[1] + border, 0), max(b[2] - img.size[0] + border, 0), max(b[3] - img.size[1] + border, 0))
     if max(pad) > border - 4:
         pad = np.maximum(pad, int(np.rint(qsize * 0.3)))
-        a = np.pad(np.float32(img), ((pad[1], pad[3]), (pad[0], pad[2]), (0, 0)), "reflect")
-        h, w, _ = a.shape
-        yy, xx, _ = np.ogrid[:h, :w, :1]
-        mask = np.maximum(
-            1.0 - np.minimum(np.float32(xx) / pad[0], np.float32(w - 1 - xx) / pad[2]),
-            1.0 - np.minimum(np.float32(yy) / pad[1], np.float32(h - 1 - yy) / pad[3]),
-        )
-        blur = qsize * 0.02
-        a += (scipy.ndimage.gaussian_filter(a, [blur, blur, 0]) - a) * np.clip(mask * 3.0 + 1.0, 0.0, 1.0)
-        a += (np.median(a, axis=(0, 1)) - a) * np.clip(mask, 0.0, 1.0)
-        img = Image.fromarray(np.uint8(np.clip(np.rint(a), 0, 255)), "RGB")
+        img = Image.fromarray(reference_pad_blend(img, pad, qsize), "RGB")
         quad += pad[:2]
 
     img = img.transform((transform_size, transform_size), Image.Transform.QUAD, (quad + 0.5).flatten(), Image.Resampling.BILINEAR)

@@ -306,24 +306,9 @@ def test_fast_mode_finds_the_same_face_and_is_exact_when_the_scan_fits(aligner, 
 def _composite(seed: int, astronaut: Image.Image) -> Image.Image:
     """Astronaut faces (0-3, random scales 0.3-2.5, mirrored or not) pasted on a plain or photo
     background, some cut by the border."""
-    from skimage import data
+    from psp_core.align_reference import composite_photo
 
-    rng = np.random.default_rng(seed)
-    face = astronaut.crop((90, 0, 360, 270))
-    width, height = int(rng.integers(500, 1400)), int(rng.integers(400, 1200))
-    if seed % 2:
-        canvas = Image.fromarray(data.coffee()).resize((width, height))
-    else:
-        canvas = Image.new("RGB", (width, height), tuple(int(v) for v in rng.integers(60, 200, 3)))
-    for _ in range(int(rng.integers(0, 4))):
-        s = float(rng.uniform(0.3, 2.5))
-        tile = face.resize((int(270 * s), int(270 * s)), Image.Resampling.LANCZOS)
-        if rng.random() < 0.5:
-            tile = tile.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        x = int(rng.integers(-tile.width // 4, max(width - tile.width * 3 // 4, 1)))
-        y = int(rng.integers(-tile.height // 4, max(height - tile.height * 3 // 4, 1)))
-        canvas.paste(tile, (x, y))
-    return canvas
+    return composite_photo(seed, astronaut.crop((90, 0, 360, 270)), max_size=(1400, 1200), min_faces=0)
 
 
 def _original_detections(aligner, arr, min_face):
@@ -380,22 +365,9 @@ def test_min_face_applies_to_best_and_largest(aligner, astronaut):
 
 def test_pad_blend_is_bit_identical_to_the_whole_image_version():
     """The strips-only pad branch equals the original's whole-image blur / median blend exactly."""
-    import scipy.ndimage
     from skimage import data
 
-    def whole(img, pad, qsize):  # the original's code (psp_core.align_reference)
-        pad = np.asarray(pad, dtype=np.int64)
-        a = np.pad(np.float32(img), ((pad[1], pad[3]), (pad[0], pad[2]), (0, 0)), "reflect")
-        h, w, _ = a.shape
-        yy, xx, _ = np.ogrid[:h, :w, :1]
-        mask = np.maximum(
-            1.0 - np.minimum(np.float32(xx) / pad[0], np.float32(w - 1 - xx) / pad[2]),
-            1.0 - np.minimum(np.float32(yy) / pad[1], np.float32(h - 1 - yy) / pad[3]),
-        )
-        blur = qsize * 0.02
-        a += (scipy.ndimage.gaussian_filter(a, [blur, blur, 0]) - a) * np.clip(mask * 3.0 + 1.0, 0.0, 1.0)
-        a += (np.median(a, axis=(0, 1)) - a) * np.clip(mask, 0.0, 1.0)
-        return np.uint8(np.clip(np.rint(a), 0, 255))
+    from psp_core.align_reference import reference_pad_blend as whole
 
     rng = np.random.default_rng(7)
     source = data.astronaut()

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.options import ConfigError, check_options, option, parse_json_object
+from pipelines.options import ConfigError, check_options, option, shared
 from pipelines.sources import (
     KIND_CONTAINER,
     KIND_PARQUET,
@@ -157,8 +157,7 @@ class TrainConfig:
     max_failures: int = option(3, "restarts from the last checkpoint after a worker or node is lost",
                                parse=int, minimum=-1)
     resume: bool = option(False, "continue the run in --run-dir from its last checkpoint", kind="flag")
-    storage_options: dict[str, Any] | None = option(
-        None, "JSON object passed to fsspec for data, weights and the run folder", parse=parse_json_object)
+    storage_options: dict[str, Any] | None = shared("storage_options")
 
     def train_options(self) -> TrainOptions:
         """The original's options for this run (what the checkpoint's `opts` records)."""

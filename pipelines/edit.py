@@ -357,7 +357,7 @@ def run_edit(config: EditConfig) -> EditSummary:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipelines.graph import ensure_ray
+    from pipelines.dataflow import ensure_ray
     from pipelines.invert import invert_resources
     from psp_core.checkpoint import CheckpointError
     from psp_core.editing import DirectionError, load_decoder, load_direction

@@ -8,7 +8,7 @@ containers, sniffing) and writes its rows as one Parquet file (`SHARD_SCHEMA`). 
 back only file names and counts (`Listing`). `read_user_listing` does the same for a listing the
 user already has (`--listing PATH`: Parquet or CSV with a URI column, or an S3 Inventory report's
 bucket/key columns), one task per file. The pipeline then reads the shards lazily with
-`ray.data.read_parquet` (`pipelines.graph.build_dataset`).
+`ray.data.read_parquet` (`pipelines.dataflow.build_dataset`).
 
 Shard rows carry what the read stage needs and the listing facts the output rows record:
 uri (as `pipelines.sources` escapes it), source_uri (the row's key), kind, column, offset and size

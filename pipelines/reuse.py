@@ -6,7 +6,7 @@ A rerun over inputs the output table already holds (a new checkpoint with
 68 landmarks (`psp_core.align.alignment_quad` -> `extract_aligned`), and the table stores those
 landmarks exactly (dlib's integer points as float32). So:
 
-1. the driver (`load_stored_alignment`, called by `pipelines.graph.process_items`) reads, from the
+1. the driver (`load_stored_alignment`, called by `pipelines.dataflow.process_items`) reads, from the
    output table and each `--alignment-from` table, the rows of exactly the inputs this run
    processes (by source_id; Arrow columns, no Python object per input), keeps those made by a run
    with the same alignment options (`alignment_signature`, recorded in each run's summary), and

@@ -102,7 +102,7 @@ def scan_table(files: TableFiles, columns: Sequence[str], make: Callable[[], Any
         return fold_files(files, files.paths, columns, make, filter)
     import ray
 
-    from pipelines.graph import ensure_ray
+    from pipelines.dataflow import ensure_ray
 
     ensure_ray()
     task = ray.remote(num_cpus=1, max_retries=3)(_fold_task)

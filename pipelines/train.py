@@ -804,7 +804,7 @@ def run_train(config: TrainConfig) -> TrainResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.graph import ensure_ray
+    from pipelines.dataflow import ensure_ray
 
     check_train_config(config)
     train_items, val_items = training_lists(config)

@@ -144,7 +144,7 @@ def test_edit_fails_fast_before_ray(tmp_path, tiny_checkpoint, direction_file, c
     def no_ray():  # whether or not this session's cluster is up, these runs must not reach Ray
         raise AssertionError("psp edit started Ray work before refusing its options")
 
-    monkeypatch.setattr("pipelines.graph.ensure_ray", no_ray)
+    monkeypatch.setattr("pipelines.dataflow.ensure_ray", no_ray)
     for extra, message in cases:
         assert main(["edit", str(tmp_path / "out"), str(tmp_path / "edits"), *extra]) == 2
         assert message in capsys.readouterr().err

@@ -11,7 +11,7 @@ import os
 import pyarrow as pa
 import pytest
 
-from pipelines.incremental import ListedInput, as_listed, plan_nightly
+from pipelines.plan import ListedInput, as_listed, plan_nightly
 from pipelines.table import STATE_COLUMNS
 from schemas import image_id_for, output_schema
 from schemas.ids import face_image_id
@@ -191,7 +191,7 @@ def test_nightly_processes_only_new_and_changed_inputs_and_reprocesses_on_model_
     import time
 
     import schemas
-    from pipelines.incremental import run_nightly
+    from pipelines.plan import run_nightly
     from psp_core.testing import random_checkpoint
 
     inp, out = tmp_path / "in", tmp_path / "out"

@@ -89,7 +89,7 @@ def test_log_records_are_redacted(caplog):
         try:
             raise ValueError(f"boom secret={SECRET}")
         except ValueError:
-            logging.getLogger("pipelines.graph").exception("failed")
+            logging.getLogger("pipelines.dataflow").exception("failed")
     assert SECRET not in caplog.text and "https://***:***@h/c.pt" in caplog.text and "boom" in caplog.text
 
 

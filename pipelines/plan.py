@@ -10,7 +10,7 @@ One run (`run_nightly`):
    failure (`retry_failed`);
 3. adopt rows an earlier crashed run wrote but never committed for exactly these inputs, made from
    the same bytes and checkpoint (`pipelines.table.adoptable_rows`), so a rerun does not redo them;
-4. run the pipeline on the rest (`pipelines.graph.process_items`: files under ``runs/<run_id>/``);
+4. run the pipeline on the rest (`pipelines.dataflow.process_items`: files under ``runs/<run_id>/``);
 5. commit once (`pipelines.table.commit_run`): the new rows in, the rows they replace and the
    deleted inputs' rows out, with the run's summary in the commit.
 
@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.config import ConfigError, InvertConfig, resolve_config
-from pipelines.graph import (
+from pipelines.dataflow import (
     RunSummary,
     commit_summary,
     ensure_ray,

@@ -146,7 +146,8 @@ def main() -> int:
     args = ap.parse_args()
 
     from pipelines.config import InvertConfig
-    from pipelines.dataflow import ensure_ray, run_invert
+    from pipelines.dataflow import ensure_ray
+    from pipelines.run import run_invert
     from psp_core.testing import random_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="psp_bench_"))

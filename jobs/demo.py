@@ -132,7 +132,8 @@ def run_demo(output: str | None = None, inputs: str | None = None, n_good: int =
     summary, `psp inspect` of the output and how to use real weights. Returns an exit code."""
     from jobs.inspect import inspect_output
     from pipelines.config import InvertConfig
-    from pipelines.dataflow import ensure_ray, run_invert
+    from pipelines.dataflow import ensure_ray
+    from pipelines.run import run_invert
     from psp_core.testing import random_checkpoint
 
     work = Path(tempfile.mkdtemp(prefix="psp_demo_"))

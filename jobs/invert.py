@@ -41,7 +41,7 @@ def register(subparsers: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.dataflow import run_invert
+    from pipelines.run import run_invert
 
     print(run_invert(config_from_args(args)).format())
     return 0

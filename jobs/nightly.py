@@ -1,7 +1,7 @@
 """`psp nightly INPUT OUTPUT --checkpoint CKPT`: process only new or changed inputs, exactly once.
 
 The command line only: parsing and printing. The run itself (list, plan, adopt, process, one
-commit to the output table) is `pipelines.plan.run_nightly`.
+commit to the output table) is `pipelines.run.run_nightly`; its plan `pipelines.plan.NightlyPlanner`.
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.config import InvertConfig
-from pipelines.plan import NightlyError, run_nightly
 from pipelines.options import add_arguments, from_args, option
+from pipelines.run import NightlyError, run_nightly
 
 
 @dataclass

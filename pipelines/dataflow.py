@@ -1,18 +1,15 @@
-"""The Ray wiring: list -> read -> decode+align (CPU actors) -> invert (GPU or CPU actors) -> outputs
-(CPU actors) -> one commit to the Delta output table.
+"""The Ray Data wiring: read -> decode+align (CPU actors) -> invert (GPU or CPU actors) -> outputs
+(CPU actors) -> the run's files in the output table (not committed).
 
-`run_invert(config)` is the whole run: validate on the driver (fail fast), list the inputs in Ray
-tasks into Parquet shards (`pipelines.listing`: the driver holds shard names and counts), skip what
-the output table already holds (in the read tasks), build the dataset with `build_dataset` (the one
-short function that wires the stages), write the run's files and commit them to the output table in
-one Delta commit (`pipelines.table`), and return a `RunSummary` (counts per status, rows and rows/s
-per stage, wall time per phase).
-Stages report their time to a small `StageClock` actor. `process_items` (write, no commit) is what
-the nightly job runs too.
+`build_dataset` is the one short function that wires the stages (plain callables on batch dicts:
+`pipelines.sources.read_batch`, `pipelines.align.AlignFaces`, `pipelines.invert.InvertFaces`,
+`pipelines.outputs.EncodeOutputs`); `process_items` runs it for one run -- the process and write
+steps of `pipelines.run.execute` -- and hands back the uncommitted files, the per-stage timings
+(stages report to a small `StageClock` actor) and the status counts. `pipeline_resources` decides
+what the actor pools ask Ray for; `ensure_ray` connects to (or starts) the cluster.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import math
 import os
@@ -20,41 +17,14 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
-from pipelines.config import ConfigError, InvertConfig, ResolvedConfig, code_version, resolve_config
-from pipelines.listing import (
-    LISTING_DIR,
-    Listing,
-    check_inputs,
-    count_todo,
-    done_keys,
-    items_listing,
-    list_to_shards,
-    listing_datasource,
-    read_user_listing,
-)
-from pipelines.reuse import alignment_signature
-from pipelines.secrets import WORKER_SETUP_HOOK, redact, redacted_rows
+from pipelines.config import ConfigError, ResolvedConfig, code_version
+from pipelines.listing import Listing, listing_datasource
+from pipelines.secrets import WORKER_SETUP_HOOK, redacted_rows
 from pipelines.sources import SourceItem
-from pipelines.table import (
-    ConcurrentRunError,
-    OutputTable,
-    TableMismatchError,
-    WrittenRun,
-    adoptable_rows,
-    commit_run,
-    run_metadata,
-    uncommitted_runs,
-    write_run,
-    write_run_summary,
-)
-from schemas.ids import image_id_for
-from schemas.status import FINAL_STATUSES  # what a rerun skips: properties of the input itself
+from pipelines.table import OutputTable, WrittenRun, write_run
 
 STAGES = ("read", "decode", "align", "invert", "outputs")
 FINAL_STAGE = "outputs"  # the stage that reports each row's final status
@@ -78,71 +48,6 @@ class StageTiming:
     @property
     def rows_per_s(self) -> float:
         return self.rows / self.wall_s if self.wall_s > 0 else 0.0
-
-
-@dataclass
-class RunSummary:
-    """What a run did. `counts`: rows committed per status (processed + adopted); `skipped`:
-    inputs already in the output (final status) and not reprocessed; `not_inputs`: files under the
-    input left out by the listing rules, per reason (hidden, excluded, not_an_image, output, ...:
-    see `pipelines.sources`); `adopted`: rows a crashed run had written, committed instead of
-    redone; `replaced`: older rows this run's rows replaced; `version`: the table version the run
-    committed (None: nothing to commit); `stages`: per-stage timings; `operators`: Ray Data
-    operator names as executed."""
-
-    run_id: str
-    input: Any
-    output: str
-    checkpoint: str
-    checkpoint_sha256: str | None
-    task: str
-    align: str
-    device: str
-    listed: int
-    skipped: int
-    processed: int
-    counts: dict[str, int]
-    stages: dict[str, dict[str, float]]
-    operators: list[str] = field(default_factory=list)
-    started_at: str = ""
-    finished_at: str = ""
-    wall_s: float = 0.0
-    code_version: str = ""
-    not_inputs: dict[str, int] = field(default_factory=dict)
-    adopted: int = 0
-    replaced: int = 0
-    version: int | None = None
-    kind: str = "invert"
-    model_family: str = "psp"  # the checkpoint's family (psp, e4e, restyle_psp, restyle_e4e)
-    n_iters: int = 1  # ReStyle's refinement steps in this run (1 for pSp and e4e)
-    alignment: str = ""  # the alignment options (pipelines.reuse.alignment_signature): what reuse matches
-    phases: dict[str, float] = field(default_factory=dict)  # wall seconds: list_s, plan_s, process_s, commit_s
-
-    def format(self) -> str:
-        """The end-of-run report printed by the CLI."""
-        committed = f"committed as version {self.version}" if self.version is not None else "nothing committed"
-        lines = [
-            f"run {self.run_id}: {self.processed} processed, {self.adopted} adopted, {self.skipped} skipped "
-            f"(already in {self.output}), {self.listed} listed, {self.replaced} older rows replaced; "
-            f"{committed}; {self.wall_s:.1f}s"
-            + (" (" + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items()) + ")" if self.phases else ""),
-            "  status counts: " + (", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "none"),
-            "  not inputs (skipped while listing): "
-            + (", ".join(f"{k}={v}" for k, v in sorted(self.not_inputs.items())) or "none"),
-
-            f"  {'stage':<8} {'rows':>7} {'rows/s':>9} {'busy s':>9} {'ms/row':>9}",
-        ]
-        for name in STAGES:
-            s = self.stages.get(name)
-            if s:
-                per_row = 1e3 * s["busy_s"] / s["rows"] if s["rows"] else 0.0
-                lines.append(f"  {name:<8} {s['rows']:>7} {s['rows_per_s']:>9.2f} {s['busy_s']:>9.2f} {per_row:>9.1f}")
-        reused = self.stages.get("align_reused")
-        if reused:
-            lines.append(f"  alignment reused (no detection) for {reused['rows']} inputs; --no-reuse-alignment detects again")
-        if self.operators:
-            lines.append("  ray operators: " + " | ".join(self.operators))
-        return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,31 +269,6 @@ def ensure_ray() -> None:
              runtime_env=runtime_env)
 
 
-def inputs_done(state: pa.Table) -> pa.Array:
-    """source_ids of the inputs a rerun skips (Arrow, unique): every row of the input (each face)
-    has a final status. One transient row (e.g. one face's invert_error) makes the whole input run
-    again."""
-    if state.num_rows == 0:
-        return pa.array([], pa.string())
-    final = pc.is_in(state["status"], value_set=pa.array(FINAL_STATUSES))
-    done = pc.unique(state["source_id"].filter(final))
-    again = pc.unique(state["source_id"].filter(pc.invert(final)))
-    return done.filter(pc.invert(pc.is_in(done, value_set=again)))
-
-
-def _coerce_items(items: Sequence[Any]) -> list[SourceItem]:
-    out = []
-    for it in items:
-        if isinstance(it, SourceItem):
-            out.append(it)
-        elif isinstance(it, Mapping):
-            fields = SourceItem.__dataclass_fields__
-            out.append(SourceItem(**{k: v for k, v in it.items() if k in fields}))
-        else:
-            raise TypeError(f"items must be SourceItem or dicts of its fields, got {type(it).__name__}")
-    return out
-
-
 def _operator_names(ds) -> list[str]:
     try:
         summary = ds.get_stats_summary()
@@ -447,8 +327,7 @@ def process_items(resolved: ResolvedConfig, source: Listing | Sequence[SourceIte
     try:
         # Credentials are masked in the rows' free text right before they are written.
         stored_ref = ray.put(stored) if stored is not None else None
-        ds = redacted_rows(build_dataset(source, resolved, resources, clock, stored_ref, skip),
-                           config.storage_options)
+        ds = redacted_rows(build_dataset(source, resolved, resources, clock, stored_ref, skip), config.storage_options)
         written = write_run(ds, table, resolved.run_id, resolved.checkpoint.n_styles)
         timings, counts, meta = clock.collect(written.rows)
         operators = _operator_names(ds)
@@ -463,155 +342,4 @@ class _Uri:
     source_uri: str
 
 
-def scratch_dir(table: OutputTable, run_id: str) -> str:
-    """Where a run keeps its listing shards (removed when the run ends)."""
-    return f"{table.uri.rstrip('/')}/{LISTING_DIR}/{run_id}"
-
-
-def make_listing(config: InvertConfig, table: OutputTable, run_id: str,
-                 items: Sequence[SourceItem] | None = None) -> Listing:
-    """The run's listing: INPUT listed in Ray tasks, or `--listing PATH`, or explicit `items`."""
-    ensure_ray()
-    scratch = scratch_dir(table, run_id)
-    so = config.storage_options
-    try:
-        if items is not None:
-            return items_listing(items, scratch, so)
-        if config.listing:
-            return read_user_listing(config.listing, scratch, so)
-        return list_to_shards(config.input, scratch, so, config.image_column, include=config.include or (),
-                              exclude=config.exclude or (), output=config.output)
-    except ray_task_error() as e:  # a listing task's InputError reads as the driver's would
-        from pipelines.sources import InputError
-
-        cause = e.as_instanceof_cause()
-        if isinstance(cause, InputError):
-            raise InputError(str(cause).strip().splitlines()[-1]) from None
-        raise
-
-
-def ray_task_error():
-    import ray
-
-    return ray.exceptions.RayTaskError
-
-
-def open_output(resolved: ResolvedConfig) -> tuple[OutputTable, Any]:
-    """The run's output table, created when missing (ConfigError when OUTPUT holds another
-    model's table), and its current version (`DeltaTable`) the run plans against."""
-    table = OutputTable(resolved.config.output, resolved.config.storage_options)
-    try:
-        return table, table.ensure(resolved.checkpoint.n_styles)
-    except TableMismatchError as e:
-        raise ConfigError(str(e)) from None
-
-
-def run_invert(config: InvertConfig, items: Sequence[SourceItem] | None = None) -> RunSummary:
-    """Run `psp invert`: every input gets exactly one row (status + error) in the output table at
-    `config.output` (with `--faces all`, one per face), committed in one Delta commit; inputs whose
-    rows there all have a final status are skipped, others (new, or a transient failure) processed
-    and their old rows replaced. Rows a crashed run wrote for the same input bytes and checkpoint
-    are adopted, not redone.
-
-    items: process exactly these instead of listing `config.input`. Misconfiguration raises
-    `pipelines.config.ConfigError` before any Ray work; a concurrent run that committed some of
-    the same inputs first raises `pipelines.table.ConcurrentRunError` (nothing committed).
-    """
-    started = _dt.datetime.now(_dt.UTC)
-    t0 = time.perf_counter()
-    resolved = resolve_config(config)
-    config = resolved.config
-    table, dt = open_output(resolved)
-    if items is None:  # a missing INPUT fails fast, before Ray starts
-        check_inputs(config.input, config.storage_options, config.listing)
-    ensure_ray()
-    lap = time.perf_counter()
-    listing = make_listing(config, table, resolved.run_id, None if items is None else _coerce_items(items))
-    try:
-        return _run_listing(resolved, table, dt, listing, started, t0, {"list_s": time.perf_counter() - lap})
-    finally:
-        listing.discard()
-
-
-def _run_listing(resolved: ResolvedConfig, table: OutputTable, dt, listing: Listing, started, t0: float,
-                 phases: dict[str, float]) -> RunSummary:
-    import ray
-
-    config = resolved.config
-    lap = time.perf_counter()
-    done = inputs_done(table.state(dt, ("source_id", "status")))
-    sha = resolved.checkpoint.sha256
-    written = WrittenRun(resolved.run_id)
-    if listing.total and uncommitted_runs(table, dt, resolved.run_id):  # a crashed run's rows to adopt
-        written = _adopt(table, dt, listing, done, sha, resolved.run_id)
-    adopted = written.rows
-    skip = ray.put(done_keys(pa.concat_arrays([done, written.ids.cast(pa.string())])))
-    todo, skipped = count_todo(listing, skip) if listing.total else (0, 0)
-    skipped -= adopted
-    todo = min(todo, config.limit) if config.limit is not None else todo
-    phases["plan_s"], lap = time.perf_counter() - lap, time.perf_counter()
-    processed = process_items(resolved, listing, table, skip) if todo else None
-    phases["process_s"], lap = time.perf_counter() - lap, time.perf_counter()
-    if processed is not None:
-        written.merge(processed.written)
-    summary = RunSummary(
-        run_id=resolved.run_id, input=config.input, output=config.output, checkpoint=config.checkpoint,
-        checkpoint_sha256=(processed.checkpoint_sha256 if processed else None) or sha, task=resolved.task,
-        align=resolved.align, device=processed.device if processed else config.device, listed=listing.total,
-        skipped=skipped, processed=todo, counts=written.counts(),
-        stages=stage_dict(processed.timings if processed else {}),
-        operators=processed.operators if processed else [], started_at=started.isoformat(),
-        code_version=code_version(), adopted=adopted, not_inputs=dict(sorted(listing.not_inputs.items())),
-        model_family=resolved.checkpoint.family, n_iters=resolved.n_iters,
-        alignment=alignment_signature(config, resolved.align), phases=phases,
-    )
-    written.run_id = resolved.run_id
-    summary = commit_summary(table, written, resolved.checkpoint.n_styles, summary, dt.version(), t0)
-    phases["commit_s"] = time.perf_counter() - lap
-    summary.phases = {k: round(v, 3) for k, v in phases.items()}
-    return summary
-
-
-def _adopt(table: OutputTable, dt, listing: Listing, done: pa.Array, sha: str | None, run_id: str) -> WrittenRun:
-    """Rows crashed runs wrote for this listing's inputs that are not done (read on the driver:
-    only when there is an uncommitted run to adopt from)."""
-    listed = listing.read_table(["source_uri", "size", "etag", "mtime"])
-    ids = pa.array([image_id_for(u) for u in listed["source_uri"].to_pylist()], pa.string())
-    keep = pc.invert(pc.is_in(ids, value_set=done))
-    listed, ids = listed.filter(keep), ids.filter(keep)
-    size = pc.if_else(pc.less(listed["size"], 0), pa.scalar(None, pa.int64()), listed["size"])
-    etag = pc.if_else(pc.equal(listed["etag"], ""), pa.scalar(None, pa.string()), listed["etag"])
-    us = pc.cast(pc.round(pc.multiply(listed["mtime"], 1e6)), pa.int64(), safe=False)
-    mtime = pc.if_else(pc.is_nan(listed["mtime"]), pa.scalar(None, pa.int64()), us)
-    wanted = pa.table({"image_id": ids, "source_size": size, "source_mtime": pc.cast(mtime, pa.timestamp("us", tz="UTC")),
-                       "source_etag": etag})
-    written = adoptable_rows(table, dt, wanted, sha, retry_failed=True, exclude_run=run_id)
-    written.run_id = run_id
-    return written
-
-
-def commit_summary(table: OutputTable, written: WrittenRun, n_styles: int, summary, read_version: int,
-                   t0: float, remove_ids: Sequence[str] = (), extra: Mapping[str, Any] | None = None):
-    """Commit a run's rows with its summary (`psp.run` of the commit, and ``_runs/<id>.json``
-    with the whole table's counts after it); fills `summary.version` / `replaced` / times."""
-    summary.finished_at = _dt.datetime.now(_dt.UTC).isoformat()
-    summary.wall_s = round(time.perf_counter() - t0, 3)
-    # Credentials never reach the commit's metadata or the run summary file.
-    doc = redact({**asdict(summary), **run_metadata(), **dict(extra or {})}, table.storage_options)
-    result = commit_run(table, written, n_styles, doc, read_version, remove_ids)
-    if result is not None:
-        summary.version, summary.replaced = result.version, result.removed
-        doc.update(version=result.version, replaced=result.removed)
-        write_run_summary(table, doc, result.version)
-    return summary
-
-
-def stage_dict(timings: Mapping[str, StageTiming]) -> dict[str, dict[str, float]]:
-    return {
-        k: {"rows": v.rows, "busy_s": round(v.busy_s, 3), "wall_s": round(v.wall_s, 3),
-            "rows_per_s": round(v.rows_per_s, 3)}
-        for k, v in timings.items()
-    }
-
-
-__all__ = ["FINAL_STATUSES", "ConcurrentRunError", "RunSummary", "build_dataset", "process_items", "run_invert"]
+__all__ = ["Processed", "StageClock", "StageTiming", "build_dataset", "ensure_ray", "pipeline_resources", "process_items"]

@@ -1,27 +1,25 @@
-"""Nightly incremental runs: process only new or changed inputs, exactly once, into the output table.
+"""What a run processes: the plan step of `pipelines.run`, the one step in which commands differ.
 
-One run (`run_nightly`):
+Every run goes list -> plan -> process -> write -> commit -> summary (`pipelines.run.execute`); a
+planner turns the run's listing and the output table's current rows into a `Plan`:
 
-1. list INPUT (key, ETag, size, mtime) and read the current version of the output table
-   (its `source_*` listing facts, status and checkpoint per input: no image or tensor column);
-2. plan (`plan_nightly`, a pure Arrow join): new (no row), changed (ETag -- or size/mtime where
-   there is no ETag -- differs), deleted (gone from the listing: their rows leave the table), and,
-   on request, rows made by another checkpoint (`reprocess_on_model_change`) or with a transient
-   failure (`retry_failed`);
-3. adopt rows an earlier crashed run wrote but never committed for exactly these inputs, made from
-   the same bytes and checkpoint (`pipelines.table.adoptable_rows`), so a rerun does not redo them;
-4. run the pipeline on the rest (`pipelines.dataflow.process_items`: files under ``runs/<run_id>/``);
-5. commit once (`pipelines.table.commit_run`): the new rows in, the rows they replace and the
-   deleted inputs' rows out, with the run's summary in the commit.
+- `InvertPlanner` (`psp invert`, `psp frontalize`): every listed input that is not done yet (an
+  input is done when all its rows have a final status), less the rows a crashed run wrote for the
+  same input bytes and checkpoint (adopted, not redone). The listing stays in its Parquet shards:
+  the read tasks drop the done inputs by key.
+- `NightlyPlanner` (`psp nightly`): the diff of the listing against the table's rows
+  (`plan_nightly`, a pure Arrow join): new (no row), changed (ETag -- or size/mtime where there is
+  no ETag -- differs), deleted (gone from the listing: their rows leave the table), and, on
+  request, rows made by another checkpoint (`reprocess_on_model_change`) or with a transient
+  failure (`retry_failed`); rows a crashed run wrote for exactly these inputs, from the same bytes
+  and checkpoint, are adopted (`pipelines.table.adoptable_rows`).
 
-Nothing is visible to readers before step 5, so a crash anywhere leaves the previous version, and
-the rerun neither loses nor duplicates a row.
+Nothing is visible to readers before the run's one commit, so a crash anywhere leaves the previous
+version, and the rerun neither loses nor duplicates a row.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import logging
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,25 +28,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.config import ConfigError, InvertConfig, resolve_config
-from pipelines.dataflow import (
-    RunSummary,
-    commit_summary,
-    ensure_ray,
-    make_listing,
-    open_output,
-    process_items,
-    stage_dict,
-)
-from pipelines.listing import check_inputs
+from pipelines.config import ResolvedConfig
+from pipelines.listing import Listing, count_todo, done_keys
 from pipelines.listing import first_per_key as _first_per_key
-from pipelines.reuse import alignment_signature
 from pipelines.table import (
     ConcurrentRunError,
+    OutputTable,
     SourceFacts,
     WrittenRun,
     adoptable_rows,
     mtime_us,
+    uncommitted_runs,
 )
 from schemas.ids import image_id_for
 from schemas.status import FINAL_STATUSES
@@ -94,39 +84,6 @@ class NightlyPlan:
             "deleted": len(self.deleted),
             "unchanged": self.unchanged,
             "to_process": len(self.to_process),
-        }
-
-
-@dataclass
-class NightlyResult:
-    """The outcome of `run_nightly`. `committed` is False for a dry run or when nothing changed;
-    `version` is the table version the run committed; `live` the rows (inputs) after it."""
-
-    run_id: str
-    plan: NightlyPlan
-    processed: int = 0  # rows written by this run's pipeline
-    adopted: int = 0  # rows adopted from an earlier crashed run
-    lost: int = 0  # planned inputs with no output row (left for the next run)
-    status_counts: dict[str, int] = field(default_factory=dict)
-    committed: bool = False
-    version: int | None = None
-    replaced: int = 0  # old rows the run's rows replaced, plus deleted inputs' rows
-    live: int = 0
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per phase
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "plan": self.plan.counts(),
-            "processed": self.processed,
-            "adopted": self.adopted,
-            "lost": self.lost,
-            "status_counts": self.status_counts,
-            "committed": self.committed,
-            "version": self.version,
-            "replaced": self.replaced,
-            "live": self.live,
-            "timings": self.timings,
         }
 
 
@@ -261,23 +218,6 @@ def shards_to_listing_table(shards: pa.Table) -> pa.Table:
     return _first_per_key(table.combine_chunks(), "source_uri")
 
 
-def _listed(config: InvertConfig, table, run_id: str) -> pa.Table:
-    """INPUT (or --listing) listed in Ray tasks, as one `listing_table` for the plan."""
-    try:
-        shards = make_listing(config, table, run_id)
-    except Exception as exc:
-        raise NightlyError(
-            f"listing {config.input!r} for run {run_id} failed: {type(exc).__name__}: {exc}. Nothing was "
-            "committed; check the URI and credentials, then rerun"
-        ) from exc
-    try:
-        listed = shards_to_listing_table(shards.read_table())
-    finally:
-        shards.discard()
-    pa.default_memory_pool().release_unused()
-    return listed
-
-
 # -- pure planning ----------------------------------------------------------------------------
 
 def _ne(a: pa.ChunkedArray, b: Any) -> pa.ChunkedArray:
@@ -380,128 +320,160 @@ def plan_nightly(
     return plan
 
 
-# -- one run ----------------------------------------------------------------------------------
+# -- the plan a run executes ------------------------------------------------------------------
 
-class _Clock:
-    """Wall-clock laps of a run's phases (seconds), reported in `NightlyResult.timings`."""
+@dataclass
+class Plan:
+    """What one run processes, as its planner decided.
 
-    def __init__(self) -> None:
-        self._last = time.perf_counter()
-        self.laps: dict[str, float] = {}
+    source: what the pipeline reads -- the run's `Listing` (less the inputs in `skip`, an ObjectRef
+    to `pipelines.listing.done_keys`) or explicit `SourceItem`s. todo: inputs handed to the
+    pipeline (0: nothing to process). listed / skipped: inputs listed / left as they are.
+    adopted: rows crashed runs wrote, committed instead of redone. remove_ids: source ids whose
+    rows leave the table (deleted inputs). expected: image_ids of explicit inputs that must each get
+    a row (the run then counts the rows that came back, and `lost` inputs); None for a listing.
+    stop: plan only (a dry run): nothing is processed or committed. extra: the planner's facts,
+    recorded in the commit's run summary.
+    """
 
-    def lap(self, name: str) -> None:
-        now = time.perf_counter()
-        self.laps[name] = round(now - self._last, 4)
-        self._last = now
+    source: Listing | Sequence[Any] | None
+    todo: int
+    listed: int
+    skipped: int
+    adopted: WrittenRun
+    skip: Any = None
+    remove_ids: list[str] = field(default_factory=list)
+    expected: list[str] | None = None
+    stop: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def run_nightly(
-    config: InvertConfig,
-    reprocess_on_model_change: bool = False,
-    retry_failed: bool = False,
-    dry_run: bool = False,
-    resume: bool = True,
-) -> NightlyResult:
-    """One nightly run of `config.input` into the output table at `config.output` (its `run_id`
-    is used if set). Raises `NightlyError` (nothing committed) when listing, the pipeline, or the
-    commit fails, and `pipelines.config.ConfigError` for a misconfiguration."""
-    t0, started = time.perf_counter(), _dt.datetime.now(_dt.UTC)
-    clock = _Clock()
-    resolved = resolve_config(config)
-    config = resolved.config
-    run_id = resolved.run_id
-    sha = resolved.checkpoint.sha256
-    table, dt = open_output(resolved)
-    try:  # a missing INPUT fails fast, before Ray starts
-        check_inputs(config.input, config.storage_options, config.listing)
-    except Exception as exc:
-        raise NightlyError(
-            f"listing {config.input!r} failed: {type(exc).__name__}: {exc}. Nothing was committed; "
-            "check the URI and credentials, then rerun"
-        ) from exc
-    ensure_ray()
-    clock.lap("open_s")
-    listing = _listed(config, table, run_id)
-    clock.lap("list_s")
-    state = table.state(dt)
-    plan = plan_nightly(listing, state, sha, reprocess_on_model_change, retry_failed)
-    clock.lap("plan_s")
-    result = NightlyResult(run_id=run_id, plan=plan, timings=clock.laps, live=state.num_rows)
-    log.info("nightly %s plan: %s", run_id, plan.counts())
-    if dry_run or (not plan.to_process and not plan.deleted):
-        return result
+def inputs_done(state: pa.Table) -> pa.Array:
+    """source_ids of the inputs a rerun skips (Arrow, unique): every row of the input (each face)
+    has a final status. One transient row (e.g. one face's invert_error) makes the whole input run
+    again."""
+    if state.num_rows == 0:
+        return pa.array([], pa.string())
+    final = pc.is_in(state["status"], value_set=pa.array(FINAL_STATUSES))
+    done = pc.unique(state["source_id"].filter(final))
+    again = pc.unique(state["source_id"].filter(pc.invert(final)))
+    return done.filter(pc.invert(pc.is_in(done, value_set=again)))
 
-    items = source_items(listing, plan.to_process)
-    del listing
-    written = WrittenRun(run_id)
-    if resume and items:
-        facts = SourceFacts.from_items(items)
-        wanted = pa.table({"image_id": facts.image_id, "source_size": facts.size,
-                           "source_mtime": facts.mtime, "source_etag": facts.etag})
-        written = adoptable_rows(table, dt, wanted, sha, retry_failed, exclude_run=run_id)
-        written.run_id = run_id
-        result.adopted = len(written.ids)
-    clock.lap("adopt_s")
-    adopted = set(written.ids.to_pylist())
-    todo = [it for it in items if image_id_for(it.source_uri) not in adopted]
-    processed = None
-    if todo:
-        try:
-            processed = process_items(resolved, todo, table)
-        except ConfigError:
-            raise
-        except Exception as exc:
-            raise NightlyError(
-                f"nightly run {run_id} failed while processing {len(todo)} inputs into {config.output}: "
-                f"{type(exc).__name__}: {exc}. Nothing was committed; rerun the same command "
-                "(finished rows are adopted, not redone)"
-            ) from exc
-        written.merge(processed.written)
-        clock.lap("process_s")
-    written.load(table)
-    got = set(written.ids.to_pylist())
-    result.processed = len(got) - result.adopted
-    result.lost = sum(1 for it in items if image_id_for(it.source_uri) not in got)
-    result.status_counts = written.counts()
-    summary = RunSummary(
-        run_id=run_id, input=config.input, output=config.output, checkpoint=config.checkpoint,
-        checkpoint_sha256=sha, task=resolved.task, align=resolved.align,
-        device=processed.device if processed else config.device, listed=plan.unchanged + len(plan.to_process),
-        skipped=plan.unchanged, processed=result.processed, counts=result.status_counts,
-        stages=stage_dict(processed.timings) if processed else {}, operators=processed.operators if processed else [], started_at=started.isoformat(),
-        adopted=result.adopted, kind="nightly",
-        model_family=resolved.checkpoint.family, n_iters=resolved.n_iters,
-        alignment=alignment_signature(config, resolved.align),
-    )
-    try:
-        summary = commit_summary(
-            table, written, resolved.checkpoint.n_styles, summary, dt.version(), t0,
-            remove_ids=[image_id_for(u) for u in plan.deleted],
-            extra={"plan": plan.counts(), "lost": result.lost},
-        )
-    except ConcurrentRunError as exc:
-        raise NightlyError(str(exc)) from exc
-    except Exception as exc:
-        raise NightlyError(
-            f"committing run {run_id} to {config.output} failed: {type(exc).__name__}: {exc}. The "
-            "previous version is intact; rerun the same command"
-        ) from exc
-    clock.lap("commit_s")
-    result.committed = summary.version is not None
-    result.version, result.replaced = summary.version, summary.replaced
-    result.live = state.num_rows + len(got) - summary.replaced
-    return result
 
+class InvertPlanner:
+    """`psp invert` / `frontalize`: every listed input not done yet; a crashed run's rows adopted.
+    Failures raise as they are (`failure` returns None)."""
+
+    kind = "invert"
+
+    def plan(self, resolved: ResolvedConfig, table: OutputTable, dt, listing: Listing) -> Plan:
+        import ray
+
+        run_id = resolved.run_id
+        done = inputs_done(table.state(dt, ("source_id", "status")))
+        adopted = WrittenRun(run_id)
+        if listing.total and uncommitted_runs(table, dt, run_id):  # a crashed run's rows to adopt
+            adopted = _adopt(table, dt, listing, done, resolved.checkpoint.sha256, run_id)
+        skip = ray.put(done_keys(pa.concat_arrays([done, adopted.ids.cast(pa.string())])))
+        todo, skipped = count_todo(listing, skip) if listing.total else (0, 0)
+        limit = resolved.config.limit
+        return Plan(source=listing, todo=min(todo, limit) if limit is not None else todo, listed=listing.total,
+                    skipped=skipped - adopted.rows, adopted=adopted, skip=skip)
+
+    def failure(self, step: str, exc: Exception, resolved: ResolvedConfig, todo: int) -> Exception | None:
+        return None
+
+
+def _adopt(table: OutputTable, dt, listing: Listing, done: pa.Array, sha: str | None, run_id: str) -> WrittenRun:
+    """Rows crashed runs wrote for this listing's inputs that are not done (read on the driver:
+    only when there is an uncommitted run to adopt from)."""
+    listed = listing.read_table(["source_uri", "size", "etag", "mtime"])
+    ids = pa.array([image_id_for(u) for u in listed["source_uri"].to_pylist()], pa.string())
+    keep = pc.invert(pc.is_in(ids, value_set=done))
+    listed, ids = listed.filter(keep), ids.filter(keep)
+    size = pc.if_else(pc.less(listed["size"], 0), pa.scalar(None, pa.int64()), listed["size"])
+    etag = pc.if_else(pc.equal(listed["etag"], ""), pa.scalar(None, pa.string()), listed["etag"])
+    us = pc.cast(pc.round(pc.multiply(listed["mtime"], 1e6)), pa.int64(), safe=False)
+    mtime = pc.if_else(pc.is_nan(listed["mtime"]), pa.scalar(None, pa.int64()), us)
+    wanted = pa.table({"image_id": ids, "source_size": size, "source_mtime": pc.cast(mtime, pa.timestamp("us", tz="UTC")),
+                       "source_etag": etag})
+    written = adoptable_rows(table, dt, wanted, sha, retry_failed=True, exclude_run=run_id)
+    written.run_id = run_id
+    return written
+
+
+@dataclass
+class NightlyPlanner:
+    """`psp nightly`: new, changed, deleted (and on request model-changed, transient-failure)
+    inputs, from the diff of the listing against the table's rows; rows a crashed run wrote for
+    them adopted (`resume`). After `plan`: `diff` (the `NightlyPlan`) and `rows_before` (the
+    table's rows it planned against). Failures become `NightlyError`s that say what to do."""
+
+    reprocess_on_model_change: bool = False
+    retry_failed: bool = False
+    dry_run: bool = False
+    resume: bool = True
+    diff: NightlyPlan | None = None
+    rows_before: int = 0
+    kind = "nightly"
+
+    def plan(self, resolved: ResolvedConfig, table: OutputTable, dt, listing: Listing) -> Plan:
+        run_id = resolved.run_id
+        listed = shards_to_listing_table(listing.read_table())
+        listing.discard()
+        pa.default_memory_pool().release_unused()
+        state = table.state(dt)
+        self.rows_before = state.num_rows
+        diff = self.diff = plan_nightly(listed, state, resolved.checkpoint.sha256,
+                                        self.reprocess_on_model_change, self.retry_failed)
+        del state
+        log.info("nightly %s plan: %s", run_id, diff.counts())
+        items = [] if self.dry_run else source_items(listed, diff.to_process)
+        del listed
+        adopted = WrittenRun(run_id)
+        if self.resume and items:
+            facts = SourceFacts.from_items(items)
+            wanted = pa.table({"image_id": facts.image_id, "source_size": facts.size,
+                               "source_mtime": facts.mtime, "source_etag": facts.etag})
+            adopted = adoptable_rows(table, dt, wanted, resolved.checkpoint.sha256, self.retry_failed,
+                                     exclude_run=run_id)
+            adopted.run_id = run_id
+        taken = set(adopted.ids.to_pylist())
+        expected = [image_id_for(it.source_uri) for it in items]
+        todo = [it for it, key in zip(items, expected) if key not in taken]
+        return Plan(source=todo, todo=len(todo), listed=diff.unchanged + len(diff.to_process),
+                    skipped=diff.unchanged, adopted=adopted, remove_ids=[image_id_for(u) for u in diff.deleted],
+                    expected=expected, stop=self.dry_run, extra={"plan": diff.counts()})
+
+    def failure(self, step: str, exc: Exception, resolved: ResolvedConfig, todo: int) -> Exception:
+        config, run_id = resolved.config, resolved.run_id
+        cause = f"{type(exc).__name__}: {exc}"
+        if step == "inputs":
+            return NightlyError(f"listing {config.input!r} failed: {cause}. Nothing was committed; check the "
+                                "URI and credentials, then rerun")
+        if step == "list":
+            return NightlyError(f"listing {config.input!r} for run {run_id} failed: {cause}. Nothing was "
+                                "committed; check the URI and credentials, then rerun")
+        if step == "process":
+            return NightlyError(
+                f"nightly run {run_id} failed while processing {todo} inputs into {config.output}: {cause}. "
+                "Nothing was committed; rerun the same command (finished rows are adopted, not redone)")
+        if isinstance(exc, ConcurrentRunError):
+            return NightlyError(str(exc))
+        return NightlyError(f"committing run {run_id} to {config.output} failed: {cause}. The previous "
+                            "version is intact; rerun the same command")
 
 __all__ = [
+    "InvertPlanner",
     "ListedInput",
     "NightlyError",
     "NightlyPlan",
-    "NightlyResult",
+    "NightlyPlanner",
+    "Plan",
     "as_listed",
+    "inputs_done",
     "listing_table",
     "plan_nightly",
     "read_listing",
-    "run_nightly",
     "source_items",
 ]

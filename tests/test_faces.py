@@ -223,8 +223,7 @@ def test_invert_faces_all_rerun_and_nightly_keep_one_row_per_input_and_face(ray_
     from jobs.demo import make_sample_inputs
     from pipelines.align import DEFAULT_MIN_FACE, box_side
     from pipelines.config import InvertConfig
-    from pipelines.dataflow import run_invert
-    from pipelines.plan import run_nightly
+    from pipelines.run import run_invert, run_nightly
     from psp_core import load_psp
     from psp_core.align import FaceAligner
     from psp_core.tasks import get_task

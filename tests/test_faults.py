@@ -102,7 +102,7 @@ def _invert_actors() -> list[dict]:
 # -- (a) an invert actor dies mid-run -----------------------------------------------------------
 
 def test_a_killed_invert_actor_loses_and_duplicates_nothing(ray_cluster, tiny_checkpoint, tmp_path):
-    from pipelines.plan import run_nightly
+    from pipelines.run import run_nightly
 
     inp, out = tmp_path / "in", tmp_path / "out"
     paths = write_images(inp, range(N))
@@ -133,7 +133,7 @@ def test_b_removed_worker_node_loses_and_duplicates_nothing(ray_cluster, tiny_ch
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from pipelines.plan import run_nightly
+    from pipelines.run import run_nightly
 
     inp, out = tmp_path / "in", tmp_path / "out"
     paths = write_images(inp, range(N))
@@ -185,7 +185,7 @@ def test_b_removed_worker_node_loses_and_duplicates_nothing(ray_cluster, tiny_ch
 def test_c_killed_driver_commits_nothing_and_the_rerun_completes_exactly_once(
     ray_cluster, tiny_checkpoint, tmp_path
 ):
-    from pipelines.plan import run_nightly
+    from pipelines.run import run_nightly
 
     inp, out = tmp_path / "in", tmp_path / "out"
     paths = write_images(inp, range(N_DRIVER))
@@ -372,7 +372,7 @@ def _s3_inputs(s3_server, n):
 
 
 def test_d_s3_throttling_is_retried_and_nothing_is_lost(ray_cluster, s3_server, tiny_checkpoint):
-    from pipelines.plan import run_nightly
+    from pipelines.run import run_nightly
 
     bucket, uris = _s3_inputs(s3_server, 8)
     out = f"s3://{bucket}/out"
@@ -389,7 +389,7 @@ def test_d_s3_throttling_is_retried_and_nothing_is_lost(ray_cluster, s3_server, 
 def test_d_s3_errors_past_the_retries_fail_clearly_and_commit_nothing(
     ray_cluster, s3_server, tiny_checkpoint
 ):
-    from pipelines.plan import NightlyError, run_nightly
+    from pipelines.run import NightlyError, run_nightly
 
     bucket, uris = _s3_inputs(s3_server, 4)
     out = f"s3://{bucket}/out"

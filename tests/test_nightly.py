@@ -191,7 +191,7 @@ def test_nightly_processes_only_new_and_changed_inputs_and_reprocesses_on_model_
     import time
 
     import schemas
-    from pipelines.plan import run_nightly
+    from pipelines.run import run_nightly
     from psp_core.testing import random_checkpoint
 
     inp, out = tmp_path / "in", tmp_path / "out"

@@ -11,7 +11,7 @@ import pytest
 
 from jobs.demo import make_sample_tar, sample_files
 from pipelines.config import InvertConfig
-from pipelines.dataflow import run_invert
+from pipelines.run import run_invert
 from schemas import image_id_for, read_latents, read_outputs, read_runs
 
 pytestmark = pytest.mark.slow

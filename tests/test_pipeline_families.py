@@ -12,7 +12,7 @@ from PIL import Image
 
 from jobs.demo import sample_files
 from pipelines.config import InvertConfig
-from pipelines.dataflow import run_invert
+from pipelines.run import run_invert
 from psp_core import load_psp
 from psp_core.tasks import get_task
 from schemas import image_id_for, read_latents, read_outputs, tensor_shapes

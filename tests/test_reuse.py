@@ -44,7 +44,7 @@ def _reused(out) -> int:
 def test_a_rerun_with_another_checkpoint_reuses_the_stored_alignment(ray_cluster, tiny_checkpoint, tmp_path):
     import numpy as np
 
-    from pipelines.plan import run_nightly
+    from pipelines.run import run_nightly
     from psp_core.testing import random_checkpoint
 
     inp, out, other = tmp_path / "in", tmp_path / "out", tmp_path / "other"
@@ -72,8 +72,8 @@ def test_a_rerun_with_another_checkpoint_reuses_the_stored_alignment(ray_cluster
     # then makes the same crops without detecting (the stage as a plain callable: no third run)
     from pipelines.align import AlignFaces
     from pipelines.config import resolve_config
-    from pipelines.dataflow import open_output
     from pipelines.reuse import load_stored_alignment
+    from pipelines.run import open_output
     from pipelines.sources import list_inputs, read_batch
 
     resolved = resolve_config(_config(inp, other, ckpt2, alignment_from=[str(out)]))

@@ -234,10 +234,10 @@ def test_json_export_in_sync_with_code():
 
 
 def test_image_id_and_run_ids_have_one_definition():
-    import pipelines.dataflow
+    import pipelines.plan
     import schemas.ids
 
-    assert schemas.image_id_for is schemas.ids.image_id_for is pipelines.dataflow.image_id_for
+    assert schemas.image_id_for is schemas.ids.image_id_for is pipelines.plan.image_id_for
     assert schemas.check_run_id(schemas.make_run_id())
     with pytest.raises(ValueError, match="run_id"):
         schemas.check_run_id("2026/11/26 run.1")

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs.cli import main as psp
-from pipelines import dataflow
+from pipelines import run
 
 pytestmark = pytest.mark.slow
 
@@ -75,14 +75,14 @@ def test_no_secret_reaches_outputs_logs_or_printed_text(
     client.put_object(Bucket=bucket, Key="in/shard.parquet", Body=shard.getvalue())
 
     # gone.jpg is listed, then deleted before it is read: the read fails with an S3 error.
-    real_list_to_shards = dataflow.list_to_shards
+    real_list_to_shards = run.list_to_shards
 
     def list_then_delete(*args, **kwargs):
         listing = real_list_to_shards(*args, **kwargs)
         client.delete_object(Bucket=bucket, Key="in/gone.jpg")
         return listing
 
-    monkeypatch.setattr(dataflow, "list_to_shards", list_then_delete)
+    monkeypatch.setattr(run, "list_to_shards", list_then_delete)
 
     endpoint = {"endpoint_url": s3_server.endpoint_url, "region_name": "us-east-1"}
     options = {"key": "env:PSP_E2E_KEY_ID", "secret": secrets["option secret"], "client_kwargs": endpoint}

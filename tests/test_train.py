@@ -57,7 +57,7 @@ def weights(tmp_path_factory):
 def setup(ray_cluster, tiny_checkpoint, weights, tmp_path_factory):
     """Random pretrained files, and an output table of aligned faces written by psp invert."""
     from pipelines.config import InvertConfig
-    from pipelines.dataflow import run_invert
+    from pipelines.run import run_invert
 
     root = tmp_path_factory.mktemp("train")
     images = root / "images"

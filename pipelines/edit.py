@@ -6,12 +6,15 @@ The trip, each stage a plain callable on a batch dict (testable without Ray):
     decode, uint8 on the device) -> EncodeEditImages (CPU: PNG/JPEG, edits-schema table)
     -> write_edits
 
-`run_edit(config)` wires them on Ray Data. `fit_direction_from_labels` backs `psp direction`.
+`run_edit(config)` is a run as `pipelines.run` describes it, with its own plan and table: check
+(fail fast) -> plan (`latent_plan`: the ok latents of TABLE, file by file) -> process (the stages
+above on Ray Data) -> write + commit (`write_edits`: Ray's Delta sink appends and commits once) ->
+summary (`pipelines.run.record_summary`, as every run). `fit_direction_from_labels` backs
+`psp direction`.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
 import time
@@ -23,7 +26,6 @@ from typing import Any
 import numpy as np
 
 from pipelines.options import ConfigError, check_options, option, shared
-from pipelines.secrets import redact
 from schemas.outputs import IMAGE_FORMATS
 
 DEFAULT_GPU_BATCH = 32
@@ -212,7 +214,7 @@ class EncodeEditImages:
 
 
 # ----------------------------------------------------------------------------------------------
-# Writing (the lead points this at the Delta writer)
+# Writing
 
 
 def write_edits(ds, output_uri: str, run_id: str, n_styles: int, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -226,16 +228,6 @@ def write_edits(ds, output_uri: str, run_id: str, n_styles: int, storage_options
     DataContext.get_current().max_errored_blocks = 0
     ds.write_delta(table_uri(output_uri), mode="append",
                    storage_options=delta_storage_options(output_uri, storage_options))
-
-
-def write_edit_summary(output_uri: str, doc: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> None:
-    """``OUTPUT/_runs/<run_id>.json``: what one `psp edit` run did (Delta ignores `_` folders)."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(output_uri, **dict(storage_options or {}))
-    fs.makedirs(f"{root.rstrip('/')}/_runs", exist_ok=True)
-    text = json.dumps(dict(doc), indent=2, sort_keys=True, default=str) + "\n"
-    fs.pipe_file(f"{root.rstrip('/')}/_runs/{doc['run_id']}.json", text.encode())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,10 +429,17 @@ def run_edit(config: EditConfig) -> EditSummary:
         rows=sum(counts.values()), counts=dict(sorted(counts.items())), device=device,
         wall_s=round(time.perf_counter() - t0, 3),
     )
-    if plan:
-        doc = redact(asdict(summary), config.storage_options)
-        doc["written_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
-        write_edit_summary(config.output, doc, config.storage_options)
+    if plan:  # OUTPUT/_runs/<run_id>.json, written as every run's summary is
+        from pipelines.run import record_summary
+        from pipelines.table import OutputTable
+        from schemas.edits import EDITS_SCHEMA_VERSION
+
+        table = OutputTable(config.output, config.storage_options)
+        doc = asdict(summary)
+        doc["input"] = doc.pop("table")  # "table" holds the edits table's counts, as for every run
+        doc.update(kind="edit", schema_version=EDITS_SCHEMA_VERSION,
+                   written_at=_dt.datetime.now(_dt.timezone.utc).isoformat())
+        record_summary(table, doc, table.load().version())
     return summary
 
 

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipelines.invert import InvertFaces  # noqa: E402
+from pipelines.invert import InvertFaces, ModelOptions  # noqa: E402
 from pipelines.outputs import EncodeOutputs, encode_image, encode_png  # noqa: E402
 from pipelines.sources import object_column  # noqa: E402
 from psp_core.tasks import get_task, tensor2im  # noqa: E402
@@ -308,8 +308,9 @@ def main(argv=None) -> int:
         if args.settings and not any(s in name for s in args.settings):
             continue
         model = PrecomputedPSP(size, B)
-        actor = InvertFaces(model, "ffhq_encode", device="cpu", images=images, image_size=image_size,
-                            metrics=metrics, mix=mix, latent_mask=[8] if mix else None, cpu_threads=1)
+        actor = InvertFaces(model, ModelOptions("ffhq_encode", device="cpu", images=images, image_size=image_size,
+                                                  metrics=metrics, mix=mix, latent_mask=[8] if mix else None,
+                                                  cpu_threads=1))
         outputs = EncodeOutputs("ffhq_encode", run_id="bench", n_styles=model.n_styles, images=images,
                                 metrics=metrics, code_version="bench")
         batch = model_batch(B, metrics, rng)

@@ -17,10 +17,11 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipelines.config import ConfigError, ResolvedConfig, code_version
+from pipelines.invert import ModelOptions
 from pipelines.listing import Listing, listing_datasource
 from pipelines.secrets import WORKER_SETUP_HOOK, redacted_rows
 from pipelines.sources import SourceItem
@@ -116,120 +117,146 @@ class StageClock:
 
 
 # ------------------------------------------------------------------------------------------------
+# Each stage's options
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """The keywords of the read stage, `pipelines.sources.read_batch`."""
+
+    storage_options: Mapping[str, Any] | None
+    timeout_s: float | None
+
+
+@dataclass(frozen=True)
+class AlignOptions:
+    """The constructor keywords of the align stage, `pipelines.align.AlignFaces` (see its docstring)."""
+
+    mode: str
+    gray: bool
+    aligner_kwargs: Mapping[str, Any] | None
+    decode_timeout_s: float | None
+    task: str
+    resize_factor: int | None
+    keep_aligned: bool
+    faces: str
+    min_face: int
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """The constructor keywords of the outputs stage, `pipelines.outputs.EncodeOutputs`."""
+
+    task: str
+    run_id: str
+    n_styles: int
+    images: str
+    metrics: bool
+    save_aligned: bool
+    code_version: str
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """Each stage's slice of a run's options, and the rows per block each operator takes."""
+
+    checkpoint: str
+    read: ReadOptions
+    align: AlignOptions
+    model: ModelOptions
+    outputs: OutputOptions
+    limit: int | None  # at most this many inputs
+    read_rows: int
+    align_rows: int
+    model_rows: int
+    align_actors: int
+
+
+def stage_options(resolved: ResolvedConfig, device: str) -> StageOptions:
+    """The one place a run's resolved options are split into what each stage takes. device: where
+    the model actors run ('cpu' or 'cuda', as `pipeline_resources` decided)."""
+    from pipelines.invert import DEFAULT_CPU_BATCH, DEFAULT_GPU_BATCH
+    from psp_core.tasks import get_task
+
+    c = resolved.config
+    detect = resolved.align != "none"
+    read_rows, align_rows = (READ_BATCH, ALIGN_BATCH) if detect else (UNALIGNED_BATCH, UNALIGNED_BATCH)
+    return StageOptions(
+        checkpoint=c.checkpoint,
+        read=ReadOptions(storage_options=c.storage_options, timeout_s=c.read_timeout),
+        align=AlignOptions(
+            mode=resolved.align, gray=get_task(resolved.task).label_nc > 0,
+            aligner_kwargs={"detect_size": c.align_detect_size} if c.align_detect_size else None,
+            decode_timeout_s=c.decode_timeout, task=resolved.task, resize_factor=c.resize_factor,
+            keep_aligned=c.metrics or c.save_aligned, faces=c.faces, min_face=c.min_face),
+        model=ModelOptions(
+            task=resolved.task, device=device, storage_options=c.storage_options, images=c.images,
+            image_size=c.image_size, metrics=c.metrics, mix=c.mix, latent_mask=resolved.latent_mask,
+            mix_alpha=c.mix_alpha, seed=c.seed, precision=c.precision, cpu_threads=c.cpu_threads,
+            n_iters=c.n_iters, keep_iterations=c.keep_iterations),
+        outputs=OutputOptions(
+            task=resolved.task, run_id=resolved.run_id, n_styles=resolved.checkpoint.n_styles, images=c.images,
+            metrics=c.metrics, save_aligned=c.save_aligned, code_version=code_version()),
+        limit=c.limit, read_rows=read_rows, align_rows=align_rows,
+        model_rows=c.batch_size or (DEFAULT_GPU_BATCH if device == "cuda" else DEFAULT_CPU_BATCH),
+        align_actors=c.align_actors,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
 # The graph
 
 
-def build_dataset(source: Listing | Sequence[SourceItem], resolved: ResolvedConfig, resources: Mapping[str, Any],
+def build_dataset(source: Listing | Sequence[SourceItem], stages: StageOptions, resources: Mapping[str, Any],
                   clock=None, stored_alignment=None, skip=None):
     """The Ray Data graph for `source` (not executed): read -> decode+align -> invert -> outputs.
 
     source: a `pipelines.listing.Listing` (read lazily, one read task per shard, dropping the
-    inputs in `skip`, an ObjectRef to `pipelines.listing.done_keys`, and `config.limit` applied),
+    inputs in `skip`, an ObjectRef to `pipelines.listing.done_keys`, and `stages.limit` applied),
     or explicit `SourceItem`s (a short list: the nightly plan's inputs, tests).
 
     Read is a task operator (fractional CPU, I/O bound); align, invert and outputs are separate
     actor pools (different compute and resources, so Ray does not fuse them): the align actors do
     detection and the PIL part of the task transform, the model actors only tensor work on their
     device, the outputs actors PNG/JPEG encoding, metrics and the table. Each pool scales on its own.
-    resources: `{"model": invert_resources(...), "outputs": outputs_resources(...)}`.
+    stages: `stage_options(...)`. resources: `pipeline_resources(...)`. clock: a `StageClock`.
     stored_alignment: an ObjectRef to the `pipelines.reuse.StoredAlignment` the align actors reuse.
     """
     import ray
     from ray.data import ActorPoolStrategy
 
     from pipelines.align import AlignFaces
-    from pipelines.invert import DEFAULT_CPU_BATCH, DEFAULT_GPU_BATCH, InvertFaces
+    from pipelines.invert import InvertFaces
     from pipelines.outputs import DEFAULT_OUTPUT_BATCH, EncodeOutputs
     from pipelines.sources import read_batch
-    from psp_core.tasks import get_task
 
-    config = resolved.config
     model, outputs = resources["model"], resources["outputs"]
-    on_gpu = model["device"] == "cuda"
-    batch_size = config.batch_size or (DEFAULT_GPU_BATCH if on_gpu else DEFAULT_CPU_BATCH)
-    detect = resolved.align != "none"
-    read_rows, align_rows = (READ_BATCH, ALIGN_BATCH) if detect else (UNALIGNED_BATCH, UNALIGNED_BATCH)
     if isinstance(source, Listing):
-        ds = ray.data.read_datasource(listing_datasource(source, align_rows, skip), num_cpus=0.25)
-        if config.limit is not None:
-            ds = ds.limit(config.limit)
+        ds = ray.data.read_datasource(listing_datasource(source, stages.align_rows, skip), num_cpus=0.25)
+        if stages.limit is not None:
+            ds = ds.limit(stages.limit)
     else:
         rows = [item.to_row() for item in source]
         # Small blocks so alignment and inversion overlap from the start; capped for long lists.
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(math.ceil(len(rows) / align_rows), 1000)))
-    ds = ds.map_batches(
-        read_batch,
-        fn_kwargs={"storage_options": config.storage_options, "stage_clock": clock,
-                   "timeout_s": config.read_timeout},
-        batch_size=read_rows,
-        batch_format="numpy",
-        num_cpus=0.25,
-    )
-    ds = ds.map_batches(
-        AlignFaces,
-        fn_constructor_kwargs={
-            "mode": resolved.align,
-            "gray": get_task(resolved.task).label_nc > 0,
-            "aligner_kwargs": {"detect_size": config.align_detect_size} if config.align_detect_size else None,
-            "stage_clock": clock,
-            "decode_timeout_s": config.decode_timeout,
-            "task": resolved.task,
-            "resize_factor": config.resize_factor,
-            "keep_aligned": config.metrics or config.save_aligned,
-            "faces": config.faces,
-            "min_face": config.min_face,
-            "stored_alignment": stored_alignment,
-        },
-        compute=ActorPoolStrategy(min_size=1, max_size=config.align_actors),
-        batch_size=align_rows,
-        batch_format="numpy",
-        num_cpus=0.5,
-    )
-    memory = {"memory": model["memory"]} if model.get("memory") else {}
-    ds = ds.map_batches(
-        InvertFaces,
-        fn_constructor_kwargs={
-            "checkpoint": config.checkpoint,
-            "task": resolved.task,
-            "device": model["device"],
-            "storage_options": config.storage_options,
-            "images": config.images,
-            "image_size": config.image_size,
-            "metrics": config.metrics,
-            "mix": config.mix,
-            "latent_mask": resolved.latent_mask,
-            "mix_alpha": config.mix_alpha,
-            "seed": config.seed,
-            "precision": config.precision,
-            "cpu_threads": config.cpu_threads,
-            "stage_clock": clock,
-            "n_iters": config.n_iters,
-            "keep_iterations": config.keep_iterations,
-        },
-        compute=ActorPoolStrategy(min_size=1, max_size=model["actors"]),
-        batch_size=batch_size,
-        batch_format="numpy",
-        num_gpus=model["num_gpus"],
-        num_cpus=model["num_cpus"],
-        **memory,
-    )
-    return ds.map_batches(
-        EncodeOutputs,
-        fn_constructor_kwargs={
-            "task": resolved.task,
-            "run_id": resolved.run_id,
-            "n_styles": resolved.checkpoint.n_styles,
-            "images": config.images,
-            "metrics": config.metrics,
-            "save_aligned": config.save_aligned,
-            "code_version": code_version(),
-            "stage_clock": clock,
-        },
-        compute=ActorPoolStrategy(min_size=1, max_size=outputs["actors"]),
-        batch_size=DEFAULT_OUTPUT_BATCH,
-        batch_format="numpy",
-        num_cpus=outputs["num_cpus"],
-    )
+        blocks = max(1, min(math.ceil(len(rows) / stages.align_rows), 1000))
+        ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ds.map_batches(read_batch, fn_kwargs={**asdict(stages.read), "stage_clock": clock},
+                        batch_size=stages.read_rows, batch_format="numpy", num_cpus=0.25)
+    ds = ds.map_batches(AlignFaces,
+                        fn_constructor_kwargs={**asdict(stages.align), "stage_clock": clock,
+                                               "stored_alignment": stored_alignment},
+                        compute=ActorPoolStrategy(min_size=1, max_size=stages.align_actors),
+                        batch_size=stages.align_rows, batch_format="numpy", num_cpus=0.5)
+    ds = ds.map_batches(InvertFaces,
+                        fn_constructor_kwargs={"checkpoint": stages.checkpoint, "options": stages.model,
+                                               "stage_clock": clock},
+                        compute=ActorPoolStrategy(min_size=1, max_size=model["actors"]),
+                        batch_size=stages.model_rows, batch_format="numpy",
+                        num_gpus=model["num_gpus"], num_cpus=model["num_cpus"],
+                        **({"memory": model["memory"]} if model.get("memory") else {}))
+    return ds.map_batches(EncodeOutputs, fn_constructor_kwargs={**asdict(stages.outputs), "stage_clock": clock},
+                          compute=ActorPoolStrategy(min_size=1, max_size=outputs["actors"]),
+                          batch_size=DEFAULT_OUTPUT_BATCH, batch_format="numpy", num_cpus=outputs["num_cpus"])
 
 
 def pipeline_resources(cluster_resources: Mapping[str, Any], resolved: ResolvedConfig) -> dict[str, dict[str, Any]]:
@@ -327,7 +354,8 @@ def process_items(resolved: ResolvedConfig, source: Listing | Sequence[SourceIte
     try:
         # Credentials are masked in the rows' free text right before they are written.
         stored_ref = ray.put(stored) if stored is not None else None
-        ds = redacted_rows(build_dataset(source, resolved, resources, clock, stored_ref, skip), config.storage_options)
+        stages = stage_options(resolved, resources["model"]["device"])
+        ds = redacted_rows(build_dataset(source, stages, resources, clock, stored_ref, skip), config.storage_options)
         written = write_run(ds, table, resolved.run_id, resolved.checkpoint.n_styles)
         timings, counts, meta = clock.collect(written.rows)
         operators = _operator_names(ds)
@@ -342,4 +370,5 @@ class _Uri:
     source_uri: str
 
 
-__all__ = ["Processed", "StageClock", "StageTiming", "build_dataset", "ensure_ray", "pipeline_resources", "process_items"]
+__all__ = ["Processed", "StageClock", "StageOptions", "StageTiming", "build_dataset", "ensure_ray", "pipeline_resources",
+           "process_items", "stage_options"]

@@ -23,7 +23,7 @@ Column contract (B rows; failed rows keep their status and get zeros in the arra
          checkpoint_sha256 (one string per row)
 A failing batch is retried row by row, so a bad row becomes 'invert_error' alone.
 
-`invert_resources` is the (pure) decision of what the model actors ask Ray for, memory included.
+`ModelOptions` is the stage's slice of a run's options. `invert_resources` is the (pure) decision of what the model actors ask Ray for, memory included.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -117,52 +118,61 @@ def invert_resources(
     return {"device": "cuda", "num_gpus": 1, "num_cpus": 1, "actors": max(1, actors), "memory": memory}
 
 
+@dataclass(frozen=True)
+class ModelOptions:
+    """What the model stage takes of a run's options (`pipelines.dataflow.stage_options` builds it
+    from the resolved config).
+
+    task: dataset_type (its `to_model_input`). device: 'auto' (cuda if the actor's process sees
+    one), 'cpu', 'cuda'. storage_options: fsspec options to read the checkpoint. images: 'png' |
+    'jpeg' | 'none' (with 'none' no reconstruction is decoded unless metrics need it). image_size:
+    '256' | 'full'. metrics: also hand on the 256x256 reconstruction for photo tasks.
+    mix/latent_mask/mix_alpha/seed: style mixing, seeds per row from (seed, image_id). precision:
+    'fp32' (TF32 off: equals the original within 1e-4), 'tf32', 'bf16' or 'fp16' (autocast).
+    cpu_threads: torch threads on CPU (None: all cores of the node). n_iters: ReStyle's refinement
+    steps (None: the checkpoint family's default; ValueError for pSp and e4e). keep_iterations:
+    ReStyle, also hand on every iteration's W+ (`iteration_w_plus`).
+    """
+
+    task: str
+    device: str = "auto"
+    storage_options: Mapping[str, Any] | None = None
+    images: str = "png"
+    image_size: str = "256"
+    metrics: bool = False
+    mix: int = 0
+    latent_mask: Sequence[int] | None = None
+    mix_alpha: float | None = None
+    seed: int = 0
+    precision: str = "fp32"
+    cpu_threads: int | None = None
+    n_iters: int | None = None
+    keep_iterations: bool = False
+
+
 class InvertFaces:
     """Batch dict stage: the align stage's columns -> model outputs (see the module docstring).
 
     checkpoint: path or fsspec URI of the pSp checkpoint (loaded once, here), or an already loaded
     `PSP` (any object with its encode/decode/mix/face_pool, output_size, n_styles, checkpoint_sha256:
-    bench/gpu_feed.py passes one whose outputs are precomputed).
-    task: dataset_type (its `to_model_input`). device: 'auto' (cuda if this process sees one),
-    'cpu', 'cuda'. images: 'png' | 'jpeg' | 'none' (with 'none' no reconstruction is decoded unless
-    metrics need it). image_size: '256' | 'full'. metrics: also hand on the 256x256 reconstruction
-    for photo tasks. mix/latent_mask/mix_alpha/seed: style mixing, seeds per row from
-    (seed, image_id). precision: 'fp32' (TF32 off: equals the original within 1e-4), 'tf32',
-    'bf16' or 'fp16' (autocast). cpu_threads: torch threads on CPU (None: all cores of the node).
-    n_iters: ReStyle's refinement steps (None: the checkpoint family's default; ValueError for pSp
-    and e4e). keep_iterations: ReStyle, also hand on every iteration's W+ (`iteration_w_plus`).
+    bench/gpu_feed.py passes one whose outputs are precomputed). options: the stage's `ModelOptions`.
+    stage_clock: records stage 'invert'.
     """
 
-    def __init__(
-        self,
-        checkpoint: Any,
-        task: str,
-        device: str = "auto",
-        storage_options: Mapping[str, Any] | None = None,
-        images: str = "png",
-        image_size: str = "256",
-        metrics: bool = False,
-        mix: int = 0,
-        latent_mask: Sequence[int] | None = None,
-        mix_alpha: float | None = None,
-        seed: int = 0,
-        precision: str = "fp32",
-        cpu_threads: int | None = None,
-        stage_clock: Any = None,
-        n_iters: int | None = None,
-        keep_iterations: bool = False,
-    ):
+    def __init__(self, checkpoint: Any, options: ModelOptions, stage_clock: Any = None):
         import torch
 
         from psp_core import load_psp
         from psp_core.tasks import get_task
 
+        o = options
+        device, precision, n_iters = o.device, o.precision, o.n_iters
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         check_precision(precision, device)
         if device == "cpu":
             # Ray sets OMP_NUM_THREADS=1 for fractional-CPU actors; the model is the bottleneck here.
-            torch.set_num_threads(cpu_threads or max(1, os.cpu_count() or 1))
+            torch.set_num_threads(o.cpu_threads or max(1, os.cpu_count() or 1))
         if device == "cuda":
             # fp32: convolutions and matmuls in full precision (TF32 would move outputs by ~1e-3,
             # past the 1e-4 promise of matching the original). tf32 opts in.
@@ -172,7 +182,7 @@ class InvertFaces:
         self.precision = precision
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         if isinstance(checkpoint, (str, os.PathLike)):
-            self.model = load_psp(checkpoint, device=device, storage_options=storage_options, n_iters=n_iters)
+            self.model = load_psp(checkpoint, device=device, storage_options=o.storage_options, n_iters=n_iters)
         else:
             self.model = checkpoint
             if n_iters is not None:
@@ -182,19 +192,19 @@ class InvertFaces:
         # output image: no extra decode pass).
         self.restyle = self.family.startswith("restyle") and hasattr(self.model, "refine")
         self.n_iters = int(getattr(self.model, "n_iters", 1)) if self.restyle else 1
-        if (n_iters is not None and n_iters != self.n_iters) or (keep_iterations and not self.restyle):
+        if (n_iters is not None and n_iters != self.n_iters) or (o.keep_iterations and not self.restyle):
             raise ValueError(
                 f"n_iters / keep_iterations only apply to ReStyle checkpoints; this is a {self.family} checkpoint"
             )
-        self.keep_iterations = bool(keep_iterations)
-        self.task = get_task(task)
-        self.images = images
-        self.full_size = str(image_size) == "full"
-        self.metrics = bool(metrics) and self.task.label_nc == 0
-        self.mix = int(mix or 0)
-        self.latent_mask = list(latent_mask) if latent_mask is not None else None
-        self.mix_alpha = mix_alpha
-        self.seed = int(seed)
+        self.keep_iterations = bool(o.keep_iterations)
+        self.task = get_task(o.task)
+        self.images = o.images
+        self.full_size = str(o.image_size) == "full"
+        self.metrics = bool(o.metrics) and self.task.label_nc == 0
+        self.mix = int(o.mix or 0)
+        self.latent_mask = list(o.latent_mask) if o.latent_mask is not None else None
+        self.mix_alpha = o.mix_alpha
+        self.seed = int(o.seed)
         self.stage_clock = stage_clock
 
     # -- host <-> device ------------------------------------------------------------------------

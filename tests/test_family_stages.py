@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pipelines.align import AlignFaces
-from pipelines.invert import InvertFaces
+from pipelines.invert import InvertFaces, ModelOptions
 from pipelines.outputs import EncodeOutputs
 from psp_core import load_psp
 from psp_core.tasks import get_task
@@ -85,8 +85,8 @@ def test_restyle_cars_rows_keep_every_iteration(restyle_cars_direct, restyle_car
     """ReStyle on cars: W+ and every iteration's W+ as ReStyle's own encode_iterations, the car rows
     of the reconstruction (3/4 as high as wide), the family columns on every row."""
     aligned, direct = restyle_cars_direct
-    stage = InvertFaces(restyle_cars, "cars_encode", device="cpu", cpu_threads=2, image_size=image_size,
-                        n_iters=3, keep_iterations=True)
+    stage = InvertFaces(restyle_cars, ModelOptions("cars_encode", device="cpu", cpu_threads=2, image_size=image_size,
+                                                     n_iters=3, keep_iterations=True))
     out = stage(aligned)
     side = 256 if image_size == "256" else 64
     assert out["image"].shape == (3, side * 3 // 4, side, 3)
@@ -108,9 +108,9 @@ def test_e4e_rows_and_n_iters_refused(tmp_path, cars):
 
     path = random_e4e_checkpoint(str(tmp_path / "e4e.pt"), output_size=32, seed=1)
     with pytest.raises(ValueError, match="only apply to ReStyle"):
-        InvertFaces(path, "ffhq_encode", device="cpu", keep_iterations=True)
+        InvertFaces(path, ModelOptions("ffhq_encode", device="cpu", keep_iterations=True))
     aligned = AlignFaces(mode="none", task="ffhq_encode", keep_aligned=False)(cars)
-    out = InvertFaces(path, "ffhq_encode", device="cpu", cpu_threads=2)(aligned)
+    out = InvertFaces(path, ModelOptions("ffhq_encode", device="cpu", cpu_threads=2))(aligned)
     assert "iteration_w_plus" not in out and out["image"].shape == (3, 256, 256, 3)
     rows = EncodeOutputs("ffhq_encode", run_id="r", n_styles=8)(out).to_pylist()
     assert {(r["model_family"], r["n_iters"]) for r in rows} == {("e4e", 1)}

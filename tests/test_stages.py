@@ -10,7 +10,7 @@ from PIL import Image
 
 from jobs.demo import sample_files
 from pipelines.align import AlignFaces
-from pipelines.invert import InvertFaces, invert_resources, model_actor_memory
+from pipelines.invert import InvertFaces, ModelOptions, invert_resources, model_actor_memory
 from pipelines.outputs import EncodeOutputs, encode_image, encode_png, outputs_resources
 
 
@@ -75,7 +75,7 @@ def test_align_none_matches_the_task_transform(files):
 
 @pytest.fixture(scope="module")
 def inverter(tiny_checkpoint):
-    return InvertFaces(tiny_checkpoint, "ffhq_encode", device="cpu", cpu_threads=2)
+    return InvertFaces(tiny_checkpoint, ModelOptions("ffhq_encode", device="cpu", cpu_threads=2))
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +139,9 @@ def test_output_rows_record_their_image_format(model_out):
 
 def test_invert_mix_is_per_row_seeded_and_full_size_jpeg(tiny_checkpoint, aligned):
     """--mix: one row per input with N mixes; a row's mixes do not depend on its batch."""
-    model = InvertFaces(
-        tiny_checkpoint, "ffhq_encode", device="cpu", image_size="full", mix=2, latent_mask=[4, 5, 6, 7],
-        seed=7, metrics=True,
-    )
+    model = InvertFaces(tiny_checkpoint, ModelOptions(
+        "ffhq_encode", device="cpu", image_size="full", mix=2, latent_mask=[4, 5, 6, 7], seed=7, metrics=True,
+    ))
     outputs = EncodeOutputs("ffhq_encode", run_id="mix", n_styles=8, images="jpeg", metrics=True)
 
     def stage(batch):
@@ -218,7 +217,7 @@ def test_a_bad_row_fails_alone_in_the_model_stage(tiny_checkpoint, aligned, mode
                 raise RuntimeError("injected failure")
             return super()._run_model(model_input, rows, n, seeds)
 
-    out = FailsOnRow0(tiny_checkpoint, "ffhq_encode", device="cpu", cpu_threads=2)(aligned)
+    out = FailsOnRow0(tiny_checkpoint, ModelOptions("ffhq_encode", device="cpu", cpu_threads=2))(aligned)
     assert list(out["status"][:2]) == ["invert_error", "ok"]
     assert "inversion failed (RuntimeError: injected failure)" in out["error"][0]
     assert "face_full.png" in out["error"][0]
@@ -230,7 +229,7 @@ def test_bf16_on_cpu_runs_and_stays_close_to_fp32(tiny_checkpoint, aligned, mode
     """--precision bf16 is autocast arithmetic: not the original's bytes, but close to them."""
     from psp_core.metrics import psnr
 
-    out = InvertFaces(tiny_checkpoint, "ffhq_encode", device="cpu", cpu_threads=2, precision="bf16")(aligned)
+    out = InvertFaces(tiny_checkpoint, ModelOptions("ffhq_encode", device="cpu", cpu_threads=2, precision="bf16"))(aligned)
     assert list(out["status"]) == list(model_out["status"])
     ok = [0, 1]
     dw = np.abs(out["w_plus"][ok] - model_out["w_plus"][ok]).max()

@@ -252,6 +252,9 @@ class _Laps:
         now = time.perf_counter()
         self.phases[name], self._last = now - self._last, now
 
+    def rounded(self) -> dict[str, float]:
+        return {k: round(v, 3) for k, v in self.phases.items()}
+
 
 # ------------------------------------------------------------------------------------------------
 # The skeleton
@@ -290,7 +293,7 @@ def execute(config: InvertConfig, planner: Planner, items: Sequence[SourceItem] 
         plan = planner.plan(resolved, table, dt, listing)
         laps.lap("plan_s")
         if plan.stop:
-            return RunOutcome(resolved, plan, None, phases=laps.phases)
+            return RunOutcome(resolved, plan, None, phases=laps.rounded())
         processed: Processed | None = None
         if plan.todo:
             with _step(planner, "process", resolved, plan.todo):
@@ -322,7 +325,7 @@ def execute(config: InvertConfig, planner: Planner, items: Sequence[SourceItem] 
             outcome.summary = commit_summary(table, written, resolved.checkpoint.n_styles, summary, dt.version(), t0,
                                              remove_ids=plan.remove_ids, extra=extra)
         laps.lap("commit_s")
-        summary.phases = outcome.phases = {k: round(v, 3) for k, v in laps.phases.items()}
+        summary.phases = outcome.phases = laps.rounded()
         return outcome
     finally:
         listing.discard()

@@ -24,6 +24,7 @@ import numpy as np
 
 from pipelines.options import ConfigError, check_options, option, shared
 from pipelines.secrets import redact
+from psp_core.uris import filesystem_for, open_uri
 from schemas.outputs import IMAGE_FORMATS
 
 DEFAULT_GPU_BATCH = 32
@@ -230,9 +231,7 @@ def write_edits(ds, output_uri: str, run_id: str, n_styles: int, storage_options
 
 def write_edit_summary(output_uri: str, doc: Mapping[str, Any], storage_options: Mapping[str, Any] | None) -> None:
     """``OUTPUT/_runs/<run_id>.json``: what one `psp edit` run did (Delta ignores `_` folders)."""
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(output_uri, **dict(storage_options or {}))
+    fs, root = filesystem_for(output_uri, storage_options)
     fs.makedirs(f"{root.rstrip('/')}/_runs", exist_ok=True)
     text = json.dumps(dict(doc), indent=2, sort_keys=True, default=str) + "\n"
     fs.pipe_file(f"{root.rstrip('/')}/_runs/{doc['run_id']}.json", text.encode())
@@ -451,12 +450,11 @@ def run_edit(config: EditConfig) -> EditSummary:
 def read_labels(path: str, column: str, storage_options: Mapping[str, Any] | None = None):
     """A labels file (Parquet or CSV) with `image_id` (or `source_uri`) and a boolean `column`
     -> (key column name, {key: bool}). Rows with a missing label are dropped."""
-    import fsspec
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
     try:
-        with fsspec.open(path, "rb", **dict(storage_options or {})) as f:
+        with open_uri(path, "rb", storage_options) as f:
             table = pcsv.read_csv(f) if path.lower().endswith((".csv", ".csv.gz")) else pq.read_table(f)
     except FileNotFoundError:
         raise ConfigError(f"--labels {path!r} does not exist") from None

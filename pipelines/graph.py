@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.config import ConfigError, InvertConfig, ResolvedConfig, code_version, resolve_config
+from pipelines.items import SourceItem
 from pipelines.listing import (
     LISTING_DIR,
     Listing,
@@ -40,7 +41,6 @@ from pipelines.listing import (
 )
 from pipelines.reuse import alignment_signature
 from pipelines.secrets import WORKER_SETUP_HOOK, redact, redacted_rows
-from pipelines.sources import SourceItem
 from pipelines.table import (
     ConcurrentRunError,
     OutputTable,
@@ -235,7 +235,7 @@ def build_dataset(source: Listing | Sequence[SourceItem], resolved: ResolvedConf
     from pipelines.align import AlignFaces
     from pipelines.invert import DEFAULT_CPU_BATCH, DEFAULT_GPU_BATCH, InvertFaces
     from pipelines.outputs import DEFAULT_OUTPUT_BATCH, EncodeOutputs
-    from pipelines.sources import read_batch
+    from pipelines.read import read_batch
     from psp_core.tasks import get_task
 
     config = resolved.config
@@ -482,7 +482,7 @@ def make_listing(config: InvertConfig, table: OutputTable, run_id: str,
         return list_to_shards(config.input, scratch, so, config.image_column, include=config.include or (),
                               exclude=config.exclude or (), output=config.output)
     except ray_task_error() as e:  # a listing task's InputError reads as the driver's would
-        from pipelines.sources import InputError
+        from pipelines.items import InputError
 
         cause = e.as_instanceof_cause()
         if isinstance(cause, InputError):

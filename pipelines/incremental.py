@@ -139,7 +139,7 @@ def mtime_seconds(value: Any) -> float | None:
 
 
 def as_listed(item: Any) -> ListedInput:
-    """A `pipelines.sources.SourceItem` (or anything with uri/size/etag/mtime) as a ListedInput."""
+    """A `pipelines.items.SourceItem` (or anything with uri/size/etag/mtime) as a ListedInput."""
     size = getattr(item, "size", None)
     etag = getattr(item, "etag", None)
     return ListedInput(
@@ -156,7 +156,7 @@ LISTING_SCHEMA = pa.schema(
         pa.field("size", pa.int64()),
         pa.field("etag", pa.string()),  # quotes stripped
         pa.field("mtime", pa.float64()),  # seconds since the epoch
-        # what `pipelines.sources.SourceItem` needs besides the above (null where it equals the
+        # what `pipelines.items.SourceItem` needs besides the above (null where it equals the
         # default or, for `uri`, the source_uri), so only the inputs to process become objects
         pa.field("uri", pa.string()),
         pa.field("kind", pa.dictionary(pa.int8(), pa.string())),
@@ -202,8 +202,8 @@ def listing_table(items: Iterable[Any]) -> pa.Table:
 
 
 def source_items(listing: pa.Table, uris: Sequence[str]) -> list[Any]:
-    """`pipelines.sources.SourceItem`s for the listed inputs `uris` (source URIs), in that order."""
-    from pipelines.sources import KIND_FILE, SourceItem
+    """`pipelines.items.SourceItem`s for the listed inputs `uris` (source URIs), in that order."""
+    from pipelines.items import KIND_FILE, SourceItem
 
     if not uris:
         return []

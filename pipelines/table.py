@@ -42,6 +42,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from psp_core.uris import filesystem_for, is_local
 from schemas.ids import check_run_id
 from schemas.outputs import (
     SCHEMA_VERSION,
@@ -55,7 +56,6 @@ from schemas.table import (
     COMMIT_RUN_ID,
     RUNS_DIR,
     delta_storage_options,
-    is_local,
     status_counts,
     table_dataset,
     table_info,
@@ -161,10 +161,7 @@ class OutputTable:
     # -- files ----------------------------------------------------------------------------------
     def filesystem(self):
         """(fsspec filesystem, table root path on it)."""
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(self.uri if not is_local(self.uri) else self.path,
-                                         **self.storage_options)
+        fs, root = filesystem_for(self.uri if not is_local(self.uri) else self.path, self.storage_options)
         return fs, root.rstrip("/")
 
     def worker_filesystem(self):

@@ -40,7 +40,7 @@ def png(img: Image.Image) -> bytes:
 
 
 def read_batch(named_blobs):
-    from pipelines.sources import object_column
+    from pipelines.read import object_column
 
     n = len(named_blobs)
     return {

@@ -18,7 +18,7 @@ MAX_FUNCTION_LINES = 80
 LONG_FUNCTIONS: dict[str, str] = {
     "pipelines/graph.py::build_dataset": "the whole Ray graph in one screenful of wiring, read top to bottom",
     "pipelines/incremental.py::run_nightly": "the nightly phases in order (list, plan, adopt, process, commit)",
-    "pipelines/sources.py::read_batch": "the read stage in order: plan the fetches, run them under time limits, "
+    "pipelines/read.py::read_batch": "the read stage in order: plan the fetches, run them under time limits, "
                                         "build the columns",
     "pipelines/edit.py::run_edit": "the edit run's fail-fast checks followed by its Ray graph",
 }

@@ -26,6 +26,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.adoption import adoptable_rows, uncommitted_runs
+from pipelines.commit import commit_run, run_metadata, write_run_summary
 from pipelines.config import ConfigError, InvertConfig, ResolvedConfig, code_version, resolve_config
 from pipelines.items import SourceItem
 from pipelines.listing import (
@@ -41,18 +43,8 @@ from pipelines.listing import (
 )
 from pipelines.reuse import alignment_signature
 from pipelines.secrets import WORKER_SETUP_HOOK, redact, redacted_rows
-from pipelines.table import (
-    ConcurrentRunError,
-    OutputTable,
-    TableMismatchError,
-    WrittenRun,
-    adoptable_rows,
-    commit_run,
-    run_metadata,
-    uncommitted_runs,
-    write_run,
-    write_run_summary,
-)
+from pipelines.table import ConcurrentRunError, OutputTable, TableMismatchError
+from pipelines.writer import WrittenRun, write_run
 from schemas.ids import image_id_for
 from schemas.status import FINAL_STATUSES  # what a rerun skips: properties of the input itself
 
@@ -416,7 +408,7 @@ class Processed:
 def process_items(resolved: ResolvedConfig, source: Listing | Sequence[SourceItem], table: OutputTable,
                   skip=None) -> Processed:
     """Run the pipeline on `source` (a Listing, less the inputs in `skip`, or SourceItems) and write
-    the rows as run `resolved.run_id`'s files in `table` (not committed: `pipelines.table.commit_run`
+    the rows as run `resolved.run_id`'s files in `table` (not committed: `pipelines.commit.commit_run`
     does that)."""
     import ray
 

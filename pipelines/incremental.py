@@ -9,9 +9,9 @@ One run (`run_nightly`):
    on request, rows made by another checkpoint (`reprocess_on_model_change`) or with a transient
    failure (`retry_failed`);
 3. adopt rows an earlier crashed run wrote but never committed for exactly these inputs, made from
-   the same bytes and checkpoint (`pipelines.table.adoptable_rows`), so a rerun does not redo them;
+   the same bytes and checkpoint (`pipelines.adoption.adoptable_rows`), so a rerun does not redo them;
 4. run the pipeline on the rest (`pipelines.graph.process_items`: files under ``runs/<run_id>/``);
-5. commit once (`pipelines.table.commit_run`): the new rows in, the rows they replace and the
+5. commit once (`pipelines.commit.commit_run`): the new rows in, the rows they replace and the
    deleted inputs' rows out, with the run's summary in the commit.
 
 Nothing is visible to readers before step 5, so a crash anywhere leaves the previous version, and
@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.adoption import adoptable_rows, wanted_facts
 from pipelines.config import ConfigError, InvertConfig, resolve_config
 from pipelines.graph import (
     RunSummary,
@@ -40,16 +41,12 @@ from pipelines.graph import (
     process_items,
     stage_dict,
 )
+from pipelines.items import mtime_us
 from pipelines.listing import check_inputs
 from pipelines.listing import first_per_key as _first_per_key
 from pipelines.reuse import alignment_signature
-from pipelines.table import (
-    ConcurrentRunError,
-    SourceFacts,
-    WrittenRun,
-    adoptable_rows,
-    mtime_us,
-)
+from pipelines.table import ConcurrentRunError
+from pipelines.writer import WrittenRun
 from schemas.ids import image_id_for
 from schemas.status import FINAL_STATUSES
 
@@ -290,7 +287,7 @@ def _ne(a: pa.ChunkedArray, b: Any) -> pa.ChunkedArray:
 
 
 def _changed_mask(l_size, l_etag, l_mtime, m_size, m_etag, m_mtime) -> pa.ChunkedArray:
-    """`pipelines.table.facts_changed` for every row at once (the same rules, in the same order)."""
+    """`pipelines.adoption.facts_changed` for every row at once (the same rules, in the same order)."""
     def both(x, y):
         return pc.and_(pc.is_valid(x), pc.is_valid(y))
 
@@ -435,9 +432,7 @@ def run_nightly(
     del listing
     written = WrittenRun(run_id)
     if resume and items:
-        facts = SourceFacts.from_items(items)
-        wanted = pa.table({"image_id": facts.image_id, "source_size": facts.size,
-                           "source_mtime": facts.mtime, "source_etag": facts.etag})
+        wanted = wanted_facts(items)
         written = adoptable_rows(table, dt, wanted, sha, retry_failed, exclude_run=run_id)
         written.run_id = run_id
         result.adopted = len(written.ids)

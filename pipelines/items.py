@@ -17,12 +17,15 @@ input), shared by the folder listing (`pipelines.sources`) and the container lis
 """
 from __future__ import annotations
 
+import datetime as _dt
 import fnmatch
 import re
 import stat as _stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from schemas import status as st
 
@@ -252,3 +255,18 @@ def not_regular(path: str, mode: int, islink: bool) -> InputProblem:
     what = next((name for test, name in FILE_TYPES if test(mode)), "not a regular file")
     link = "a symbolic link to " if islink else ""
     return InputProblem(st.NOT_A_FILE, f"is {link}{what}, not a regular file: not read")
+
+
+def mtime_us(value: Any) -> int | None:
+    """A listing's mtime (epoch seconds, datetime or ISO string) as integer microseconds (UTC)."""
+    if value is None:
+        return None
+    if isinstance(value, _dt.datetime):
+        value = (value if value.tzinfo else value.replace(tzinfo=_dt.UTC)).timestamp()
+    elif isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return mtime_us(_dt.datetime.fromisoformat(value.replace("Z", "+00:00")))
+    value = float(value)
+    return None if np.isnan(value) else int(round(value * 1e6))

@@ -132,7 +132,7 @@ def items_table(items: Iterable[Any]) -> pa.Table:
 
 
 def _seconds(value: Any) -> float | None:
-    from pipelines.table import mtime_us
+    from pipelines.items import mtime_us
 
     us = mtime_us(value)
     return None if us is None else us / 1e6

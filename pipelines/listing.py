@@ -62,8 +62,8 @@ class Listing:
     def total(self) -> int:
         return int(sum(self.rows))
 
-    def read_table(self, columns: Sequence[str] | None = None) -> pa.Table:
-        """The whole listing as one Arrow table on the caller (for planning on the driver)."""
+    def read_table(self, columns: Sequence[str] | None = None, schema: pa.Schema = SHARD_SCHEMA) -> pa.Table:
+        """The whole listing as one Arrow table on the caller (`columns` of shards of `schema`)."""
         import pyarrow.parquet as pq
 
         fs = _fs(self.root or (self.paths[0] if self.paths else "/"), self.storage_options)
@@ -71,7 +71,7 @@ class Listing:
         for p in self.paths:
             with fs.open(p, "rb") as f:
                 tables.append(pq.read_table(f, columns=list(columns) if columns else None))
-        schema = SHARD_SCHEMA if columns is None else pa.schema([SHARD_SCHEMA.field(c) for c in columns])
+        schema = schema if columns is None else pa.schema([schema.field(c) for c in columns])
         return pa.concat_tables(tables) if tables else schema.empty_table()
 
     def discard(self) -> None:
@@ -138,7 +138,7 @@ def _seconds(value: Any) -> float | None:
     return None if us is None else us / 1e6
 
 
-def _write(table: pa.Table, path: str, storage_options) -> None:
+def write_shard(table: pa.Table, path: str, storage_options) -> None:
     import pyarrow.parquet as pq
 
     fs = _fs(path, storage_options)
@@ -259,7 +259,7 @@ def list_to_shards(
     def one(i: int, shard: Shard) -> tuple[str, int, dict]:
         table, skipped = list_shard(shard, so, image_column, include, exclude, output)
         path = f"{root}/part-{i:06d}.parquet"
-        _write(table, path, so)
+        write_shard(table, path, so)
         return path, table.num_rows, dict(skipped)
 
     results = ray.get([one.remote(i, s) for i, s in enumerate(shards)])
@@ -306,7 +306,7 @@ def items_listing(items: Sequence[Any], scratch: str, storage_options: Mapping[s
     for i, start in enumerate(range(0, len(items), rows_per_shard)):
         table = items_table(items[start:start + rows_per_shard])
         path = f"{root}/part-{i:06d}.parquet"
-        _write(table, path, so)
+        write_shard(table, path, so)
         listing.paths.append(path)
         listing.rows.append(table.num_rows)
     return listing
@@ -345,7 +345,7 @@ def read_user_listing(path: str, scratch: str, storage_options: Mapping[str, Any
     def one(i: int, uri: str) -> tuple[str, int]:
         table = user_listing_table(uri, so)
         out = f"{root}/part-{i:06d}.parquet"
-        _write(table, out, so)
+        write_shard(table, out, so)
         return out, table.num_rows
 
     try:
@@ -447,7 +447,7 @@ def shard_todo(path: str, storage_options, skip: np.ndarray | None) -> tuple[pa.
     import pyarrow.parquet as pq
 
     with _fs(path, storage_options).open(path, "rb") as f:
-        table = pq.read_table(f)
+        table = pq.read_table(f, columns=SHARD_SCHEMA.names)  # a plan's shards also carry its bucket
     table = first_per_key(table, "source_uri")
     if skip is None or not len(skip) or not table.num_rows:
         return table, 0

@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pipelines.invert import InvertFaces, ModelOptions  # noqa: E402
 from pipelines.outputs import EncodeOutputs, encode_image, encode_png  # noqa: E402
-from pipelines.sources import object_column  # noqa: E402
+from pipelines.read import object_column  # noqa: E402
 from psp_core.tasks import get_task, tensor2im  # noqa: E402
 
 SETTINGS = {  # name -> (output size, images, image_size, metrics, mix)

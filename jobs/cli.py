@@ -103,7 +103,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return e.code if isinstance(e.code, int) else 2
     from pipelines import secrets
     from pipelines.config import ConfigError
-    from pipelines.sources import InputError
+    from pipelines.items import InputError
     from pipelines.table import ConcurrentRunError
 
     try:

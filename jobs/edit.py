@@ -54,10 +54,10 @@ def _main_edit(args: argparse.Namespace) -> int:
 def _main_direction(args: argparse.Namespace) -> int:
     import io
 
-    import fsspec
     import numpy as np
 
     from pipelines.edit import fit_direction_from_labels
+    from psp_core.uris import open_uri
 
     c = from_args(DirectionConfig, args, table=args.table)
     direction, info = fit_direction_from_labels(
@@ -65,7 +65,7 @@ def _main_direction(args: argparse.Namespace) -> int:
     )
     buf = io.BytesIO()
     np.save(buf, direction)
-    with fsspec.open(c.output, "wb", **dict(c.storage_options or {})) as f:
+    with open_uri(c.output, "wb", c.storage_options) as f:
         f.write(buf.getvalue())
     info["output"] = c.output
     print(json.dumps(info), file=sys.stdout)

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from pipelines.decode import DecodeImages
-from pipelines.sources import object_column
+from pipelines.read import object_column
 from psp_core.images import DEFAULT_DECODE_TIMEOUT_S
 
 CROP_SIZE = 256

@@ -15,8 +15,9 @@ from typing import Any
 from pipelines.align import DEFAULT_MIN_FACE, FACE_MODES, check_faces
 from pipelines.invert import PRECISIONS, check_precision
 from pipelines.options import ConfigError, check_options, option, shared
-from pipelines.sources import DEFAULT_READ_TIMEOUT_S
+from pipelines.read import DEFAULT_READ_TIMEOUT_S
 from psp_core.images import DEFAULT_DECODE_TIMEOUT_S
+from psp_core.uris import filesystem_for
 from schemas.ids import check_run_id, make_run_id
 
 ALIGN_MODES = ("dlib", "none")
@@ -266,10 +267,8 @@ def read_checkpoint_info(uri: str, storage_options: Mapping[str, Any] | None = N
 
 def check_output_writable(output: str, storage_options: Mapping[str, Any] | None = None) -> None:
     """Create the output folder if needed and write/remove a probe object; ConfigError if not possible."""
-    import fsspec
-
     try:
-        fs, path = fsspec.core.url_to_fs(output, **dict(storage_options or {}))
+        fs, path = filesystem_for(output, storage_options)
         if fs.exists(path) and not fs.isdir(path):
             raise ConfigError(f"output {output!r} is a file: pass a folder or prefix for the Parquet output")
         fs.makedirs(path, exist_ok=True)

@@ -22,10 +22,11 @@ from typing import Any
 
 from pipelines.config import ConfigError, ResolvedConfig, code_version
 from pipelines.invert import ModelOptions
+from pipelines.items import SourceItem
 from pipelines.listing import Listing, listing_datasource
 from pipelines.secrets import WORKER_SETUP_HOOK, redacted_rows
-from pipelines.sources import SourceItem
-from pipelines.table import OutputTable, WrittenRun, write_run
+from pipelines.table import OutputTable
+from pipelines.writer import WrittenRun, write_run
 
 STAGES = ("read", "decode", "align", "invert", "outputs")
 FINAL_STAGE = "outputs"  # the stage that reports each row's final status
@@ -228,7 +229,7 @@ def build_dataset(source: Listing | Sequence[SourceItem], stages: StageOptions, 
     from pipelines.align import AlignFaces
     from pipelines.invert import InvertFaces
     from pipelines.outputs import DEFAULT_OUTPUT_BATCH, EncodeOutputs
-    from pipelines.sources import read_batch
+    from pipelines.read import read_batch
 
     model, outputs = resources["model"], resources["outputs"]
     if isinstance(source, Listing):

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.sources import object_column
+from pipelines.read import object_column
 from psp_core.images import DEFAULT_DECODE_TIMEOUT_S, ImageDecodeError, load_image
 
 

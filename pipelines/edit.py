@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.options import ConfigError, check_options, option, shared
+from psp_core.uris import open_uri
 from schemas.outputs import IMAGE_FORMATS
 
 DEFAULT_GPU_BATCH = 32
@@ -450,12 +451,11 @@ def run_edit(config: EditConfig) -> EditSummary:
 def read_labels(path: str, column: str, storage_options: Mapping[str, Any] | None = None):
     """A labels file (Parquet or CSV) with `image_id` (or `source_uri`) and a boolean `column`
     -> (key column name, {key: bool}). Rows with a missing label are dropped."""
-    import fsspec
     import pyarrow.csv as pcsv
     import pyarrow.parquet as pq
 
     try:
-        with fsspec.open(path, "rb", **dict(storage_options or {})) as f:
+        with open_uri(path, "rb", storage_options) as f:
             table = pcsv.read_csv(f) if path.lower().endswith((".csv", ".csv.gz")) else pq.read_table(f)
     except FileNotFoundError:
         raise ConfigError(f"--labels {path!r} does not exist") from None

@@ -283,7 +283,7 @@ class InvertFaces:
 
     # -- the stage --------------------------------------------------------------------------------
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipelines.sources import object_column
+        from pipelines.read import object_column
         from schemas.ids import face_image_id, row_seed
 
         start = time.perf_counter()

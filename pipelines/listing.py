@@ -11,7 +11,7 @@ bucket/key columns), one task per file. The pipeline then reads the shards lazil
 `ray.data.read_parquet` (`pipelines.dataflow.build_dataset`).
 
 Shard rows carry what the read stage needs and the listing facts the output rows record:
-uri (as `pipelines.sources` escapes it), source_uri (the row's key), kind, column, offset and size
+uri (as `pipelines.items` escapes it), source_uri (the row's key), kind, column, offset and size
 (-1: none), etag ('' : none), mtime (epoch seconds, NaN: none). No nulls, so every block has the
 same types.
 """
@@ -49,7 +49,7 @@ MAX_SPLIT_DEPTH = 3
 @dataclass
 class Listing:
     """A run's listing: Parquet shard paths (fsspec paths on `storage_options`' filesystem), rows per
-    shard, and the files left out per reason (`pipelines.sources` skip reasons)."""
+    shard, and the files left out per reason (`pipelines.items` skip reasons)."""
 
     paths: list[str]
     rows: list[int]
@@ -62,8 +62,8 @@ class Listing:
     def total(self) -> int:
         return int(sum(self.rows))
 
-    def read_table(self, columns: Sequence[str] | None = None) -> pa.Table:
-        """The whole listing as one Arrow table on the caller (for planning on the driver)."""
+    def read_table(self, columns: Sequence[str] | None = None, schema: pa.Schema = SHARD_SCHEMA) -> pa.Table:
+        """The whole listing as one Arrow table on the caller (`columns` of shards of `schema`)."""
         import pyarrow.parquet as pq
 
         fs = _fs(self.root or (self.paths[0] if self.paths else "/"), self.storage_options)
@@ -71,7 +71,7 @@ class Listing:
         for p in self.paths:
             with fs.open(p, "rb") as f:
                 tables.append(pq.read_table(f, columns=list(columns) if columns else None))
-        schema = SHARD_SCHEMA if columns is None else pa.schema([SHARD_SCHEMA.field(c) for c in columns])
+        schema = schema if columns is None else pa.schema([schema.field(c) for c in columns])
         return pa.concat_tables(tables) if tables else schema.empty_table()
 
     def discard(self) -> None:
@@ -110,7 +110,7 @@ def first_per_key(table: pa.Table, key: str, last: bool = False) -> pa.Table:
 
 
 def _fs(uri: str, storage_options: Mapping[str, Any] | None):
-    from pipelines.sources import filesystem_for
+    from psp_core.uris import filesystem_for
 
     return filesystem_for(uri, storage_options)[0]
 
@@ -132,13 +132,13 @@ def items_table(items: Iterable[Any]) -> pa.Table:
 
 
 def _seconds(value: Any) -> float | None:
-    from pipelines.table import mtime_us
+    from pipelines.items import mtime_us
 
     us = mtime_us(value)
     return None if us is None else us / 1e6
 
 
-def _write(table: pa.Table, path: str, storage_options) -> None:
+def write_shard(table: pa.Table, path: str, storage_options) -> None:
     import pyarrow.parquet as pq
 
     fs = _fs(path, storage_options)
@@ -165,7 +165,8 @@ def plan_shards(inputs: Sequence[str], storage_options: Mapping[str, Any] | None
                 min_shards: int = MIN_SHARDS) -> list[Shard]:
     """Split INPUTs into shards with delimiter listings (one `ls` per folder split; never a full
     walk on the driver). A file, manifest or container INPUT is one shard."""
-    from pipelines.sources import ListingRules, filesystem_for
+    from pipelines.items import ListingRules
+    from psp_core.uris import filesystem_for
 
     shards: list[Shard] = []
     for uri in inputs:
@@ -206,14 +207,16 @@ def plan_shards(inputs: Sequence[str], storage_options: Mapping[str, Any] | None
 
 def _unstrip(fs, path: str, like: str) -> str:
     """A filesystem path back to a URI of the INPUT's form (local paths stay paths)."""
-    from pipelines.sources import _is_local
+    from psp_core.uris import is_local_fs
 
-    return path if _is_local(fs) and "://" not in like else fs.unstrip_protocol(path)
+    return path if is_local_fs(fs) and "://" not in like else fs.unstrip_protocol(path)
 
 
 def list_shard(shard: Shard, storage_options, image_column, include, exclude, output) -> tuple[pa.Table, Counter]:
     """The rows of one shard (`SHARD_SCHEMA`) and its skip counts: what `iter_inputs` lists for it."""
-    from pipelines.sources import ListingRules, _folder_items, filesystem_for, iter_inputs
+    from pipelines.items import ListingRules
+    from pipelines.sources import folder_items, iter_inputs
+    from psp_core.uris import filesystem_for
 
     skipped: Counter = Counter()
     if shard.base is None:
@@ -223,8 +226,8 @@ def list_shard(shard: Shard, storage_options, image_column, include, exclude, ou
     fs, path = filesystem_for(shard.uri, storage_options)
     _, base = filesystem_for(shard.base, storage_options)
     rules = ListingRules(tuple(include or ()), tuple(exclude or ()), output)
-    items = _folder_items(fs, path, rules, image_column, skipped, storage_options, base=base,
-                          files_only=shard.files_only)
+    items = folder_items(fs, path, rules, image_column, skipped, storage_options, base=base,
+                         files_only=shard.files_only)
     return items_table(items), skipped
 
 
@@ -239,11 +242,11 @@ def list_to_shards(
     output: str | None = None,
 ) -> Listing:
     """List INPUTs in Ray tasks (one per shard, `plan_shards`) into Parquet files under `scratch`;
-    the driver gets names and counts. Raises `pipelines.sources.InputError` as `list_inputs` does
+    the driver gets names and counts. Raises `pipelines.items.InputError` as `list_inputs` does
     (a missing INPUT, a non-image file named directly)."""
     import ray
 
-    from pipelines.sources import InputError
+    from pipelines.items import InputError
 
     uris = [inputs] if isinstance(inputs, str) else list(inputs)
     so = dict(storage_options or {})
@@ -256,7 +259,7 @@ def list_to_shards(
     def one(i: int, shard: Shard) -> tuple[str, int, dict]:
         table, skipped = list_shard(shard, so, image_column, include, exclude, output)
         path = f"{root}/part-{i:06d}.parquet"
-        _write(table, path, so)
+        write_shard(table, path, so)
         return path, table.num_rows, dict(skipped)
 
     results = ray.get([one.remote(i, s) for i, s in enumerate(shards)])
@@ -279,7 +282,8 @@ def check_inputs(inputs: str | Sequence[str], storage_options: Mapping[str, Any]
 
 
 def _check_input(uri: str, storage_options) -> None:
-    from pipelines.sources import InputError, filesystem_for
+    from pipelines.items import InputError
+    from psp_core.uris import filesystem_for
 
     try:
         fs, path = filesystem_for(uri, storage_options)
@@ -302,7 +306,7 @@ def items_listing(items: Sequence[Any], scratch: str, storage_options: Mapping[s
     for i, start in enumerate(range(0, len(items), rows_per_shard)):
         table = items_table(items[start:start + rows_per_shard])
         path = f"{root}/part-{i:06d}.parquet"
-        _write(table, path, so)
+        write_shard(table, path, so)
         listing.paths.append(path)
         listing.rows.append(table.num_rows)
     return listing
@@ -318,7 +322,8 @@ def read_user_listing(path: str, scratch: str, storage_options: Mapping[str, Any
     last_modified(_date). Converted to shards in Ray tasks, one per file."""
     import ray
 
-    from pipelines.sources import InputError, filesystem_for
+    from pipelines.items import InputError
+    from psp_core.uris import filesystem_for
 
     so = dict(storage_options or {})
     fs, root_path = filesystem_for(path, so)
@@ -340,7 +345,7 @@ def read_user_listing(path: str, scratch: str, storage_options: Mapping[str, Any
     def one(i: int, uri: str) -> tuple[str, int]:
         table = user_listing_table(uri, so)
         out = f"{root}/part-{i:06d}.parquet"
-        _write(table, out, so)
+        write_shard(table, out, so)
         return out, table.num_rows
 
     try:
@@ -357,7 +362,8 @@ def user_listing_table(uri: str, storage_options: Mapping[str, Any] | None = Non
     """One file of a user listing as `SHARD_SCHEMA` rows (InputError naming what is missing)."""
     import pyarrow.compute as pc
 
-    from pipelines.sources import InputError, escape_name, filesystem_for
+    from pipelines.items import InputError, escape_name
+    from psp_core.uris import filesystem_for
 
     fs, path = filesystem_for(uri, storage_options)
     with fs.open(path, "rb") as f:
@@ -385,7 +391,7 @@ def user_listing_table(uri: str, storage_options: Mapping[str, Any] | None = Non
     keep = pc.is_valid(uris)
     t, uris = t.filter(keep), uris.filter(keep)
     n = t.num_rows
-    # URIs are recorded escaped (`pipelines.sources.escape_name`); plain ASCII without % is as is.
+    # URIs are recorded escaped (`pipelines.items.escape_name`); plain ASCII without % is as is.
     plain = pc.match_substring_regex(uris, r"^[\x20-\x24\x26-\x7e]*$")  # printable ASCII without %
     if n and not pc.all(plain).as_py():
         uris = pa.array([escape_name(v) for v in uris.to_pylist()], pa.string())
@@ -441,7 +447,7 @@ def shard_todo(path: str, storage_options, skip: np.ndarray | None) -> tuple[pa.
     import pyarrow.parquet as pq
 
     with _fs(path, storage_options).open(path, "rb") as f:
-        table = pq.read_table(f)
+        table = pq.read_table(f, columns=SHARD_SCHEMA.names)  # a plan's shards also carry its bucket
     table = first_per_key(table, "source_uri")
     if skip is None or not len(skip) or not table.num_rows:
         return table, 0

@@ -28,18 +28,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.adoption import adoptable_rows, uncommitted_runs, wanted_facts
 from pipelines.config import ResolvedConfig
+from pipelines.items import mtime_us
 from pipelines.listing import Listing, count_todo, done_keys
 from pipelines.listing import first_per_key as _first_per_key
-from pipelines.table import (
-    ConcurrentRunError,
-    OutputTable,
-    SourceFacts,
-    WrittenRun,
-    adoptable_rows,
-    mtime_us,
-    uncommitted_runs,
-)
+from pipelines.table import ConcurrentRunError, OutputTable
+from pipelines.writer import WrittenRun
 from schemas.ids import image_id_for
 from schemas.status import FINAL_STATUSES
 
@@ -96,7 +91,7 @@ def mtime_seconds(value: Any) -> float | None:
 
 
 def as_listed(item: Any) -> ListedInput:
-    """A `pipelines.sources.SourceItem` (or anything with uri/size/etag/mtime) as a ListedInput."""
+    """A `pipelines.items.SourceItem` (or anything with uri/size/etag/mtime) as a ListedInput."""
     size = getattr(item, "size", None)
     etag = getattr(item, "etag", None)
     return ListedInput(
@@ -113,7 +108,7 @@ LISTING_SCHEMA = pa.schema(
         pa.field("size", pa.int64()),
         pa.field("etag", pa.string()),  # quotes stripped
         pa.field("mtime", pa.float64()),  # seconds since the epoch
-        # what `pipelines.sources.SourceItem` needs besides the above (null where it equals the
+        # what `pipelines.items.SourceItem` needs besides the above (null where it equals the
         # default or, for `uri`, the source_uri), so only the inputs to process become objects
         pa.field("uri", pa.string()),
         pa.field("kind", pa.dictionary(pa.int8(), pa.string())),
@@ -159,8 +154,8 @@ def listing_table(items: Iterable[Any]) -> pa.Table:
 
 
 def source_items(listing: pa.Table, uris: Sequence[str]) -> list[Any]:
-    """`pipelines.sources.SourceItem`s for the listed inputs `uris` (source URIs), in that order."""
-    from pipelines.sources import KIND_FILE, SourceItem
+    """`pipelines.items.SourceItem`s for the listed inputs `uris` (source URIs), in that order."""
+    from pipelines.items import KIND_FILE, SourceItem
 
     if not uris:
         return []
@@ -230,7 +225,7 @@ def _ne(a: pa.ChunkedArray, b: Any) -> pa.ChunkedArray:
 
 
 def _changed_mask(l_size, l_etag, l_mtime, m_size, m_etag, m_mtime) -> pa.ChunkedArray:
-    """`pipelines.table.facts_changed` for every row at once (the same rules, in the same order)."""
+    """`pipelines.adoption.facts_changed` for every row at once (the same rules, in the same order)."""
     def both(x, y):
         return pc.and_(pc.is_valid(x), pc.is_valid(y))
 
@@ -432,10 +427,7 @@ class NightlyPlanner:
         del listed
         adopted = WrittenRun(run_id)
         if self.resume and items:
-            facts = SourceFacts.from_items(items)
-            wanted = pa.table({"image_id": facts.image_id, "source_size": facts.size,
-                               "source_mtime": facts.mtime, "source_etag": facts.etag})
-            adopted = adoptable_rows(table, dt, wanted, resolved.checkpoint.sha256, self.retry_failed,
+            adopted = adoptable_rows(table, dt, wanted_facts(items), resolved.checkpoint.sha256, self.retry_failed,
                                      exclude_run=run_id)
             adopted.run_id = run_id
         taken = set(adopted.ids.to_pylist())

@@ -313,10 +313,10 @@ def _thumb(data: bytes | None) -> tuple[str | None, str]:
 
 
 def _read_source(uri: str, storage_options, limit: int = 64 << 20) -> bytes | None:
-    import fsspec
+    from psp_core.uris import open_uri
 
     try:
-        with fsspec.open(uri, "rb", **dict(storage_options or {})) as f:
+        with open_uri(uri, "rb", storage_options) as f:
             data = f.read(limit + 1)
         return data if len(data) <= limit else None
     except Exception:
@@ -506,10 +506,10 @@ def write_report(
     uri: str, html_path: str = "report.html", storage_options: Mapping[str, Any] | None = None, **kwargs: Any
 ) -> str:
     """Build the report on `uri` and write it to `html_path` (a path or fsspec URI); returns the path."""
-    import fsspec
+    from psp_core.uris import is_local, open_uri
 
     page = build_report(uri, storage_options, **kwargs)
-    with fsspec.open(html_path, "w", encoding="utf-8", **(dict(storage_options or {}) if "://" in html_path else {})) as f:
+    with open_uri(html_path, "w", None if is_local(html_path) else storage_options, encoding="utf-8") as f:
         f.write(page)
     return html_path
 

@@ -136,7 +136,7 @@ def matching_runs(table: Any, dt, signature: str, run_ids: Sequence[str] = ()) -
     """Run ids of the table's commits whose summary records alignment `signature`. The commit log
     forgets old commits (delta-rs cleans up logs past `delta.logRetentionDuration`, 30 days by
     default, at each checkpoint), so each of `run_ids` (the runs of the stored rows) it no longer
-    holds is looked up in its ``_runs/<run_id>.json`` summary (`pipelines.table.write_run_summary`)."""
+    holds is looked up in its ``_runs/<run_id>.json`` summary (`pipelines.commit.write_run_summary`)."""
     from schemas.table import COMMIT_RUN, COMMIT_RUN_ID, RUNS_DIR
 
     out, seen = set(), set()

@@ -26,22 +26,16 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from pipelines.commit import commit_run, run_metadata, write_run_summary
 from pipelines.config import ConfigError, InvertConfig, ResolvedConfig, code_version, resolve_config
 from pipelines.dataflow import STAGES, Processed, StageTiming, ensure_ray, process_items
+from pipelines.items import InputError, SourceItem
 from pipelines.listing import LISTING_DIR, Listing, check_inputs, items_listing, list_to_shards, read_user_listing
 from pipelines.plan import InvertPlanner, NightlyError, NightlyPlan, NightlyPlanner, Plan
 from pipelines.reuse import alignment_signature
 from pipelines.secrets import redact
-from pipelines.sources import InputError, SourceItem
-from pipelines.table import (
-    ConcurrentRunError,
-    OutputTable,
-    TableMismatchError,
-    WrittenRun,
-    commit_run,
-    run_metadata,
-    write_run_summary,
-)
+from pipelines.table import ConcurrentRunError, OutputTable, TableMismatchError
+from pipelines.writer import WrittenRun
 
 # ------------------------------------------------------------------------------------------------
 # What a run reports

@@ -20,6 +20,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as pads
 
+from psp_core.uris import filesystem_for
 from schemas.table import AsOf, arrow_filesystem, open_table, table_dataset, table_info
 
 RAY_MIN_FILES = 32  # a table with this many data files is scanned in Ray tasks
@@ -56,10 +57,9 @@ def _filesystem(uri: str, storage_options: Mapping[str, Any] | None):
     fs = arrow_filesystem(uri, storage_options)
     if fs is not None:
         return fs
-    import fsspec
     import pyarrow.fs as pafs
 
-    inner, root = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+    inner, root = filesystem_for(uri, storage_options)
     return pafs.SubTreeFileSystem(root.rstrip("/"), pafs.PyFileSystem(pafs.FSSpecHandler(inner)))
 
 

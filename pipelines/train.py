@@ -38,19 +38,13 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.items import KIND_CONTAINER, KIND_PARQUET, InputError, escape_name
 from pipelines.options import ConfigError, check_options, option, shared
-from pipelines.sources import (
-    KIND_CONTAINER,
-    KIND_PARQUET,
-    InputError,
-    escape_name,
-    filesystem_for,
-    list_inputs,
-    object_column,
-    read_batch,
-)
+from pipelines.read import object_column, read_batch
+from pipelines.sources import list_inputs
 from psp_core.training.options import DATASETS, TrainOptions, get_dataset_config
 from psp_core.training.weights import TrainingWeights
+from psp_core.uris import filesystem_for
 
 #: The original's option defaults (psp_core.training.options), shown by --help and used here.
 _D = TrainOptions()
@@ -318,7 +312,7 @@ def _table_items(uri: str, storage_options) -> list[dict]:
 
 def list_training_items(uris: str | Sequence[str], storage_options=None, image_column: str | None = None) -> list[dict]:
     """The training inputs under `uris`, in a fixed order (each location's listing order): dicts
-    with `ITEM_COLUMNS` (what `pipelines.sources.read_batch` reads). A psp output table gives its
+    with `ITEM_COLUMNS` (what `pipelines.read.read_batch` reads). A psp output table gives its
     ok rows' aligned faces; anything else is listed by `pipelines.sources.list_inputs`."""
     from schemas.table import table_exists
 
@@ -380,7 +374,7 @@ class TrainSamples:
     `source_uri`, `replaced` (how many unreadable items were skipped for it). The PIL part of the
     task's transforms (`psp_core.training.data.TrainTransforms.prepare_*`) with sample g's own
     random draw (`sample_rng(seed, g)`); the tensor part runs on the worker's device. Reading and
-    decoding reuse `pipelines.sources.read_batch` and `pipelines.decode.DecodeImages`; an item that
+    decoding reuse `pipelines.read.read_batch` and `pipelines.decode.DecodeImages`; an item that
     cannot be read, decoded or transformed is replaced by the next one of the epoch's order, so a
     bad input never stops training and the batch keeps its size.
     """

@@ -38,6 +38,7 @@ from psp_core.encoders import ENCODER_TYPES
 from psp_core.psp import PSP, STYLE_DIM, encoder_input_size, n_styles_for
 from psp_core.restyle import DEFAULT_N_ITERS, ReStyle, check_n_iters
 from psp_core.stylegan2 import Generator
+from psp_core.uris import filesystem_for, is_local
 from psp_core.zero_time import ZERO_TIME_KEY, ZeroTimeModel
 
 __all__ = [
@@ -171,10 +172,6 @@ def model_spec(opts: Mapping[str, Any]) -> ModelSpec:
 # The reader
 
 
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
 def sha256_file(path: str) -> str:
     """sha256 hex of a local file's bytes (the ``checkpoint_sha256`` of a loaded model)."""
     h = hashlib.sha256()
@@ -196,7 +193,7 @@ def read_checkpoint(
         ``(object, sha256 hex of the file bytes)``.
     """
     uri = os.fspath(path)
-    if _is_local(uri):
+    if is_local(uri):
         local = uri[len("file://") :] if uri.startswith("file://") else uri
         if not os.path.exists(local):
             raise FileNotFoundError(f"checkpoint {uri!r} does not exist")
@@ -208,13 +205,12 @@ def read_checkpoint(
             )
         return _torch_load(local, uri), sha256_file(local)
 
-    import fsspec  # checkpoint loading is the one place psp_core touches fsspec
-
     with tempfile.TemporaryDirectory(prefix="psp_ckpt_") as tmp:
         local = os.path.join(tmp, "checkpoint.pt")
         h = hashlib.sha256()
         try:
-            with fsspec.open(uri, "rb", **dict(storage_options or {})) as src, open(local, "wb") as dst:
+            fs, remote = filesystem_for(uri, storage_options)
+            with fs.open(remote, "rb") as src, open(local, "wb") as dst:
                 for chunk in iter(lambda: src.read(1 << 22), b""):
                     h.update(chunk)
                     dst.write(chunk)
@@ -330,10 +326,8 @@ def read_checkpoint_header(
     Raises:
         FileNotFoundError: no such file. CheckpointError: a directory, or not a torch checkpoint.
     """
-    import fsspec
-
     uri = os.fspath(path_or_uri)
-    fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options or {}))
+    fs, path = filesystem_for(uri, storage_options)
     if not fs.exists(path):
         raise FileNotFoundError(f"checkpoint {uri!r} does not exist")
     if fs.isdir(path):

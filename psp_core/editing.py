@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from psp_core.uris import is_local, open_uri
+
 __all__ = [
     "Direction",
     "DirectionError",
@@ -121,10 +123,8 @@ class Direction:
 
 
 def _file_bytes(path: str, storage_options: Mapping[str, Any] | None) -> bytes:
-    if "://" in path and not path.startswith("file://"):
-        import fsspec
-
-        with fsspec.open(path, "rb", **dict(storage_options or {})) as f:
+    if not is_local(path):
+        with open_uri(path, "rb", storage_options) as f:
             return f.read()
     local = path[len("file://"):] if path.startswith("file://") else path
     if not os.path.exists(local):

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from psp_core.uris import is_local
 from schemas.outputs import (
     COLUMNS,
     META_N_STYLES,
@@ -48,10 +49,6 @@ COMMIT_RUN = "psp.run"
 RUNS_DIR = "_runs"  # OUTPUT/_runs/<run_id>.json: each committed run's summary (readable without Delta)
 
 AsOf = int | str | _dt.datetime | None
-
-
-def is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
 
 
 def table_uri(uri: str) -> str:

@@ -10,7 +10,9 @@ import pyarrow as pa
 def commit_table(folder: str | Path, data: pa.Table, n_styles: int, run_id: str = "run-test") -> str:
     """Commit `data` (an output-schema table, e.g. `schemas.rows_to_table(rows, n_styles)`) as run
     `run_id` to the output table at `folder` (created when missing); returns the folder as str."""
-    from pipelines.table import OutputTable, WrittenRun, commit_run
+    from pipelines.commit import commit_run
+    from pipelines.table import OutputTable
+    from pipelines.writer import WrittenRun
 
     table = OutputTable(str(folder))
     dt = table.ensure(n_styles)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pyarrow as pa
 import pytest
 from PIL import Image
 
@@ -40,7 +39,7 @@ def png(img: Image.Image) -> bytes:
 
 
 def read_batch(named_blobs):
-    from pipelines.sources import object_column
+    from pipelines.read import object_column
 
     n = len(named_blobs)
     return {
@@ -150,7 +149,7 @@ def face_rows(uri, n, run_id, etag="e1"):
 
 
 def stage(table, run_id, rows, name="part-0.parquet"):
-    from pipelines.table import WrittenRun
+    from pipelines.writer import WrittenRun
 
     data = so.rows_to_table(rows, N_STYLES)
     written = WrittenRun(run_id)
@@ -171,7 +170,8 @@ def rows_by_input(out):
 
 
 def test_fewer_faces_replace_all_old_face_rows_and_deletion_removes_them_all(tmp_path):
-    from pipelines.table import OutputTable, commit_run
+    from pipelines.commit import commit_run
+    from pipelines.table import OutputTable
 
     out = str(tmp_path / "out")
     table = OutputTable(out)
@@ -189,7 +189,8 @@ def test_fewer_faces_replace_all_old_face_rows_and_deletion_removes_them_all(tmp
 
 
 def test_adoption_takes_an_input_only_with_all_its_face_rows(tmp_path):
-    from pipelines.table import OutputTable, SourceFacts, adoptable_rows
+    from pipelines.adoption import adoptable_rows, wanted_facts
+    from pipelines.table import OutputTable
 
     out = str(tmp_path / "out")
     table = OutputTable(out)
@@ -203,14 +204,9 @@ def test_adoption_takes_an_input_only_with_all_its_face_rows(tmp_path):
         def __init__(self, uri):
             self.source_uri, self.size, self.etag, self.mtime = uri, 100, "e1", None
 
-    facts = SourceFacts.from_items([Item("/p/split.jpg"), Item("/p/torn.jpg")])
-    wanted = pa.table({"image_id": facts.image_id, "source_size": facts.size, "source_mtime": facts.mtime,
-                       "source_etag": facts.etag})
+    wanted = wanted_facts([Item("/p/split.jpg"), Item("/p/torn.jpg")])
     adopted = adoptable_rows(table, dt, wanted, "ab" * 32, retry_failed=False, exclude_run="rerun")
     assert sorted(adopted.ids.to_pylist()) == sorted(face_image_id("/p/split.jpg", k) for k in range(3))
-    # the face rows are stamped by input: a table of face rows gets its input's listing facts
-    stamped = facts.stamp(so.rows_to_table([dict(r, source_size=None, source_etag=None) for r in split], N_STYLES))
-    assert stamped["source_etag"].to_pylist() == ["e1"] * 3
 
 
 # -- end to end (Ray) --------------------------------------------------------------------------

@@ -23,7 +23,9 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from pipelines.decode import DecodeImages
-from pipelines.sources import InputError, SourceItem, list_inputs, read_batch
+from pipelines.items import InputError, SourceItem
+from pipelines.read import read_batch
+from pipelines.sources import list_inputs
 from psp_core.images import ImageDecodeError, load_image, sniff_format
 from schemas.status import FINAL_STATUSES, STATUSES
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import math
+import os
 
 import fsspec
 import pytest
@@ -566,3 +567,24 @@ def test_legacy_non_zip_serialization_still_loads(tmp_path):
     torch.save(ckpt, legacy, _use_new_zipfile_serialization=False)  # cannot be memory-mapped
     gen = load_stylegan2(legacy)
     torch.testing.assert_close(gen.style[1].weight, ckpt["g_ema"]["style.1.weight"])
+
+
+def test_locations_follow_one_rule_no_url_chaining(tmp_path):
+    """`::` is part of a name for every reader (psp_core.uris): a checkpoint saved as `m::1.pt`
+    loads by that path, as `file://` and from `memory://`, the same bytes each time; a chained
+    URL is a name that does not exist, not a cache in front of another store."""
+    from psp_core.checkpoint import read_checkpoint_header
+    from psp_core.uris import filesystem_for, is_local, open_uri
+
+    path = random_checkpoint(tmp_path / "m::1.pt", device="meta", output_size=32)
+    data = open(path, "rb").read()
+    with open_uri("memory://odd::dir/m::1.pt", "wb") as f:
+        f.write(data)
+    for uri in (str(path), f"file://{path}", "memory://odd::dir/m::1.pt"):
+        assert read_checkpoint_header(uri).sha256 == hashlib.sha256(data).hexdigest()
+        assert load_psp(uri, device="meta").checkpoint_sha256 == hashlib.sha256(data).hexdigest()
+    assert is_local(str(path)) and is_local(f"file://{path}") and not is_local("memory://odd::dir/m::1.pt")
+    fs, where = filesystem_for("simplecache::memory://odd::dir/m::1.pt")
+    assert fs.protocol in ("file", ("file", "local")) and where.startswith(os.getcwd()) and where.endswith("/m::1.pt")
+    with pytest.raises(FileNotFoundError):
+        read_checkpoint_header(f"simplecache::file://{path}")

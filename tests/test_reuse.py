@@ -72,9 +72,10 @@ def test_a_rerun_with_another_checkpoint_reuses_the_stored_alignment(ray_cluster
     # then makes the same crops without detecting (the stage as a plain callable: no third run)
     from pipelines.align import AlignFaces
     from pipelines.config import resolve_config
+    from pipelines.read import read_batch
     from pipelines.reuse import load_stored_alignment
     from pipelines.run import open_output
-    from pipelines.sources import list_inputs, read_batch
+    from pipelines.sources import list_inputs
 
     resolved = resolve_config(_config(inp, other, ckpt2, alignment_from=[str(out)]))
     items = list_inputs(str(inp))
@@ -96,8 +97,8 @@ def test_reuse_is_off_with_the_flag_or_without_detection(tmp_path, tiny_checkpoi
     """--no-reuse-alignment and --align none never look up stored alignments; another alignment
     setting has another signature, so its rows are never reused."""
     from pipelines.config import resolve_config
+    from pipelines.items import SourceItem
     from pipelines.reuse import alignment_signature, load_stored_alignment, reuse_enabled
-    from pipelines.sources import SourceItem
 
     cfg = _config(tmp_path, tmp_path / "out", tiny_checkpoint, reuse_alignment=False)
     assert not reuse_enabled(cfg, "dlib") and not reuse_enabled(_config(tmp_path, "o", "c"), "none")

@@ -127,7 +127,9 @@ def test_validate_tensors_catches_a_row_of_another_model():
 
 def commit_rows(out, rows, run_id, remove=()):
     """Write `rows` as run `run_id`'s file and commit it (no Ray): what a run does at its end."""
-    from pipelines.table import OutputTable, WrittenRun, commit_run
+    from pipelines.commit import commit_run
+    from pipelines.table import OutputTable
+    from pipelines.writer import WrittenRun
 
     table = OutputTable(str(out))
     dt = table.ensure(N_STYLES)

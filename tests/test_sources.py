@@ -9,7 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.sources import InputError, SourceItem, list_inputs, read_batch
+from pipelines.items import InputError, SourceItem
+from pipelines.read import read_batch
+from pipelines.sources import list_inputs
 
 
 def _batch(items: list[SourceItem]) -> dict[str, np.ndarray]:

@@ -27,7 +27,7 @@ def make_rows(n_ok: int = 4, n_err: int = 2, seed: int = 0, run_id: str = "run-a
 
 def stage(table, run_id, rows, name="part-0.parquet"):
     """What a run's write tasks leave behind: one data file under runs/<run_id>/, uncommitted."""
-    from pipelines.table import WrittenRun
+    from pipelines.writer import WrittenRun
 
     data = so.rows_to_table(rows, N_STYLES)
     written = WrittenRun(run_id)
@@ -46,7 +46,8 @@ def current(out, storage_options=None):
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_two_runs_at_once_never_both_commit_an_input(where, tmp_path, request):
-    from pipelines.table import ConcurrentRunError, OutputTable, commit_run
+    from pipelines.commit import commit_run
+    from pipelines.table import ConcurrentRunError, OutputTable
 
     so_opts = None
     if where == "s3":
@@ -76,7 +77,9 @@ def test_two_runs_at_once_never_both_commit_an_input(where, tmp_path, request):
 
 def test_crashed_run_is_invisible_adopted_by_the_next_and_vacuumed(tmp_path, capsys):
     from jobs.cli import main
-    from pipelines.table import OutputTable, SourceFacts, adoptable_rows, commit_run
+    from pipelines.adoption import adoptable_rows, wanted_facts
+    from pipelines.commit import commit_run
+    from pipelines.table import OutputTable
 
     out = str(tmp_path / "out")
     table = OutputTable(out)
@@ -94,9 +97,7 @@ def test_crashed_run_is_invisible_adopted_by_the_next_and_vacuumed(tmp_path, cap
         def __init__(self, uri, etag):
             self.source_uri, self.size, self.etag, self.mtime = uri, 100, etag, None
 
-    facts = SourceFacts.from_items([Item(r["source_uri"], "e2" if i == 3 else "e1") for i, r in enumerate(rows)])
-    wanted = pa.table({"image_id": facts.image_id, "source_size": facts.size, "source_mtime": facts.mtime,
-                       "source_etag": facts.etag})
+    wanted = wanted_facts([Item(r["source_uri"], "e2" if i == 3 else "e1") for i, r in enumerate(rows)])
     adopted = adoptable_rows(table, dt, wanted, "ab" * 32, retry_failed=False, exclude_run="rerun")
     assert sorted(adopted.ids.to_pylist()) == sorted(so.image_id_for(r["source_uri"]) for r in rows[:3])
     paths = sorted(a.path for a in adopted.adds)
@@ -115,7 +116,8 @@ def test_crashed_run_is_invisible_adopted_by_the_next_and_vacuumed(tmp_path, cap
 
 
 def test_vacuum_compacts_small_files_and_keeps_history_within_retention(tmp_path):
-    from pipelines.table import OutputTable, commit_run, vacuum
+    from pipelines.commit import commit_run
+    from pipelines.table import OutputTable, vacuum
 
     out = str(tmp_path / "out")
     table = OutputTable(out)
@@ -169,7 +171,9 @@ def ray_dataset(rows: list[dict], n_blocks: int):
 def test_ray_sink_writes_one_commit_read_back_by_ray_and_without(ray_cluster, tmp_path):
     import ray
 
-    from pipelines.table import OutputTable, commit_run, write_run
+    from pipelines.commit import commit_run
+    from pipelines.table import OutputTable
+    from pipelines.writer import write_run
 
     rows = make_rows(n_ok=6, n_err=2)
     out = str(tmp_path / "out")
@@ -211,7 +215,8 @@ def test_block_of_another_model_fails_the_write(ray_cluster, tmp_path):
     """A block from another model (n_styles 18) must fail the write, not land beside n_styles 8."""
     import ray
 
-    from pipelines.table import OutputTable, write_run
+    from pipelines.table import OutputTable
+    from pipelines.writer import write_run
 
     good = so.rows_to_table(make_rows(2, 0), N_STYLES)
     bad = so.rows_to_table([{"source_uri": "x", "status": "ok", "run_id": "r",
@@ -224,7 +229,9 @@ def test_block_of_another_model_fails_the_write(ray_cluster, tmp_path):
 def test_s3_write_commit_summary_and_inspect(ray_cluster, s3_server, capsys):
     from jobs.cli import main
     from jobs.inspect import inspect_output
-    from pipelines.table import OutputTable, commit_run, write_run, write_run_summary
+    from pipelines.commit import commit_run, write_run_summary
+    from pipelines.table import OutputTable
+    from pipelines.writer import write_run
 
     bucket = s3_server.make_bucket("sink")
     uri = f"s3://{bucket}/faces/out"
@@ -260,7 +267,9 @@ def test_s3_write_commit_summary_and_inspect(ray_cluster, s3_server, capsys):
 @pytest_slow
 def test_relative_local_output_lands_under_the_callers_cwd(ray_cluster, tmp_path, monkeypatch):
     """`psp invert ... out/`: Ray workers run elsewhere, the files must still land here."""
-    from pipelines.table import OutputTable, commit_run, write_run
+    from pipelines.commit import commit_run
+    from pipelines.table import OutputTable
+    from pipelines.writer import write_run
 
     monkeypatch.chdir(tmp_path)
     table = OutputTable("rel/out")

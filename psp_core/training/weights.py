@@ -30,6 +30,7 @@ import torch
 
 from psp_core.checkpoint import CheckpointError, read_checkpoint
 from psp_core.training.options import TrainOptions
+from psp_core.uris import filesystem_for, is_local, local_path
 
 __all__ = ["TrainingWeights", "MissingWeightsError"]
 
@@ -39,11 +40,9 @@ class MissingWeightsError(FileNotFoundError):
 
 
 def _exists(uri: str, storage_options: Mapping[str, Any]) -> bool:
-    if "://" not in uri or uri.startswith("file://"):
-        return os.path.isfile(uri[len("file://"):] if uri.startswith("file://") else uri)
-    import fsspec  # weight loading is, with checkpoint loading, where psp_core touches fsspec
-
-    fs, path = fsspec.core.url_to_fs(uri, **dict(storage_options))
+    if is_local(uri):
+        return os.path.isfile(local_path(uri))
+    fs, path = filesystem_for(uri, storage_options)
     try:
         return fs.isfile(path)
     except Exception:  # a store that cannot answer counts as missing; the error names the URI

@@ -1,0 +1,140 @@
+"""The plan as a distributed join (`pipelines.diff`): the same buckets as the driver-side plan,
+whether it runs in the calling process or in Ray tasks over several hash partitions, against a
+real Delta table and real Parquet listing shards."""
+from __future__ import annotations
+
+import datetime as dt
+import random
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import schemas
+from pipelines.diff import BUCKETS, DiffRule, diff, diff_partition, partition_of, split
+from pipelines.listing import SHARD_SCHEMA, Listing, write_shard
+from pipelines.plan import inputs_done, plan_nightly, shards_to_listing_table
+from pipelines.table import OutputTable
+from schemas.ids import face_image_id, image_id_for
+from tests.output_tables import commit_table
+
+SHA_A, SHA_B = "a" * 64, "b" * 64
+STATUSES = ["ok", "ok", "ok", "no_face", "decode_error", "read_error", "invert_error"]
+
+
+def world(seed: int, n: int = 400):
+    """A listing (SHARD_SCHEMA rows, a few URIs listed twice) and output rows (some inputs with
+    several face rows, changed facts, other checkpoints, transient statuses, deleted inputs)."""
+    rng = random.Random(seed)
+    listed, rows = [], []
+    for i in range(n):
+        uri = f"s3://b/{'d' if i % 3 else 'e'}/{i:05d}.jpg" if i % 2 else f"/data/x/{i:05d}#a.jpg"
+        etag = "" if i % 5 == 0 else f"e{i}"
+        size, mtime = 1000 + i, 1.7e9 + i + 0.1234567
+        if rng.random() < 0.85:
+            listed.append({"uri": uri, "source_uri": uri, "kind": "file", "column": "", "offset": -1,
+                           "size": size, "etag": etag, "mtime": mtime})
+        if rng.random() < 0.7:  # the table has rows for it
+            faces = rng.choice([None, None, 2, 3])
+            r_etag = etag if rng.random() < 0.8 else "other"
+            r_size = size if rng.random() < 0.9 else size + 1
+            r_mtime = mtime if rng.random() < 0.9 else mtime + 5
+            sha = SHA_A if rng.random() < 0.8 else SHA_B
+            for face in range(faces or 1):
+                rows.append({
+                    "image_id": face_image_id(uri, face if faces else None), "source_id": image_id_for(uri),
+                    "source_uri": uri, "status": rng.choice(STATUSES), "checkpoint_sha256": sha,
+                    "source_size": r_size, "source_etag": r_etag or None,
+                    "source_mtime": dt.datetime.fromtimestamp(r_mtime, dt.UTC),
+                    "face_index": face if faces else None, "face_count": faces,
+                })
+    listed += [dict(r) for r in rng.sample(listed, 5)]  # listed twice: counted once
+    return pa.Table.from_pylist(listed, schema=SHARD_SCHEMA), rows
+
+
+def listing_of(table: pa.Table, folder, shards: int = 5) -> Listing:
+    listing = Listing([], [], storage_options={}, root=str(folder))
+    for k, part in enumerate(np.array_split(np.arange(table.num_rows), shards)):
+        path = f"{folder}/part-{k:03d}.parquet"
+        write_shard(table.take(pa.array(part)), path, {})
+        listing.paths.append(path)
+        listing.rows.append(len(part))
+    return listing
+
+
+def output_rows(rows, n_styles: int = 2) -> pa.Table:
+    full = [dict(r, run_id="r1", processed_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC)) for r in rows]
+    return schemas.rows_to_table(full, n_styles)
+
+
+def expected_nightly(listed: pa.Table, state: pa.Table, **rules):
+    plan = plan_nightly(shards_to_listing_table(listed), state, SHA_A, **rules)
+    return {b: getattr(plan, b) if b != "unchanged" else plan.unchanged for b in BUCKETS}, plan.deleted
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_one_partition_plans_what_the_driver_plans(seed):
+    listed, rows = world(seed)
+    state = output_rows(rows).select(["source_uri", "status", "checkpoint_sha256", "source_size", "source_mtime",
+                                      "source_etag", "source_id"])
+    for rules in ({}, {"reprocess_on_model_change": True}, {"retry_failed": True},
+                  {"reprocess_on_model_change": True, "retry_failed": True}):
+        todo, deleted, counts = diff_partition(listed, state, DiffRule("nightly", SHA_A, **rules))
+        want, want_deleted = expected_nightly(listed, state, **rules)
+        got = {b: todo.filter(pa.compute.equal(todo["bucket"], i))["source_uri"].to_pylist()
+               for i, b in enumerate(BUCKETS) if b != "unchanged"}
+        assert got == {b: v for b, v in want.items() if b != "unchanged"}, rules
+        assert counts["unchanged"] == want["unchanged"] and deleted.to_pylist() == want_deleted
+    # invert: processed unless every row of the input is final (inputs_done), whatever its facts
+    todo, _, counts = diff_partition(listed, state, DiffRule("invert"))
+    done = set(inputs_done(state).to_pylist())
+    first = list(dict.fromkeys(listed["source_uri"].to_pylist()))
+    assert todo["source_uri"].to_pylist() == [u for u in first if image_id_for(u) not in done]
+    assert counts["unchanged"] == sum(1 for u in first if image_id_for(u) in done)
+
+
+def test_partitions_are_a_fixed_hash_and_keep_order():
+    uris = pa.array([f"s3://b/{i}.jpg" for i in range(1000)])
+    part = partition_of(uris, 7)
+    assert part.min() == 0 and part.max() == 6 and len(set(part.tolist())) == 7
+    # the same URI lands in the same partition in any batch (what makes the join correct)
+    again = partition_of(pa.array([f"s3://b/{i}.jpg" for i in range(999, -1, -1)]), 7)
+    assert again.tolist() == part.tolist()[::-1]
+    parts = split(pa.table({"source_uri": uris, "i": np.arange(1000)}), 7)
+    assert sum(p.num_rows for p in parts) == 1000
+    assert all(np.all(np.diff(p["i"].to_numpy()) > 0) for p in parts)
+
+
+@pytest.mark.parametrize("use_ray", [False, True])
+def test_diff_over_a_delta_table_in_tasks_equals_the_driver_plan(use_ray, tmp_path, request):
+    if use_ray:
+        request.getfixturevalue("ray_cluster")
+    listed, rows = world(3, n=600)
+    commit_table(tmp_path / "out", output_rows(rows[: len(rows) // 2]), 2, run_id="r1")
+    commit_table(tmp_path / "out", output_rows(rows[len(rows) // 2:]), 2, run_id="r2")  # two files
+    table = OutputTable(str(tmp_path / "out"))
+    current = table.load()
+    state = table.state(current)
+    listing = listing_of(listed, tmp_path / "listing")
+    for rule, rules in ((DiffRule("nightly", SHA_A, retry_failed=True), {"retry_failed": True}),
+                        (DiffRule("nightly", SHA_A, reprocess_on_model_change=True), {"reprocess_on_model_change": True})):
+        plan = diff(listing, table, current, str(tmp_path / "scratch"), rule, use_ray=use_ray,
+                    partition_rows=150 if use_ray else 10**6)
+        assert plan.partitions == (9 if use_ray else 1)  # ceil((605 listed + 786 rows) / 150)
+        want, want_deleted = expected_nightly(listed, state, **rules)
+        for b in BUCKETS[:-1]:  # order inside a bucket: listing order per partition
+            assert sorted(plan.uris(b)) == sorted(want[b]), b
+        assert plan.counts["unchanged"] == want["unchanged"]
+        assert plan.deleted.to_pylist() == want_deleted and plan.counts["deleted"] == len(want_deleted)
+        assert plan.todo.total == plan.to_process == sum(len(want[b]) for b in BUCKETS[:-1])
+        assert plan.table_rows == len(rows)
+        todo = plan.todo.read_table(SHARD_SCHEMA.names)  # what the pipeline reads: the listing's rows, as listed
+        by_uri = {r["source_uri"]: r for r in listed.to_pylist()}
+        assert all(by_uri[r["source_uri"]] == r for r in todo.to_pylist())
+        plan.todo.discard()
+    # nothing listed: everything in the table is deleted; no table: everything is new
+    empty = Listing([], [], storage_options={}, root=str(tmp_path / "none"))
+    gone = diff(empty, table, current, str(tmp_path / "scratch"), DiffRule("nightly", SHA_A), use_ray=use_ray)
+    assert gone.to_process == 0 and gone.counts["deleted"] == len({r["source_uri"] for r in rows})
+    fresh = diff(listing, None, None, str(tmp_path / "scratch"), DiffRule("invert"), use_ray=use_ray)
+    assert fresh.counts["new"] == fresh.to_process == len(set(listed["source_uri"].to_pylist()))

@@ -46,6 +46,11 @@ MIN_SHARDS = 16
 MAX_SPLIT_DEPTH = 3
 
 
+def scratch_dir(output: str, run_id: str) -> str:
+    """Where run `run_id` keeps its listing and plan shards under OUTPUT (removed when it ends)."""
+    return f"{output.rstrip('/')}/{LISTING_DIR}/{run_id}"
+
+
 @dataclass
 class Listing:
     """A run's listing: Parquet shard paths (fsspec paths on `storage_options`' filesystem), rows per

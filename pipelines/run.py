@@ -30,7 +30,16 @@ from pipelines.commit import commit_run, run_metadata, write_run_summary
 from pipelines.config import ConfigError, InvertConfig, ResolvedConfig, code_version, resolve_config
 from pipelines.dataflow import STAGES, Processed, StageTiming, ensure_ray, process_items
 from pipelines.items import InputError, SourceItem
-from pipelines.listing import LISTING_DIR, Listing, check_inputs, items_listing, list_to_shards, read_user_listing
+from pipelines.listing import (
+    Listing,
+    check_inputs,
+    count_todo,
+    done_keys,
+    items_listing,
+    list_to_shards,
+    read_user_listing,
+    scratch_dir,
+)
 from pipelines.plan import InvertPlanner, NightlyError, NightlyPlan, NightlyPlanner, Plan
 from pipelines.reuse import alignment_signature
 from pipelines.secrets import redact
@@ -172,18 +181,13 @@ def open_output(resolved: ResolvedConfig) -> tuple[OutputTable, Any]:
         raise ConfigError(str(e)) from None
 
 
-def scratch_dir(table: OutputTable, run_id: str) -> str:
-    """Where a run keeps its listing shards (removed when the run ends)."""
-    return f"{table.uri.rstrip('/')}/{LISTING_DIR}/{run_id}"
-
-
 def make_listing(config: InvertConfig, table: OutputTable, run_id: str,
                  items: Sequence[SourceItem] | None = None) -> Listing:
     """The run's listing: INPUT listed in Ray tasks, or `--listing PATH`, or explicit `items`."""
     import ray
 
     ensure_ray()
-    scratch = scratch_dir(table, run_id)
+    scratch = scratch_dir(table.uri, run_id)
     so = config.storage_options
     try:
         if items is not None:
@@ -282,6 +286,7 @@ def execute(config: InvertConfig, planner: Planner, items: Sequence[SourceItem] 
     laps = _Laps()
     with _step(planner, "list", resolved):
         listing = make_listing(config, table, resolved.run_id, items)
+    plan: Plan | None = None
     try:
         laps.lap("list_s")
         plan = planner.plan(resolved, table, dt, listing)
@@ -299,10 +304,14 @@ def execute(config: InvertConfig, planner: Planner, items: Sequence[SourceItem] 
             written.merge(processed.written)
         outcome = RunOutcome(resolved, plan, None, processed=plan.todo, phases=laps.phases)
         extra = dict(plan.extra)
-        if plan.expected is not None:  # explicit inputs: count the rows that came back
-            got = set(written.load(table).ids.to_pylist())
-            outcome.processed = len(got) - plan.adopted.rows
-            outcome.lost = extra["lost"] = sum(1 for key in plan.expected if key not in got)
+        if plan.expected is not None:  # the planned inputs that got no row (in Ray tasks, by key)
+            import pyarrow.compute as pc
+            import ray
+
+            ids = written.load(table).ids
+            outcome.processed = pc.count_distinct(ids).as_py() - plan.adopted.rows
+            lost = count_todo(plan.expected, ray.put(done_keys(ids)))[0] if plan.expected.total else 0
+            outcome.lost = extra["lost"] = lost
         outcome.counts = written.counts()
         summary = RunSummary(
             run_id=resolved.run_id, input=config.input, output=config.output, checkpoint=config.checkpoint,
@@ -323,6 +332,8 @@ def execute(config: InvertConfig, planner: Planner, items: Sequence[SourceItem] 
         return outcome
     finally:
         listing.discard()
+        if plan is not None and isinstance(plan.source, Listing):
+            plan.source.discard()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,11 +11,14 @@ import pyarrow as pa
 import pytest
 
 import schemas
-from pipelines.diff import BUCKETS, DiffRule, diff, diff_partition, partition_of, split
+from pipelines.adoption import facts_changed
+from pipelines.diff import BUCKETS, STATE_COLUMNS, DiffRule, diff, diff_partition, partition_of, split
+from pipelines.items import mtime_us
 from pipelines.listing import SHARD_SCHEMA, Listing, write_shard
-from pipelines.plan import inputs_done, plan_nightly, shards_to_listing_table
+from pipelines.plan import plan_nightly
 from pipelines.table import OutputTable
 from schemas.ids import face_image_id, image_id_for
+from schemas.status import FINAL_STATUSES
 from tests.output_tables import commit_table
 
 SHA_A, SHA_B = "a" * 64, "b" * 64
@@ -67,30 +70,60 @@ def output_rows(rows, n_styles: int = 2) -> pa.Table:
     return schemas.rows_to_table(full, n_styles)
 
 
-def expected_nightly(listed: pa.Table, state: pa.Table, **rules):
-    plan = plan_nightly(shards_to_listing_table(listed), state, SHA_A, **rules)
-    return {b: getattr(plan, b) if b != "unchanged" else plan.unchanged for b in BUCKETS}, plan.deleted
+def oracle(listed: pa.Table, rows: list[dict], rule: DiffRule) -> tuple[dict[str, list], list[str]]:
+    """The plan written out input by input in plain Python (the rules of the module doc, with the
+    row-level `facts_changed`): {bucket: source_uris in listing order}, deleted source_uris."""
+    of: dict[str, list[dict]] = {}
+    for r in rows:
+        of.setdefault(r["source_uri"], []).append(r)
+    out: dict[str, list] = {b: [] for b in BUCKETS}
+    seen = set()
+    for item in listed.to_pylist():
+        uri = item["source_uri"]
+        if uri in seen:
+            continue
+        seen.add(uri)
+        mine = of.get(uri)
+        if not mine:
+            out["new"].append(uri)
+            continue
+        transient = any(r["status"] not in FINAL_STATUSES for r in mine)
+        if rule.mode == "invert":
+            out["retry" if transient else "unchanged"].append(uri)
+            continue
+        listed_facts = {"source_size": None if item["size"] < 0 else item["size"], "source_etag": item["etag"] or None,
+                        "source_mtime": mtime_us(None if item["mtime"] != item["mtime"] else item["mtime"])}
+        made = {"source_size": mine[0]["source_size"], "source_etag": mine[0]["source_etag"],
+                "source_mtime": mtime_us(mine[0]["source_mtime"])}
+        if facts_changed(listed_facts, made):
+            out["changed"].append(uri)
+        elif rule.reprocess_on_model_change and mine[0]["checkpoint_sha256"] != rule.checkpoint_sha256:
+            out["model_changed"].append(uri)
+        elif rule.retry_failed and transient:
+            out["retry"].append(uri)
+        else:
+            out["unchanged"].append(uri)
+    return out, sorted(set(of) - seen)
+
+
+RULES = [DiffRule("nightly", SHA_A), DiffRule("nightly", SHA_A, reprocess_on_model_change=True),
+         DiffRule("nightly", SHA_A, retry_failed=True), DiffRule("nightly", SHA_A, True, True), DiffRule("invert")]
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-def test_one_partition_plans_what_the_driver_plans(seed):
+def test_a_partition_plans_each_input_by_the_rules(seed):
     listed, rows = world(seed)
-    state = output_rows(rows).select(["source_uri", "status", "checkpoint_sha256", "source_size", "source_mtime",
-                                      "source_etag", "source_id"])
-    for rules in ({}, {"reprocess_on_model_change": True}, {"retry_failed": True},
-                  {"reprocess_on_model_change": True, "retry_failed": True}):
-        todo, deleted, counts = diff_partition(listed, state, DiffRule("nightly", SHA_A, **rules))
-        want, want_deleted = expected_nightly(listed, state, **rules)
+    state = output_rows(rows).select(list(STATE_COLUMNS))
+    for rule in RULES:
+        todo, deleted, counts = diff_partition(listed, state, rule)
+        want, want_deleted = oracle(listed, rows, rule)
         got = {b: todo.filter(pa.compute.equal(todo["bucket"], i))["source_uri"].to_pylist()
                for i, b in enumerate(BUCKETS) if b != "unchanged"}
-        assert got == {b: v for b, v in want.items() if b != "unchanged"}, rules
-        assert counts["unchanged"] == want["unchanged"] and deleted.to_pylist() == want_deleted
-    # invert: processed unless every row of the input is final (inputs_done), whatever its facts
-    todo, _, counts = diff_partition(listed, state, DiffRule("invert"))
-    done = set(inputs_done(state).to_pylist())
-    first = list(dict.fromkeys(listed["source_uri"].to_pylist()))
-    assert todo["source_uri"].to_pylist() == [u for u in first if image_id_for(u) not in done]
-    assert counts["unchanged"] == sum(1 for u in first if image_id_for(u) in done)
+        assert got == {b: v for b, v in want.items() if b != "unchanged"}, rule
+        assert counts["unchanged"] == len(want["unchanged"]) and deleted.to_pylist() == want_deleted
+        if rule.mode == "nightly":  # the in-process plan is the same function
+            plan = plan_nightly(listed, state, SHA_A, rule.reprocess_on_model_change, rule.retry_failed)
+            assert plan.to_process == [u for b in BUCKETS[:-1] for u in want[b]] and plan.deleted == want_deleted
 
 
 def test_partitions_are_a_fixed_hash_and_keep_order():
@@ -114,17 +147,15 @@ def test_diff_over_a_delta_table_in_tasks_equals_the_driver_plan(use_ray, tmp_pa
     commit_table(tmp_path / "out", output_rows(rows[len(rows) // 2:]), 2, run_id="r2")  # two files
     table = OutputTable(str(tmp_path / "out"))
     current = table.load()
-    state = table.state(current)
     listing = listing_of(listed, tmp_path / "listing")
-    for rule, rules in ((DiffRule("nightly", SHA_A, retry_failed=True), {"retry_failed": True}),
-                        (DiffRule("nightly", SHA_A, reprocess_on_model_change=True), {"reprocess_on_model_change": True})):
+    for rule in RULES[2:]:
         plan = diff(listing, table, current, str(tmp_path / "scratch"), rule, use_ray=use_ray,
                     partition_rows=150 if use_ray else 10**6)
         assert plan.partitions == (9 if use_ray else 1)  # ceil((605 listed + 786 rows) / 150)
-        want, want_deleted = expected_nightly(listed, state, **rules)
+        want, want_deleted = oracle(listed, rows, rule)
         for b in BUCKETS[:-1]:  # order inside a bucket: listing order per partition
             assert sorted(plan.uris(b)) == sorted(want[b]), b
-        assert plan.counts["unchanged"] == want["unchanged"]
+        assert plan.counts["unchanged"] == len(want["unchanged"])
         assert plan.deleted.to_pylist() == want_deleted and plan.counts["deleted"] == len(want_deleted)
         assert plan.todo.total == plan.to_process == sum(len(want[b]) for b in BUCKETS[:-1])
         assert plan.table_rows == len(rows)

@@ -24,7 +24,7 @@ Photos: skimage's astronaut, upscaled to camera sizes (1.0-3.0 MP, square and 4:
 other one, JPEG q92), each with distinct bytes. Settings (extra `psp invert` flags):
 256 png (the default), 1024 png, 1024 jpeg, reuse (`--alignment-from` a table made by a first
 unmeasured run over the same photos; only where this `psp` has the flag), speed mode
-(`--align-detect-size 640`: photos larger than 640 px take the speed path). With --overhead: N tiny generated PNGs, `--align none --images none`
+(`--align-detect-size 512`: photos of one clear face larger than ~768 px take the window path). With --overhead: N tiny generated PNGs, `--align none --images none`
 (issue 18's per-row overhead), printed as ms CPU per row and rows/s per core.
 Needs root (cgroups). Timings are noisy on a shared machine: quote the medians and the spread.
 """
@@ -52,7 +52,7 @@ SETTINGS = {
     "1024 png": ["--image-size", "full"],
     "1024 jpeg": ["--image-size", "full", "--images", "jpeg"],
     "reuse": ["--alignment-from", "{prime}"],
-    "speed mode": ["--align-detect-size", "640"],
+    "speed mode": ["--align-detect-size", "512"],
 }
 
 

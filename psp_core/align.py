@@ -394,13 +394,13 @@ class FaceAligner:
     landmarks are the original `detector(img, 1)`'s, at about a third of its cost at min_face 64.
 
     detect_size (opt-in speed mode, default None = exact): `WindowDetector`: a coarse HOG scan of a
-    copy at most detect_size px on its longest side (it finds faces of at least ~73/detect_size of
-    that side), then each face re-detected in a small window resampled on the geometry of the
-    original's pyramid levels, so its box usually equals the original's; where the coarse scan finds
-    no face or several clear faces, or the choice between faces is close, the exact path runs.
-    Landmarks: bench/align.py prints the deviation (mean under 1 % of the inter-ocular distance on
-    its photos). A face smaller than the coarse scan sees is not found in a photo where it finds
-    one clear face.
+    copy box-reduced to about detect_size px on its longest side (e.g. 512), and, where it shows one
+    clear face, that face re-detected in a small window resampled on the geometry of the original's
+    pyramid levels (so its box usually equals the original's); no face, several faces, a weak or
+    floor-sized face, or a close choice take the exact path. Landmarks: bench/align.py prints the
+    deviation (mean 0.1 % of the inter-ocular distance on its photos, no other face chosen on its
+    group photo and composites). A face under ~2/3 of the size of the one clear face the coarse scan
+    sees is not looked for.
     """
 
     def __init__(

@@ -445,3 +445,18 @@ def test_speed_mode_refines_one_clear_face_on_the_original_grid(aligner, astrona
         lm = aligner.landmarks(arr, found[0].box)
         assert np.abs(box_side(found[0].box) - box_side(want.box)) <= 1
         assert np.linalg.norm(lm - want.landmarks, axis=1).mean() < 0.02 * _iod(want.landmarks)
+
+
+def test_fast_pad_blend_stays_within_a_few_gray_levels(astronaut):
+    """The speed mode's pad blend (reduced-scale blur): the padded image within 4 gray levels of the
+    original's blend, the interior untouched."""
+    from psp_core.align import pad_blend_fast
+
+    img = np.asarray(astronaut.crop((100, 0, 400, 300)).resize((600, 600), Image.Resampling.LANCZOS))
+    pad, qsize = (180, 200, 180, 180), 600.0
+    exact, fast = pad_blend(img, pad, qsize), pad_blend_fast(img, pad, qsize)
+    assert fast.shape == exact.shape
+    diff = np.abs(exact.astype(np.int16) - fast.astype(np.int16))
+    assert diff.max() <= 4 and diff.mean() < 0.3
+    inner = (slice(200 + 300, 200 + 400), slice(180 + 250, 180 + 350))  # weight 0 there: the photo's pixels
+    np.testing.assert_array_equal(fast[inner], img[300:400, 250:350])

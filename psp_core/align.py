@@ -567,7 +567,7 @@ class FaceAligner:
             return [d for d in dets if box_side(d[0]) >= self.min_face]
         exact = PyramidDetector(self.detector, self.min_face, self._dlib)
         if self.detect_size is not None:
-            found = WindowDetector(self.detector, exact, self.detect_size).run(arr, pil)
+            found = WindowDetector(self.detector, exact, self.detect_size).run(arr, pil, only_best=self.select == "best")
         else:
             found = exact.run(arr)
         return [(d.box, d.score) for d in found]

@@ -179,7 +179,9 @@ class WindowDetector:
         self.last_path = f"exact ({why})"
         return self.exact.run(arr)
 
-    def run(self, arr: np.ndarray, pil=None) -> list[Detection]:
+    def run(self, arr: np.ndarray, pil=None, only_best: bool = True) -> list[Detection]:
+        """only_best False (faces 'all' or 'largest'): any other face candidate takes the exact path
+        (the window path returns the best face only)."""
         from PIL import Image
 
         h, w = arr.shape[:2]
@@ -202,7 +204,7 @@ class WindowDetector:
         for o, o_score in zip(list(rects)[1:], list(scores)[1:]):
             if _iou(_tuple(o), _tuple(r)) >= 0.2:  # the same face seen by another filter / offset
                 continue
-            if score - float(o_score) < self.margin:  # another face that may win: a close choice
+            if not only_best or score - float(o_score) < self.margin:  # another face that may win
                 return self._exact(arr, "several candidates")
             if o.right() - o.left() + 1 < floor:
                 # a weak candidate at the floor may be a smaller face that scores higher at its own

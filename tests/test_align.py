@@ -460,3 +460,15 @@ def test_fast_pad_blend_stays_within_a_few_gray_levels(astronaut):
     assert diff.max() <= 4 and diff.mean() < 0.3
     inner = (slice(200 + 300, 200 + 400), slice(180 + 250, 180 + 350))  # weight 0 there: the photo's pixels
     np.testing.assert_array_equal(fast[inner], img[300:400, 250:350])
+
+
+def test_speed_mode_with_all_faces_finds_what_the_exact_mode_finds(aligner, astronaut):
+    """faces 'all' / 'largest': a second candidate (the astronaut's weak detection on the suit) sends
+    the photo to the exact path, so no face row is lost."""
+    big = np.asarray(astronaut.resize((1414, 1414), Image.Resampling.LANCZOS))
+    exact = aligner.replace(select="all", min_face=64)(big)
+    speed = aligner.replace(select="all", min_face=64, detect_size=512)(big)
+    assert len(exact) >= 2
+    assert [tuple(r.box) for r in speed] == [tuple(r.box) for r in exact]
+    largest = aligner.replace(select="largest", min_face=64)
+    assert tuple(largest.replace(detect_size=512)(big).box) == tuple(largest(big).box)

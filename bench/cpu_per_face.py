@@ -11,7 +11,9 @@ so every process it starts is counted; the cgroup's CPU time is read once all of
 Runs of N and 3N inputs: the marginal CPU per face is (cpu(3N) - cpu(N)) / 2N, so the run's fixed
 cost (Ray start-up, imports, the model actor) cancels. Each (N, 3N) pair is repeated and the
 median and spread (min..max) are printed; a wide gap between N and 3N keeps the noise of the fixed
-cost (several CPU-s here) small per face. Also printed: the per-stage table `psp invert` prints
+cost (several CPU-s here) small per face. Cap the actor pools (`--extra --align-actors 1
+--output-actors 1`): otherwise the 3N run may start more actors than the N run, and their start-up
+(imports, dlib models: several CPU-s each) counts as per-face cost. Also printed: the per-stage table `psp invert` prints
 (busy ms per row of read / decode / align / invert / outputs, from the 3N run) and the cores that
 keep one GPU busy at 1,300 faces/s (= ms per face x 1.3).
 

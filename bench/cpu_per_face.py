@@ -171,6 +171,7 @@ def subset(src: Path, dst: Path, n: int) -> Path:
 
 
 STAGE_LINE = re.compile(r"^\s+(\w+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
+REUSED_LINE = re.compile(r"alignment reused \(no detection\) for (\d+) inputs")
 
 
 def stage_table(stdout: str) -> dict[str, float]:
@@ -180,6 +181,9 @@ def stage_table(stdout: str) -> dict[str, float]:
         m = STAGE_LINE.match(line)
         if m:
             out[m.group(1)] = float(m.group(5))
+        m = REUSED_LINE.search(line)
+        if m:  # the reuse setting: how many inputs took the stored alignment (not a time)
+            out["inputs reused"] = float(m.group(1))
     return out
 
 

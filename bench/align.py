@@ -13,8 +13,10 @@ each given the photo's file bytes:
   detection without the pyramid levels that only hold faces under M px
   (`psp_core.face_detection.PyramidDetector`), the pad blend computed only where its weight is
   non-zero (bit-identical);
-- speed: `FaceAligner(min_face=64, detect_size=D)` (`--align-detect-size D`): a coarse scan at D px,
-  each face re-detected in a window on the original's pyramid grid (`WindowDetector`).
+- speed: `FaceAligner(min_face=64, detect_size=D)` (`--align-detect-size D`, default 512): a coarse
+  scan of a copy reduced to about D px; one clear face is re-detected in a window on the original's
+  pyramid grid, everything else takes the exact path (`WindowDetector`; the path each image took is
+  printed).
 
 Photos: skimage's astronaut upscaled to 1, 2 and 3 MP (JPEG q92; the quad crosses the top border,
 so the pad branch runs) and a group photo (astronaut faces of 90-300 px pasted on skimage's coffee,
@@ -53,14 +55,12 @@ def _jpeg(img: Image.Image) -> bytes:
 
 
 def group_photo() -> Image.Image:
-    """Astronaut faces of several sizes on a photo background (~1.6 MP)."""
+    """Astronaut faces of several sizes on a photo background (~1.6 MP); the best one is ~90 px."""
     from skimage import data
 
-    face = Image.fromarray(data.astronaut()).crop((90, 0, 360, 270))
-    canvas = Image.fromarray(data.coffee()).resize((1500, 1080), Image.Resampling.BILINEAR)
-    for scale, xy in ((2.2, (60, 200)), (1.4, (760, 120)), (1.0, (1150, 650)), (0.8, (800, 760))):
-        canvas.paste(face.resize((int(270 * scale), int(270 * scale)), Image.Resampling.LANCZOS), xy)
-    return canvas
+    from psp_core.align_reference import group_photo as make
+
+    return make(Image.fromarray(data.astronaut()).crop((90, 0, 360, 270)))
 
 
 def composite(seed: int) -> Image.Image:
@@ -99,18 +99,61 @@ def _iod(lm: np.ndarray) -> float:
     return float(np.linalg.norm(lm[42:48].mean(0) - lm[36:42].mean(0)))
 
 
+def steps(base, blob: bytes, detect_size: int, repeats: int) -> None:
+    """CPU ms of each step of one photo's alignment (exact at min-face 64 and the speed mode)."""
+    import dlib
+
+    from psp_core.align import alignment_quad, extract_aligned, load_image
+    from psp_core.face_detection import PyramidDetector, WindowDetector
+
+    def ms(fn):
+        return 1000 * _median_cpu(fn, max(repeats, 3))
+
+    pil = load_image(blob)
+    arr = np.asarray(pil)
+    h, w = arr.shape[:2]
+    exact = PyramidDetector(base.detector, 64)
+    up = dlib.resize_image(arr, 2 * h + 1, 2 * w + 2)
+    pyr = dlib.pyramid_down(6)
+
+    def chain():
+        img = up
+        for _ in range(exact.levels):
+            img = pyr(img)
+        return img
+
+    level = chain()
+    window = WindowDetector(base.detector, exact, detect_size)
+    box = exact.run(arr)[0].box
+    lm = base.landmarks(arr, box)
+    quad, qsize = alignment_quad(lm)
+    out = extract_aligned(arr, quad, qsize, 256)
+    parts = {
+        "decode (bytes -> RGB)": ms(lambda: np.asarray(load_image(blob))),
+        "exact: 2x upsample": ms(lambda: dlib.resize_image(arr, 2 * h + 1, 2 * w + 2)),
+        f"exact: pyramid_down x{exact.levels}": ms(chain),
+        "exact: HOG scan from that level": ms(lambda: base.detector.run(level, 0, 0.0)),
+        f"speed: reduce to ~{detect_size} px": ms(lambda: pil.reduce(int(round(max(h, w) / detect_size)))),
+        f"speed: whole detection ({window.run(arr) and window.last_path})": ms(lambda: window.run(arr)),
+        "68 landmarks": ms(lambda: base.landmarks(arr, box)),
+        "crop to 256 (extract_aligned)": ms(lambda: extract_aligned(arr, quad, qsize, 256)),
+        "256 PNG (Pillow, level 1)": ms(lambda: out.save(io.BytesIO(), format="PNG", compress_level=1)),
+    }
+    print(f"  steps on one {w}x{h} photo (CPU ms): " + "; ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 repeat, 4 composites")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--composites", type=int, default=12, help="random composites for the identity check")
-    ap.add_argument("--detect-size", type=int, default=640, help="the speed mode's coarse scan size")
+    ap.add_argument("--detect-size", type=int, default=512, help="the speed mode's coarse scan size")
     args = ap.parse_args(argv)
     repeats, n_comp = (1, 4) if args.quick else (args.repeats, args.composites)
 
-    from psp_core.align import FaceAligner
+    from psp_core.align import FaceAligner, alignment_quad, extract_aligned
     from psp_core.align_reference import reference_align
-    from psp_core.face_detection import box_side
+    from psp_core.face_detection import PyramidDetector, WindowDetector, box_side
 
     base = FaceAligner(select="best")
     predictor = base.predictor
@@ -135,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 row.append(_median_cpu(lambda: fn(path), repeats))
                 per_mode[m].append(row[-1])
             print(f"  {label:22s}" + "".join(f"{1000 * t:26.0f}" for t in row))
+        steps(base, blobs[photos[1][1]], args.detect_size, repeats)
         orig = statistics.mean(per_mode["original"])
         print(f"  {'mean ms/face':22s}" + "".join(f"{1000 * statistics.mean(v):26.0f}" for v in per_mode.values()))
         print(f"  {'vs the original':22s}" + "".join(f"{orig / statistics.mean(v):25.2f}x" for v in per_mode.values()))
@@ -173,9 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         # -- speed mode vs exact -------------------------------------------------------------------
         exact = base.replace(min_face=64)
         speed = base.replace(min_face=64, detect_size=args.detect_size)
-        devs, other, other_photos, compared = [], 0, 0, 0
+        devs, other, other_photos, compared, pad_diffs = [], 0, 0, 0, []
         photo_labels = {label for label, _ in photos}
+        window = WindowDetector(base.detector, PyramidDetector(base.detector, 64), args.detect_size)
+        paths: dict[str, int] = {}
         for label, arr, _ in cases:
+            window.run(arr)
+            paths[window.last_path] = paths.get(window.last_path, 0) + 1
             re, rs = exact(arr), speed(arr)
             if not re.ok or not rs.ok:
                 if re.ok != rs.ok:
@@ -192,13 +240,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  speed mode: {label}: ANOTHER FACE (exact box {tuple(int(v) for v in re.box)}, speed box {tuple(int(v) for v in rs.box)})")
                 continue
             devs.append((label in photo_labels, 100 * dev.mean() / iod, 100 * dev.max() / iod))
+            # the crop given the speed mode's landmarks: approximate pad blend vs the exact one
+            exact_crop = extract_aligned(arr, *alignment_quad(rs.landmarks), 256)
+            diff = np.abs(np.asarray(exact_crop, np.int16) - np.asarray(rs.image, np.int16))
+            pad_diffs.append((int(diff.max()), float(diff.mean())))
         photo_devs = [d for d in devs if d[0]] or [(True, float("nan"), float("nan"))]
         print(f"speed mode (detect-size {args.detect_size}) vs exact, landmarks in % of the inter-ocular distance: "
               f"bench photos mean {np.mean([d[1] for d in photo_devs]):.2f} % (worst point "
               f"{np.max([d[2] for d in photo_devs]):.2f} %); all {compared} images with a face mean "
               f"{np.mean([d[1] for d in devs]):.2f} % (worst point {np.max([d[2] for d in devs]):.2f} %); "
               f"another face: {other_photos} on the bench photos, {other} on all images (a face smaller than "
-              f"the coarse scan sees, ~73/{args.detect_size} of the longest side, ranked first by the exact mode)")
+              f"the coarse scan sees, ranked first by the exact mode)")
+        print("speed mode paths: " + ", ".join(f"{k} {v}" for k, v in sorted(paths.items())))
+        print(f"speed mode crops vs the exact pad blend given the same landmarks: max {max(d[0] for d in pad_diffs)} "
+              f"gray levels, mean {np.mean([d[1] for d in pad_diffs]):.3f} over {len(pad_diffs)} crops")
     return 0
 
 

@@ -11,7 +11,9 @@ so every process it starts is counted; the cgroup's CPU time is read once all of
 Runs of N and 3N inputs: the marginal CPU per face is (cpu(3N) - cpu(N)) / 2N, so the run's fixed
 cost (Ray start-up, imports, the model actor) cancels. Each (N, 3N) pair is repeated and the
 median and spread (min..max) are printed; a wide gap between N and 3N keeps the noise of the fixed
-cost (several CPU-s here) small per face. Also printed: the per-stage table `psp invert` prints
+cost (several CPU-s here) small per face. Cap the actor pools (`--extra --align-actors 1
+--output-actors 1`): otherwise the 3N run may start more actors than the N run, and their start-up
+(imports, dlib models: several CPU-s each) counts as per-face cost. Also printed: the per-stage table `psp invert` prints
 (busy ms per row of read / decode / align / invert / outputs, from the 3N run) and the cores that
 keep one GPU busy at 1,300 faces/s (= ms per face x 1.3).
 
@@ -24,7 +26,7 @@ Photos: skimage's astronaut, upscaled to camera sizes (1.0-3.0 MP, square and 4:
 other one, JPEG q92), each with distinct bytes. Settings (extra `psp invert` flags):
 256 png (the default), 1024 png, 1024 jpeg, reuse (`--alignment-from` a table made by a first
 unmeasured run over the same photos; only where this `psp` has the flag), speed mode
-(`--align-detect-size 640`: photos larger than 640 px take the speed path). With --overhead: N tiny generated PNGs, `--align none --images none`
+(`--align-detect-size 512`: photos of one clear face larger than ~768 px take the window path). With --overhead: N tiny generated PNGs, `--align none --images none`
 (issue 18's per-row overhead), printed as ms CPU per row and rows/s per core.
 Needs root (cgroups). Timings are noisy on a shared machine: quote the medians and the spread.
 """
@@ -52,7 +54,7 @@ SETTINGS = {
     "1024 png": ["--image-size", "full"],
     "1024 jpeg": ["--image-size", "full", "--images", "jpeg"],
     "reuse": ["--alignment-from", "{prime}"],
-    "speed mode": ["--align-detect-size", "640"],
+    "speed mode": ["--align-detect-size", "512"],
 }
 
 
@@ -169,6 +171,7 @@ def subset(src: Path, dst: Path, n: int) -> Path:
 
 
 STAGE_LINE = re.compile(r"^\s+(\w+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$")
+REUSED_LINE = re.compile(r"alignment reused \(no detection\) for (\d+) inputs")
 
 
 def stage_table(stdout: str) -> dict[str, float]:
@@ -178,6 +181,9 @@ def stage_table(stdout: str) -> dict[str, float]:
         m = STAGE_LINE.match(line)
         if m:
             out[m.group(1)] = float(m.group(5))
+        m = REUSED_LINE.search(line)
+        if m:  # the reuse setting: how many inputs took the stored alignment (not a time)
+            out["inputs reused"] = float(m.group(1))
     return out
 
 

@@ -85,9 +85,9 @@ class InvertConfig:
     gpus: int | None = shared("gpus")
     align_actors: int = option(2, "at most this many alignment actors", parse=int, minimum=1)
     align_detect_size: int | None = option(
-        None, "opt-in speed mode: a coarse face scan on a copy at most PX on its longest side (e.g. 1024; "
-        "it sees faces of at least ~73/PX of that side), each face re-detected in a small window on the "
-        "original's pyramid grid; no face, several clear faces or a close choice fall back to the exact scan (landmarks: "
+        None, "opt-in speed mode: a coarse face scan on a copy reduced to about PX on its longest side (e.g. 512); "
+        "where it shows one clear face, that face is re-detected in a small window on the original's pyramid "
+        "grid; no face, several faces, a weak or small face or a close choice take the exact scan (landmarks: "
         "mean deviation under 1 percent of the inter-ocular distance on the bench photos; not bit-identical)",
         parse=int, check=_check_detect_size, metavar="PX")
     faces: str = option(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-__all__ = ["reference_align", "reference_pad_blend", "composite_photo"]
+__all__ = ["reference_align", "reference_pad_blend", "composite_photo", "group_photo"]
 
 
 def reference_pad_blend(img, pad, qsize: float) -> np.ndarray:
@@ -55,6 +55,18 @@ def composite_photo(seed: int, face: Image.Image, max_size: tuple[int, int] = (1
         x = int(rng.integers(-tile.width // 4, max(width - tile.width * 3 // 4, 1)))
         y = int(rng.integers(-tile.height // 4, max(height - tile.height * 3 // 4, 1)))
         canvas.paste(tile, (x, y))
+    return canvas
+
+
+def group_photo(face: Image.Image) -> Image.Image:
+    """A 1500x1080 group photo: `face` (the astronaut's 270 px crop) pasted at 2.2, 1.4, 1.0 and 0.8
+    times on skimage's coffee photo. The best-scoring face (HOG) is the smallest one, a ~90 px box:
+    a coarse scan at ~512 px sees only the largest faces (bench/align.py, tests/test_align.py)."""
+    from skimage import data
+
+    canvas = Image.fromarray(data.coffee()).resize((1500, 1080), Image.Resampling.BILINEAR)
+    for scale, xy in ((2.2, (60, 200)), (1.4, (760, 120)), (1.0, (1150, 650)), (0.8, (800, 760))):
+        canvas.paste(face.resize((int(270 * scale), int(270 * scale)), Image.Resampling.LANCZOS), xy)
     return canvas
 
 

@@ -26,10 +26,14 @@ from the original's only where a skipped box (under `min_face`, scored higher) o
 which the original would then have dropped, or where an overlap sits exactly at dlib's threshold
 and the rounding of the two frames decides it (neither happened on the bench and test photos).
 
-`WindowDetector` (the speed mode, opt-in) scans a cheap downscaled copy and re-detects each face it
-finds in a small window resampled on the exact geometry of the original's pyramid levels around
-the face's size; boxes are the original's in most cases and close otherwise (bench/align.py prints
-the landmark deviation). When the coarse scan finds no face the exact path runs.
+`WindowDetector` (the speed mode, opt-in) scans a copy box-reduced by an integer factor to about
+`detect_size` px and, only where that scan shows one clear face (at least one pyramid level above
+its size floor, no other candidate within `margin` of its score, and any weak candidate at the floor
+re-detected at its own, finer size and found clearly weaker), re-detects that face in a small window
+resampled on the exact geometry of the original's pyramid levels around its size. Every other photo
+(no face, several faces, a weak or floor-sized face, a close choice) takes the exact path. Boxes
+are the original's in most cases and close otherwise (bench/align.py prints the landmark deviation
+and counts "another face").
 """
 from __future__ import annotations
 
@@ -135,77 +139,88 @@ class PyramidDetector:
 
 
 class WindowDetector:
-    """Speed mode: a coarse scan on a copy of at most `detect_size` px (longest side), then each
-    face it finds re-detected in a window around it, resampled on the geometry of the original's
-    pyramid levels near the face's size (so the box lands on the original's grid).
+    """Speed mode: a coarse scan on a cheap copy of at most `detect_size` px (longest side), and,
+    where that scan shows one clear, large face, that face re-detected in a window resampled on the
+    geometry of the original's pyramid levels near its size (so its box lands on the original's
+    grid); everywhere else the exact scan (`exact`, a PyramidDetector) decides.
 
-    run(arr) -> [Detection] (descending score). Falls back to `exact` (a PyramidDetector) when the
-    photo fits detect_size (it is then aligned exactly), when the coarse scan
-    finds no face of at least min_face (the exact scan then also sees the small faces the coarse one
-    cannot), when it finds more than one clear face (score >= `strong`: a group photo, where a face
-    too small for the coarse scan may rank first), when a refinement loses a face, or when the two best faces' refined scores are within
-    `margin` (the choice between them is close). The coarse scan sees faces of at least
-    ~73/detect_size of the longest side: a smaller face that the original would rank first is not
-    seen (bench/align.py counts such cases as "another face").
+    run(arr) -> [Detection] (descending score). The coarse copy is the photo box-reduced by an
+    integer factor (`PIL.Image.reduce` by round(longest side / detect_size)); the coarse scan keeps
+    candidates down to a score of `candidate_score` (below dlib's 0: weak or partly seen faces count
+    too). The window path is taken only when the best candidate scores at least 0, was found
+    `clear_levels` pyramid levels above the coarse scan's finest level (its face is then at least
+    ~1.2**clear_levels x the smallest face the coarse scan sees, not a smaller face seen at the
+    floor), its refinement finds a face of at least min_face, no other candidate scores within
+    `margin` of it, and every other candidate at the floor, re-detected at its own and finer
+    levels, scores more than `margin` below the refined face. Else the exact path runs (the photo
+    fits detect_size, no candidate, a weak or floor-sized best, a close choice: group photos).
+
+    What it cannot see: a face smaller than the coarse floor (~73 x longest side / detect_size px)
+    in a photo whose only coarse candidate is one large face; the exact mode would pick that small
+    face if it scored higher. bench/align.py counts "another face" on its photos and composites.
     """
 
-    def __init__(self, detector, exact: PyramidDetector, detect_size: int = 640, margin: float = 0.5,
-                 strong: float = 0.3):
+    def __init__(self, detector, exact: PyramidDetector, detect_size: int = 512, candidate_score: float = -0.6,
+                 clear_levels: int = 1, margin: float = 0.75, context: int = 32):
         self.dlib = exact.dlib
         self.detector = detector
         self.exact = exact
         self.min_face = exact.min_face
         self.detect_size = int(detect_size)
+        self.candidate_score = float(candidate_score)
+        self.clear_levels = int(clear_levels)
         self.margin = float(margin)
-        self.strong = float(strong)
+        self.context = int(context)
         self._pyr6 = exact._pyr6
         self._pyr2 = exact._pyr2
         self.last_path = "exact"
 
-    def run(self, arr: np.ndarray, pil=None) -> list[Detection]:
+    def _exact(self, arr: np.ndarray, why: str) -> list[Detection]:
+        self.last_path = f"exact ({why})"
+        return self.exact.run(arr)
+
+    def run(self, arr: np.ndarray, pil=None, only_best: bool = True) -> list[Detection]:
+        """only_best False (faces 'all' or 'largest'): any other face candidate takes the exact path
+        (the window path returns the best face only)."""
         from PIL import Image
 
         h, w = arr.shape[:2]
-        scale = self.detect_size / max(h, w)
-        if scale >= 1.0:  # the photo fits detect_size: the exact scan
-            self.last_path = "exact"
-            return self.exact.run(arr)
+        factor = int(round(max(h, w) / self.detect_size))
+        if factor <= 1:  # the photo fits detect_size: the exact scan
+            return self._exact(arr, "fits")
         src = pil if pil is not None else Image.fromarray(arr, "RGB")
-        size = (max(1, int(round(w * scale))), max(1, int(round(h * scale))))
-        small = np.asarray(src.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0))
-        rects, scores, _ = self.detector.run(small, 0, 0.0)
-        fx, fy = w / size[0], h / size[1]
-        coarse, strong = [], 0
-        for r, score in zip(rects, scores):
-            box = (r.left() * fx, r.top() * fy, (r.right() + 1) * fx - 1, (r.bottom() + 1) * fy - 1)
-            if min(box[2] - box[0], box[3] - box[1]) + 1 >= 0.8 * self.min_face:
-                coarse.append(box)
-                strong += score >= self.strong
-        # no face: a smaller one may be there; several clear faces: a group photo, where a face under
-        # what the coarse scan sees may rank first. Both take the exact path.
-        if not coarse or strong > 1:
-            self.last_path = "exact"
-            return self.exact.run(arr)
+        small = np.asarray(src.reduce(factor))  # a box filter: a few ms, enough for the coarse scan
+        rects, scores, _ = self.detector.run(small, 0, self.candidate_score)
+        if not len(rects):
+            return self._exact(arr, "no face")
+        r, score = rects[0], float(scores[0])  # dlib lists them by descending score
+        side = r.right() - r.left() + 1
+        if score < 0.0 or side < LEVEL_BOX * RATIO**self.clear_levels - 1:
+            return self._exact(arr, "weak" if score < 0.0 else "near the floor")
+        found = self._refine(arr, self._photo_box(r, factor))
+        if found is None or box_side(found.box) < self.min_face:
+            return self._exact(arr, "refinement")
+        floor = LEVEL_BOX * RATIO - 1  # coarse boxes under this come from the coarse scan's finest level
+        for o, o_score in zip(list(rects)[1:], list(scores)[1:]):
+            if _iou(_tuple(o), _tuple(r)) >= 0.2:  # the same face seen by another filter / offset
+                continue
+            if not only_best or score - float(o_score) < self.margin:  # another face that may win
+                return self._exact(arr, "several candidates")
+            if o.right() - o.left() + 1 < floor:
+                # a weak candidate at the floor may be a smaller face that scores higher at its own
+                # size: re-detect it there (one level finer too) and compare
+                other = self._refine(arr, self._photo_box(o, factor), finer=True)
+                if other is not None and other.score > found.score - self.margin:
+                    return self._exact(arr, "several candidates")
         self.last_path = "window"
-        dets = []
-        for box in coarse:
-            found = self._refine(arr, box)
-            if found is not None and box_side(found.box) >= self.min_face:
-                dets.append(found)
-        # one detection per face: drop refinements that landed on a face already found
-        dets.sort(key=lambda d: -d.score)
-        kept: list[Detection] = []
-        for d in dets:
-            if not any(_iou(d.box, k.box) > 0.3 for k in kept):
-                kept.append(d)
-        # the refined scores are close to the original's, not equal: where a face was lost or the
-        # best two are within `margin`, the choice is close and the exact path decides
-        if len(kept) != len(coarse) or (len(kept) > 1 and kept[0].score - kept[1].score < self.margin):
-            self.last_path = "exact"
-            return self.exact.run(arr)
-        return kept
+        return [found]
 
-    def _refine(self, arr: np.ndarray, box) -> Detection | None:
+    @staticmethod
+    def _photo_box(r, factor: int) -> tuple[int, int, int, int]:
+        """A coarse box (dlib rectangle in the reduced copy) in photo px."""
+        return (r.left() * factor, r.top() * factor, (r.right() + 1) * factor - 1, (r.bottom() + 1) * factor - 1)
+
+    def _refine(self, arr: np.ndarray, box, finer: bool = False) -> Detection | None:
         """The best detection of the face in `box` (photo px) over the levels near its size, each
         level's window resampled from the photo so its pixels sit where the original's do."""
         dlib = self.dlib
@@ -216,13 +231,13 @@ class WindowDetector:
         level = int(round(math.log(max(side * 2.0 / LEVEL_BOX, 1.0)) / math.log(RATIO)))
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         best: Detection | None = None
-        for lev in (level - 1, level, level + 1):
+        for lev in (level - 2, level - 1, level) if finer else (level - 1, level, level + 1):
             if lev < 0:
                 continue
             a = RATIO**lev  # level px -> upsampled px: u = a*p + b
             b = 0.3 * (a - 1) / (RATIO - 1)
-            # window in level px: the face (73 px) with 60 px of context each side
-            half = LEVEL_BOX / 2 + 60
+            # window in level px: the face (73 px) with `context` px each side
+            half = LEVEL_BOX / 2 + self.context
             pcx, pcy = ((cx * sx) - b) / a, ((cy * sy) - b) / a
             # the window starts on the fHOG cell grid (8 px) of the level, so cells sit where the
             # original's do

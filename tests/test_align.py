@@ -400,3 +400,75 @@ def test_invalid_options_are_rejected(aligner):
 def test_align_result_defaults():
     r = AlignResult(status="no_face", error="x")
     assert not r.ok and r.image is None and r.n_faces == 0
+
+
+# -- speed mode (WindowDetector) ----------------------------------------------------------------
+
+
+def _best_box(results) -> tuple[int, ...] | None:
+    ok = [r for r in (results if isinstance(results, list) else [results]) if r.ok]
+    return tuple(int(v) for v in max(ok, key=lambda r: r.score).box) if ok else None
+
+
+def test_speed_mode_never_picks_another_face_on_group_photos(aligner, astronaut):
+    """A group photo whose best face (~90 px) is under what the coarse scan sees, and composites
+    with faces at random scales: the speed mode aligns the face the exact mode aligns."""
+    from psp_core.align_reference import group_photo
+
+    face = astronaut.crop((90, 0, 360, 270))
+    group = np.asarray(group_photo(face))
+    exact, speed = aligner.replace(min_face=64), aligner.replace(min_face=64, detect_size=512)
+    best = exact(group)
+    assert best.ok and box_side(best.box) < 100  # the small face wins: the case under test
+    assert _best_box(speed(group)) == _best_box(best)
+    for seed in (1, 4, 6, 13):  # composites with 2-3 faces of different sizes
+        img = np.asarray(_composite(seed, astronaut))
+        assert _best_box(speed(img)) == _best_box(exact(img)), f"composite {seed}"
+
+
+def test_speed_mode_refines_one_clear_face_on_the_original_grid(aligner, astronaut):
+    """A one-face photo larger than detect_size takes the window path: a 1414 px astronaut and a 4:3
+    mirrored crop; the box has the exact mode's size and the landmarks stay within 2 % of the
+    inter-ocular distance (the 1414 px photo's box lands one HOG cell off: 1.0 %; the bench's mean
+    over its photos is ~0.1 %)."""
+    from psp_core.face_detection import WindowDetector
+
+    photos = [astronaut.resize((1414, 1414), Image.Resampling.LANCZOS),
+              astronaut.crop((0, 64, 512, 448)).transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((1155, 866))]
+    exact = PyramidDetector(aligner.detector, 64)
+    window = WindowDetector(aligner.detector, exact, 512)
+    for img in photos:
+        arr = np.asarray(img)
+        found = window.run(arr)
+        assert window.last_path == "window" and len(found) == 1
+        want = aligner.replace(min_face=64)(arr)
+        lm = aligner.landmarks(arr, found[0].box)
+        assert np.abs(box_side(found[0].box) - box_side(want.box)) <= 1
+        assert np.linalg.norm(lm - want.landmarks, axis=1).mean() < 0.02 * _iod(want.landmarks)
+
+
+def test_fast_pad_blend_stays_within_a_few_gray_levels(astronaut):
+    """The speed mode's pad blend (reduced-scale blur): the padded image within 4 gray levels of the
+    original's blend, the interior untouched."""
+    from psp_core.align import pad_blend_fast
+
+    img = np.asarray(astronaut.crop((100, 0, 400, 300)).resize((600, 600), Image.Resampling.LANCZOS))
+    pad, qsize = (180, 200, 180, 180), 600.0
+    exact, fast = pad_blend(img, pad, qsize), pad_blend_fast(img, pad, qsize)
+    assert fast.shape == exact.shape
+    diff = np.abs(exact.astype(np.int16) - fast.astype(np.int16))
+    assert diff.max() <= 4 and diff.mean() < 0.3
+    inner = (slice(200 + 300, 200 + 400), slice(180 + 250, 180 + 350))  # weight 0 there: the photo's pixels
+    np.testing.assert_array_equal(fast[inner], img[300:400, 250:350])
+
+
+def test_speed_mode_with_all_faces_finds_what_the_exact_mode_finds(aligner, astronaut):
+    """faces 'all' / 'largest': a second candidate (the astronaut's weak detection on the suit) sends
+    the photo to the exact path, so no face row is lost."""
+    big = np.asarray(astronaut.resize((1414, 1414), Image.Resampling.LANCZOS))
+    exact = aligner.replace(select="all", min_face=64)(big)
+    speed = aligner.replace(select="all", min_face=64, detect_size=512)(big)
+    assert len(exact) >= 2
+    assert [tuple(r.box) for r in speed] == [tuple(r.box) for r in exact]
+    largest = aligner.replace(select="largest", min_face=64)
+    assert tuple(largest.replace(detect_size=512)(big).box) == tuple(largest(big).box)

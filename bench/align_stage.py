@@ -1,0 +1,121 @@
+"""CPU per photo of the align stage as the pipeline runs it, in one process: exact vs speed vs reuse.
+
+    python bench/align_stage.py                   # 10 camera photos (1-3 MP), 3 repeats
+    python bench/align_stage.py --photos 5 --repeats 1
+
+What runs is `pipelines.align.AlignFaces` on a batch dict of JPEG bytes, with the ffhq_encode task
+(so: `DecodeImages` + alignment + the model input's PIL part), one thread, CPU time of this process
+(`time.process_time`, which other jobs disturb less than wall time). Settings:
+
+- exact: the default (`--min-face 64`), and `--min-face 128`;
+- speed: `--align-detect-size 512` (`psp_core.face_detection.WindowDetector`);
+- reuse: the exact setting given a `pipelines.reuse.StoredAlignment` of the same photos (what a rerun
+  with `--reuse-alignment` / `--alignment-from` does: decode, then the crop from stored landmarks);
+- decode only: `DecodeImages` alone, the floor every setting pays.
+
+Photos: the same as bench/cpu_per_face.py (skimage's astronaut at 1.0-3.0 MP, square and 4:3,
+mirrored every other one, JPEG q92). Printed: median CPU ms per photo over the repeats (each repeat
+one batch of all photos) and the min..max, plus the speed mode's landmark deviation from the exact
+mode (% of the inter-ocular distance). The whole-run cost (all processes, the pipeline's own
+per-row work included) is bench/cpu_per_face.py's.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+
+def batch_of(blobs: list[bytes]) -> dict:
+    from pipelines.sources import object_column
+
+    n = len(blobs)
+    return {
+        "source_uri": object_column([f"photo_{i}.jpg" for i in range(n)]),
+        "data": object_column(blobs),
+        "source_sha256": object_column([hashlib.sha256(b).hexdigest() for b in blobs]),
+        "status": object_column(["ok"] * n),
+        "error": object_column([""] * n),
+    }
+
+
+def stored_from(out: dict):
+    """A StoredAlignment of an AlignFaces output (one face row per input)."""
+    from pipelines.reuse import StoredAlignment
+
+    order = np.argsort(np.asarray(out["source_sha256"], dtype="S64"), kind="stable")
+    ok = np.asarray([s == "ok" for s in out["status"]])[order]
+    return StoredAlignment(
+        sha=np.asarray(out["source_sha256"], dtype="S64")[order],
+        no_face=~ok,
+        face_count=np.asarray(out["face_count"], np.int32)[order],
+        score=np.asarray(out["face_score"], np.float32)[order],
+        box=np.asarray(out["face_box"], np.float32)[order],
+        landmarks=np.asarray(out["landmarks"], np.float32)[order],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--photos", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--detect-size", type=int, default=512)
+    args = ap.parse_args(argv)
+
+    from bench.cpu_per_face import make_photos
+    from pipelines.align import AlignFaces
+    from pipelines.decode import DecodeImages
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "photos"
+        make_photos(folder, args.photos)
+        blobs = [p.read_bytes() for p in sorted(folder.iterdir())]
+    batch = batch_of(blobs)
+    exact = AlignFaces(task="ffhq_encode", keep_aligned=False)
+    reference = exact(batch)
+    assert all(s == "ok" for s in reference["status"]), list(reference["error"])
+    settings = {
+        "decode only (DecodeImages)": DecodeImages(),
+        "exact (min-face 64, the default)": exact,
+        "exact (min-face 128)": AlignFaces(task="ffhq_encode", keep_aligned=False, min_face=128),
+        f"speed (detect-size {args.detect_size})": AlignFaces(task="ffhq_encode", keep_aligned=False,
+                                                              aligner_kwargs={"detect_size": args.detect_size}),
+        "reuse (stored alignment)": AlignFaces(task="ffhq_encode", keep_aligned=False,
+                                               stored_alignment=stored_from(reference)),
+    }
+    n = len(blobs)
+    print(f"align stage, CPU ms per photo ({n} photos 1-3 MP, one batch per repeat, {args.repeats} repeats, 1 thread)")
+    outs = {}
+    for name, stage in settings.items():
+        times = []
+        for _ in range(args.repeats):
+            t = time.process_time()
+            outs[name] = stage(batch)
+            times.append(1000 * (time.process_time() - t) / n)
+        print(f"  {name:<36} {statistics.median(times):8.1f} ms  ({min(times):.1f}..{max(times):.1f})", flush=True)
+    reuse = outs["reuse (stored alignment)"]
+    same = np.array_equal(reuse["model_input"], reference["model_input"])
+    print(f"reuse: model inputs identical to the fresh exact alignment's: {same}")
+    speed = outs[f"speed (detect-size {args.detect_size})"]
+    lm_e, lm_s = reference["landmarks"].astype(np.float64), speed["landmarks"].astype(np.float64)
+    iod = np.linalg.norm(lm_e[:, 42:48].mean(1) - lm_e[:, 36:42].mean(1), axis=1)
+    dev = 100 * np.linalg.norm(lm_e - lm_s, axis=2).mean(1) / iod
+    print(f"speed mode landmarks vs exact: mean {dev.mean():.2f} % of the inter-ocular distance "
+          f"(worst photo {dev.max():.2f} %); another face (> 25 %): {int((dev > 25).sum())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -48,6 +48,7 @@ from pipelines.table import (
     WrittenRun,
     adoptable_rows,
     commit_run,
+    estimated_row_bytes,
     run_metadata,
     uncommitted_runs,
     write_run,
@@ -449,7 +450,9 @@ def process_items(resolved: ResolvedConfig, source: Listing | Sequence[SourceIte
         stored_ref = ray.put(stored) if stored is not None else None
         ds = redacted_rows(build_dataset(source, resolved, resources, clock, stored_ref, skip),
                            config.storage_options)
-        written = write_run(ds, table, resolved.run_id, resolved.checkpoint.n_styles)
+        written = write_run(ds, table, resolved.run_id, resolved.checkpoint.n_styles, row_bytes=estimated_row_bytes(
+            resolved.checkpoint.n_styles, config.images, config.image_size, resolved.checkpoint.output_size,
+            config.mix or 0))
         timings, counts, meta = clock.collect(written.rows)
         operators = _operator_names(ds)
     finally:

@@ -2,14 +2,16 @@
 
 One run, whatever the command (invert, frontalize, nightly):
 
-1. Ray Data's Delta sink (`RunSink`, a `DeltaDatasink`) writes the run's rows as Parquet files under
-   ``OUTPUT/runs/<run_id>/`` in the write tasks, and hands the driver the files' Delta add actions
-   and the image_ids they hold -- it does not commit;
+1. the run's sink (`RunSink`, a public `ray.data.Datasink`) writes the run's rows as Parquet files
+   under ``OUTPUT/runs/<run_id>/`` in the write tasks (one row group each, up to FILE_TARGET_ROWS
+   rows or FILE_TARGET_BYTES, with Delta statistics on the key and status columns), and hands the
+   driver the files' Delta add actions and status counts -- it does not commit;
 2. `commit_run` makes ONE Delta commit with those files, the files of rows adopted from a crashed
    run, and the removal of the rows they replace (and of deleted inputs): files holding such rows
    are removed and, if they hold other rows too, re-added as a rewritten copy without them. So the
    version after the commit holds exactly one row per input (per face with `--faces all`);
-   history keeps the old rows.
+   history keeps the old rows. The commit is made with deltalake's public API
+   (`DeltaTable.create_write_transaction`) and followed by a Delta checkpoint.
 
 Keys: `image_id` keys a row, `source_id` (= `image_id_for(source_uri)`) the input. Every input a
 run processes has a row whose image_id is its source_id (face 0, or its one image-level row), so
@@ -31,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import json
+import math
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -56,7 +59,6 @@ from schemas.table import (
     RUNS_DIR,
     delta_storage_options,
     is_local,
-    status_counts,
     table_dataset,
     table_info,
     table_properties,
@@ -329,30 +331,89 @@ def _concat(a: pa.Array, b: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pa.concat_arrays([a, b.cast(pa.string())])
 
 
+#: A run's data files: one Parquet row group each, closed at whichever comes first of
+#: FILE_TARGET_BYTES (Arrow bytes in memory, about the file's size before compression) and
+#: FILE_TARGET_ROWS. Ray hands each write task a bundle of about that many rows (`RunSink`), so a
+#: task holds one file's rows (zero-copy views of its input blocks), never a run.
+FILE_TARGET_BYTES = 64 * 2**20
+FILE_TARGET_ROWS = 10_000
+#: Columns with Delta statistics (min / max / null count) in each add action: the keys and status.
+STATS_COLUMNS = ("image_id", "source_id", "status")
+
+
+def estimated_row_bytes(n_styles: int, images: str = "none", image_size: str = "256", output_size: int = 1024,
+                        mix: int = 0, extra: int = 0) -> int:
+    """About how many Arrow bytes one output row takes (W+, an encoded image, the small columns):
+    what `RunSink` bundles rows by before the first block is seen."""
+    w_plus = n_styles * 512 * 4
+    side = output_size if str(image_size) == "full" else 256
+    image = 0 if images == "none" else side * side * (3 if images == "png" else 1) // 2
+    return int(1_500 + w_plus * (1 + mix) + image * (1 + mix) + extra)
+
+
+def rows_per_file(row_bytes: int, target_bytes: int = FILE_TARGET_BYTES, target_rows: int = FILE_TARGET_ROWS) -> int:
+    """Rows of one data file: `target_rows`, or fewer when `target_bytes` comes first."""
+    return max(1, min(int(target_rows), int(target_bytes) // max(1, int(row_bytes))))
+
+
+def file_stats(table: pa.Table, columns: Sequence[str] = STATS_COLUMNS) -> str:
+    """The Delta `stats` JSON of a data file: numRecords, and min / max / nullCount of `columns`."""
+    mins, maxs, nulls = {}, {}, {}
+    for name in columns:
+        col = table[name]
+        nulls[name] = col.null_count
+        if col.null_count < len(col):
+            mm = pc.min_max(col)
+            mins[name], maxs[name] = mm["min"].as_py(), mm["max"].as_py()
+    return json.dumps({"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls})
+
+
+@dataclass
+class WrittenFile:
+    """One data file a write task wrote: path relative to the table, bytes, rows, Delta stats JSON,
+    rows per status."""
+
+    path: str
+    size: int
+    rows: int
+    stats: str
+    counts: dict[str, int]
+    modified_ms: int
+
+    def add_action(self):
+        from deltalake.transaction import AddAction
+
+        return AddAction(self.path, self.size, {}, self.modified_ms, True, self.stats)
+
+
 def _run_sink_class():
-    from ray.data._internal.datasource.delta_datasink import (
-        DeltaDatasink,
-        DeltaWriteResult,
-    )
+    from ray.data import Datasink
 
-    @dataclass
-    class RunWriteResult(DeltaWriteResult):
-        counts: dict = field(default_factory=dict)  # rows per status
-        rows: int = 0
+    class RunSink(Datasink):
+        """The run's write tasks (Ray Data's public `Datasink`): each checks its rows (tensor
+        lengths), casts them to the output schema and writes them as Parquet data files of one
+        row group under ``OUTPUT/runs/<run_id>/``, each at most `rows_per_file` rows and
+        FILE_TARGET_BYTES; nothing is committed here. Ray bundles about one file's rows per task
+        (`min_rows_per_write`). File names are fixed per (sink, task, file), so a retried task
+        overwrites its own files and returns them once. The driver's `written` collects add
+        actions and status counts (never a value per row)."""
 
-    class RunSink(DeltaDatasink):
-        """Ray Data's Delta sink, writing one run's files under OUTPUT/runs/<run_id>/ without
-        committing: each block is checked (tensor lengths) and cast to the output schema (the
-        rows carry their listing facts from the read stage); the driver's `written` collects the
-        add actions and status counts (never a value per row)."""
-
-        def __init__(self, table: OutputTable, run_id: str, n_styles: int):
-            run_dir = f"{table.path}/{RUN_FILES}/{run_id}"
-            super().__init__(run_dir, storage_options=table.delta_options,
-                             filesystem=table.worker_filesystem(), schema_mode="error")
+        def __init__(self, table: OutputTable, run_id: str, n_styles: int, file_rows: int = FILE_TARGET_ROWS,
+                     file_bytes: int = FILE_TARGET_BYTES):
+            self.table = table
             self.run_id = run_id
             self.n_styles = n_styles
+            self.file_rows = max(1, int(file_rows))
+            self.file_bytes = max(1, int(file_bytes))
+            self.write_id = uuid.uuid4().hex
             self.written: WrittenRun | None = None
+
+        @property
+        def min_rows_per_write(self) -> int:
+            return self.file_rows
+
+        def get_name(self) -> str:
+            return "WriteRun"
 
         def _prepare(self, block) -> pa.Table:
             from ray.data.block import BlockAccessor
@@ -363,46 +424,63 @@ def _run_sink_class():
             validate_tensors(table, self.n_styles)
             return table
 
-        def write(self, blocks, ctx):
-            tables = [self._prepare(b) for b in blocks]
-            res = super().write(tables, ctx)
-            counts: dict[str, int] = {}
-            for t in tables:
-                for d in pc.value_counts(t["status"]).to_pylist():
-                    counts[d["values"]] = counts.get(d["values"], 0) + d["counts"]
-            return RunWriteResult(add_actions=res.add_actions, schemas=res.schemas, counts=counts,
-                                  rows=sum(t.num_rows for t in tables))
+        def _write_file(self, table: pa.Table, name: str) -> WrittenFile:
+            import pyarrow.parquet as pq
+
+            fs, root = self.table.filesystem()
+            rel = f"{RUN_FILES}/{self.run_id}/{name}"
+            full = f"{root}/{rel}"
+            fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
+            with fs.open(full, "wb") as f:
+                pq.write_table(table, f, row_group_size=max(1, table.num_rows), compression="snappy")
+                size = f.tell()
+            counts = {d["values"]: d["counts"] for d in pc.value_counts(table["status"]).to_pylist()}
+            return WrittenFile(rel, int(size), table.num_rows, file_stats(table), counts,
+                               int(time.time() * 1000))
+
+        def write(self, blocks, ctx) -> list[WrittenFile]:
+            task = int(getattr(ctx, "task_idx", 0) or 0)
+            # The task's input blocks are already in its memory (zero-copy views of the object
+            # store): cut them into files of even size, none over the row and byte targets.
+            tables = [t for t in (self._prepare(b) for b in blocks) if t.num_rows]
+            if not tables:
+                return []
+            whole = pa.concat_tables(tables)
+            per_row = max(1, whole.nbytes // whole.num_rows)
+            n_files = math.ceil(whole.num_rows / rows_per_file(per_row, self.file_bytes, self.file_rows))
+            step = math.ceil(whole.num_rows / n_files)
+            out = []
+            for k, start in enumerate(range(0, whole.num_rows, step)):
+                name = f"part-{self.write_id}-{task:06d}-{k:04d}.parquet"
+                out.append(self._write_file(whole.slice(start, step).combine_chunks(), name))
+            return out
 
         def on_write_complete(self, write_result) -> None:
-            from deltalake.transaction import AddAction
-
             written = WrittenRun(self.run_id)
-            prefix = f"{RUN_FILES}/{self.run_id}/"
-            for res in write_result.write_returns:
-                if res is None:
-                    continue
-                adds = [AddAction(prefix + a.path, a.size, a.partition_values, a.modification_time,
-                                  a.data_change, a.stats) for a in res.add_actions]
-                written.add_files(adds, res.counts, res.rows)
+            for files in write_result.write_returns:
+                for f in files or ():
+                    written.add_files([f.add_action()], f.counts, f.rows)
             self.written = written
 
     return RunSink
 
 
-def write_run(ds, table: OutputTable, run_id: str, n_styles: int) -> WrittenRun:
+def write_run(ds, table: OutputTable, run_id: str, n_styles: int, row_bytes: int | None = None) -> WrittenRun:
     """Write a Ray Dataset of output-schema tables as the files of run `run_id` (not committed).
 
     Rows carry their listing facts (source_size/mtime/etag) from the read stage. A block that is
     not an output table of `n_styles` fails the write; a failed block fails it too
     (`max_errored_blocks = 0`): rows are never silently lost. The driver gets add actions and
-    status counts, not a value per row.
+    status counts, not a value per row. row_bytes: about the bytes of one row
+    (`estimated_row_bytes`; None: W+ and the small columns), which sizes the data files.
     """
     from ray.data import DataContext
 
     check_run_id(run_id)
     DataContext.get_current().max_errored_blocks = 0
     ds.context.max_errored_blocks = 0
-    sink = _run_sink_class()(table, run_id, n_styles)
+    file_rows = rows_per_file(row_bytes or estimated_row_bytes(n_styles))
+    sink = _run_sink_class()(table, run_id, n_styles, file_rows=file_rows)
     ds.write_datasink(sink)
     return sink.written or WrittenRun(run_id)
 
@@ -581,8 +659,7 @@ def _removals(table: OutputTable, dt, drop_ids: pa.Array, run_id: str) -> tuple[
 def _dedupe(table: OutputTable, run: WrittenRun) -> WrittenRun:
     """`run` with each image_id once: a file holding a later copy of an id is rewritten without it
     (Ray retries write whole blocks again, so this should never happen; never commit a twin)."""
-    ids = run.ids.to_pylist()
-    if len(set(ids)) == len(ids):
+    if pc.count_distinct(run.ids).as_py() == len(run.ids):  # Arrow's hash, no Python object per row
         return run
     seen: set[str] = set()
     out = WrittenRun(run.run_id)
@@ -649,10 +726,51 @@ def commit_run(
                 raise
             time.sleep(0.2 * attempt)
             continue
-        version = table.load().version()
+        after = table.load()
+        version = after.version()
+        checkpoint(after)
         rewritten = sum(1 for a in removals if not hasattr(a, "deletion_timestamp"))
         return CommitResult(version, len(run.ids), removed, rewritten, attempt)
     return None  # pragma: no cover - the loop returns or raises
+
+
+def checkpoint(dt) -> bool:
+    """Write a Delta checkpoint of `dt`'s version (readers then open the table from it, not by
+    replaying every commit). A failed checkpoint costs readers time, never data: False then."""
+    import logging
+
+    try:
+        dt.create_checkpoint()
+    except Exception as e:  # noqa: BLE001 - the commit is done; the next run checkpoints again
+        logging.getLogger(__name__).warning("table %s: checkpoint after version %s failed: %s",
+                                            dt.table_uri, dt.version(), e)
+        return False
+    return True
+
+
+class StatusCounts:
+    """A `pipelines.scan.scan_table` aggregate: rows per status."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def add(self, batch, file: str = "") -> None:
+        for d in pc.value_counts(batch.column(0)).to_pylist():
+            self.counts[d["values"]] = self.counts.get(d["values"], 0) + d["counts"]
+
+    def merge(self, other: StatusCounts) -> None:
+        for k, v in other.counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+
+
+def table_status_counts(table: OutputTable, version: int) -> dict[str, int]:
+    """Rows per status of the table at `version`, read file by file (in Ray tasks for a table of
+    many files): the caller's memory does not grow with the table."""
+    from pipelines.scan import scan_table, table_files
+
+    files = table_files(table.uri, table.storage_options, version)
+    counts = scan_table(files, ["status"], StatusCounts).counts
+    return dict(sorted((k, v) for k, v in counts.items() if v))
 
 
 def write_run_summary(table: OutputTable, summary: Mapping[str, Any], version: int) -> dict:
@@ -661,8 +779,7 @@ def write_run_summary(table: OutputTable, summary: Mapping[str, Any], version: i
     import fsspec  # noqa: F401 - through table.filesystem()
 
     doc = dict(summary)
-    dt = table.load(version)
-    counts = status_counts(dt, table.uri, table.storage_options)
+    counts = table_status_counts(table, version)
     doc["table"] = {"version": version, "rows": sum(counts.values()), "counts": counts}
     fs, root = table.filesystem()
     text = json.dumps(doc, indent=2, sort_keys=True, default=_json_default) + "\n"

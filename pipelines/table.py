@@ -341,7 +341,7 @@ def _concat(a: pa.Array, b: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 #: A run's data files: one Parquet row group each, closed at whichever comes first of
 #: FILE_TARGET_BYTES (Arrow bytes in memory, about the file's size before compression) and
-#: FILE_TARGET_ROWS. Ray hands each write task a bundle of about that many rows (`RunSink`), so a
+#: FILE_TARGET_ROWS (give or take one input block). Ray hands each write task a bundle of about that many rows (`RunSink`), so a
 #: task holds one file's rows (zero-copy views of its input blocks), never a run.
 FILE_TARGET_BYTES = 64 * 2**20
 FILE_TARGET_ROWS = 10_000
@@ -455,7 +455,8 @@ def _run_sink_class():
                 return []
             whole = pa.concat_tables(tables)
             per_row = max(1, whole.nbytes // whole.num_rows)
-            n_files = math.ceil(whole.num_rows / rows_per_file(per_row, self.file_bytes, self.file_rows))
+            # Ray's bundles overshoot the target by up to a block: a file may too (never a tiny one).
+            n_files = max(1, round(whole.num_rows / rows_per_file(per_row, self.file_bytes, self.file_rows)))
             step = math.ceil(whole.num_rows / n_files)
             out = []
             for k, start in enumerate(range(0, whole.num_rows, step)):

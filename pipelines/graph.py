@@ -328,9 +328,7 @@ def build_dataset(source: Listing | Sequence[SourceItem], resolved: ResolvedConf
             "stage_clock": clock,
         },
         compute=ActorPoolStrategy(min_size=1, max_size=outputs["actors"]),
-        # Without images to encode a row costs microseconds here: big batches spread the batch
-        # conversions (Arrow <-> numpy) and the table build over many rows.
-        batch_size=DEFAULT_OUTPUT_BATCH if config.images != "none" or config.metrics else UNALIGNED_BATCH,
+        batch_size=DEFAULT_OUTPUT_BATCH,
         batch_format="numpy",
         num_cpus=outputs["num_cpus"],
     )
@@ -460,7 +458,7 @@ def process_items(resolved: ResolvedConfig, source: Listing | Sequence[SourceIte
                            config.storage_options)
         written = write_run(ds, table, resolved.run_id, resolved.checkpoint.n_styles, row_bytes=estimated_row_bytes(
             resolved.checkpoint.n_styles, config.images, config.image_size, resolved.checkpoint.output_size,
-            config.mix or 0))
+            config.mix or 0), expected_rows=source.total if isinstance(source, Listing) else len(source))
         timings, counts, meta = clock.collect(written.rows)
         operators = _operator_names(ds)
     finally:

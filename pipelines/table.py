@@ -345,6 +345,8 @@ def _concat(a: pa.Array, b: pa.Array | pa.ChunkedArray) -> pa.Array:
 #: task holds one file's rows (zero-copy views of its input blocks), never a run.
 FILE_TARGET_BYTES = 64 * 2**20
 FILE_TARGET_ROWS = 10_000
+#: A run smaller than MIN_RUN_FILES full files is still written as this many files.
+MIN_RUN_FILES = 8
 #: Columns with Delta statistics (min / max / null count) in each add action: the keys and status.
 STATS_COLUMNS = ("image_id", "source_id", "status")
 
@@ -474,7 +476,8 @@ def _run_sink_class():
     return RunSink
 
 
-def write_run(ds, table: OutputTable, run_id: str, n_styles: int, row_bytes: int | None = None) -> WrittenRun:
+def write_run(ds, table: OutputTable, run_id: str, n_styles: int, row_bytes: int | None = None,
+              expected_rows: int | None = None) -> WrittenRun:
     """Write a Ray Dataset of output-schema tables as the files of run `run_id` (not committed).
 
     Rows carry their listing facts (source_size/mtime/etag) from the read stage. A block that is
@@ -482,6 +485,9 @@ def write_run(ds, table: OutputTable, run_id: str, n_styles: int, row_bytes: int
     (`max_errored_blocks = 0`): rows are never silently lost. The driver gets add actions and
     status counts, not a value per row. row_bytes: about the bytes of one row
     (`estimated_row_bytes`; None: W+ and the small columns), which sizes the data files.
+    expected_rows: about how many rows the run writes (None: unknown); a small run is cut into
+    at least MIN_RUN_FILES files, so its first files are finished (and adoptable after a crash)
+    while the rest is still in flight.
     """
     from ray.data import DataContext
 
@@ -489,6 +495,8 @@ def write_run(ds, table: OutputTable, run_id: str, n_styles: int, row_bytes: int
     DataContext.get_current().max_errored_blocks = 0
     ds.context.max_errored_blocks = 0
     file_rows = rows_per_file(row_bytes or estimated_row_bytes(n_styles))
+    if expected_rows:
+        file_rows = min(file_rows, max(1, math.ceil(int(expected_rows) / MIN_RUN_FILES)))
     sink = _run_sink_class()(table, run_id, n_styles, file_rows=file_rows)
     ds.write_datasink(sink)
     return sink.written or WrittenRun(run_id)

@@ -423,7 +423,7 @@ def run_nightly(
     clock.lap("open_s")
     listing = _listed(config, table, run_id)
     clock.lap("list_s")
-    state = table.state(dt)
+    state = table.state(dt, with_file=False)  # the plan needs no file per row
     plan = plan_nightly(listing, state, sha, reprocess_on_model_change, retry_failed)
     clock.lap("plan_s")
     result = NightlyResult(run_id=run_id, plan=plan, timings=clock.laps, live=state.num_rows)

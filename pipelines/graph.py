@@ -166,12 +166,14 @@ def _clock_actor_class():
             self.statuses: Counter = Counter()
             self.meta: dict = {}
 
-        def record(self, stage: str, rows: int, seconds: float, end: float, statuses: dict, meta: dict) -> None:
-            s = self.stages.setdefault(stage, [0, 0.0, math.inf, -math.inf])
-            s[0] += rows
-            s[1] += seconds
-            s[2] = min(s[2], end - seconds)
-            s[3] = max(s[3], end)
+        def record(self, stage: str, rows: int, seconds: float, end: float, statuses: dict, meta: dict,
+                   parts: dict | None = None) -> None:
+            for name, secs in [(stage, seconds), *(parts or {}).items()]:
+                s = self.stages.setdefault(name, [0, 0.0, math.inf, -math.inf])
+                s[0] += rows
+                s[1] += secs
+                s[2] = min(s[2], end - secs)
+                s[3] = max(s[3], end)
             self.statuses.update(statuses)
             self.meta.update(meta)
 
@@ -195,8 +197,11 @@ class StageClock:
         seconds: float,
         statuses: Mapping[str, int] | None = None,
         meta: Mapping[str, Any] | None = None,
+        parts: Mapping[str, float] | None = None,
     ) -> None:
-        self.actor.record.remote(stage, int(rows), float(seconds), time.time(), dict(statuses or {}), dict(meta or {}))
+        """`parts`: time of named parts of the same rows' work (e.g. invert_device), in the same call."""
+        self.actor.record.remote(stage, int(rows), float(seconds), time.time(), dict(statuses or {}), dict(meta or {}),
+                                 {k: float(v) for k, v in (parts or {}).items()})
 
     def collect(self, expected_rows: int, timeout_s: float = 10.0) -> tuple[dict[str, StageTiming], dict[str, int], dict]:
         """Stage timings, status counts and meta, waiting until the final stage reported

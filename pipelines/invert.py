@@ -304,10 +304,9 @@ class InvertFaces:
         out["model_family"] = object_column([self.family] * n)
         out["n_iters"] = np.full(n, self.n_iters, dtype=np.int32)
         if self.stage_clock is not None:
-            self.stage_clock.record("invert", n, time.perf_counter() - start)
-            # of which the device side: copies in and out, the task's tensor transform, the model
-            # (what a GPU runs); the rest of 'invert' is the actor's block handling on the host
-            self.stage_clock.record("invert_device", n, model_s)
+            # of which the device side (invert_device): copies in and out, the task's tensor
+            # transform, the model (what a GPU runs); the rest is the actor's block handling
+            self.stage_clock.record("invert", n, time.perf_counter() - start, parts={"invert_device": model_s})
         return out
 
     def _run_rows(self, model_input, rows, n, seeds, status, error, uris) -> dict[str, np.ndarray]:

@@ -347,6 +347,8 @@ FILE_TARGET_BYTES = 64 * 2**20
 FILE_TARGET_ROWS = 10_000
 #: A run smaller than MIN_RUN_FILES full files is still written as this many files.
 MIN_RUN_FILES = 8
+#: CPUs each write task asks Ray for.
+WRITE_CPUS = 0.25
 #: Columns with Delta statistics (min / max / null count) in each add action: the keys and status.
 STATS_COLUMNS = ("image_id", "source_id", "status")
 
@@ -498,7 +500,10 @@ def write_run(ds, table: OutputTable, run_id: str, n_styles: int, row_bytes: int
     if expected_rows:
         file_rows = min(file_rows, max(1, math.ceil(int(expected_rows) / MIN_RUN_FILES)))
     sink = _run_sink_class()(table, run_id, n_styles, file_rows=file_rows)
-    ds.write_datasink(sink)
+    # Writing is I/O: a fractional CPU, so write tasks run beside the stages' actors while the run
+    # is in flight (a whole CPU waited for the read tasks to end on small machines, and every
+    # finished row waited in the object store until then).
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
     return sink.written or WrittenRun(run_id)
 
 

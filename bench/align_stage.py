@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 
 
 def batch_of(blobs: list[bytes]) -> dict:
-    from pipelines.sources import object_column
+    from pipelines.read import object_column
 
     n = len(blobs)
     return {

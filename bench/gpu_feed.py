@@ -26,6 +26,15 @@ default level, per image at 256² and 1024², on random content and on a photo (
 astronaut, resized), each checked to decode to exactly its pixels.
 
 Random-content images (compress worse than faces); ratios from one run are what to compare.
+
+    python bench/gpu_feed.py --pipeline 512   # the model actor inside a real `psp invert` run
+
+With --pipeline N: N generated 256 px PNGs through the real `psp invert` (its own local Ray, the
+zero-time model of `psp_core.zero_time`, `--align none --device cpu`, 256² PNG outputs). The model
+actor reports, per batch, its whole call (stage `invert`) and the part inside the model call
+(`invert_device`: copies to and from the device, the task's tensor transform, the model: what a
+GPU runs); the difference is the actor's host-side block handling per image, measured inside a
+pipeline run (target <= 0.5 ms/img).
 """
 from __future__ import annotations
 
@@ -287,13 +296,68 @@ def _pillow_png(a: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def pipeline_run(n: int, extra: list[str]) -> int:
+    """The model actor inside a real `psp invert` run of `n` 256 px PNGs (see the module doc)."""
+    import io
+    import json
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    from psp_core.zero_time import write_zero_time_checkpoint
+
+    root = Path(__file__).resolve().parent.parent
+    with tempfile.TemporaryDirectory(prefix="psp-gpufeed-") as tmp_s:
+        tmp = Path(tmp_s)
+        ckpt = write_zero_time_checkpoint(tmp / "zero_time.pt", output_size=1024)
+        inp = tmp / "in"
+        inp.mkdir()
+        rng = np.random.default_rng(0)
+        base = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+        for i in range(n):
+            px = base.copy()
+            px[0, 0] = (i % 256, i // 256 % 256, 3)
+            buf = io.BytesIO()
+            Image.fromarray(px).save(buf, format="PNG", compress_level=1)
+            (inp / f"img_{i:06d}.png").write_bytes(buf.getvalue())
+        env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env.setdefault("RAY_AUTH_MODE", "disabled")
+        env.pop("OMP_NUM_THREADS", None)
+        cmd = [sys.executable, "-m", "jobs", "invert", str(inp), str(tmp / "out"), "--checkpoint", ckpt,
+               "--align", "none", "--device", "cpu", "--no-progress", *extra]
+        proc = subprocess.run(cmd, env=env, cwd=str(root), capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"psp invert failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        doc = json.loads(next((tmp / "out" / "_runs").glob("*.json")).read_text())
+    stages = doc["stages"]
+    inv, dev = stages["invert"], stages.get("invert_device")
+    if not dev:
+        sys.exit("this psp invert does not report invert_device")
+    rows = inv["rows"]
+    host = 1e3 * (inv["busy_s"] - dev["busy_s"]) / rows
+    print(f"psp invert, {rows} 256 px PNGs, zero-time model, --align none, 256 png outputs "
+          f"(extra flags: {' '.join(extra) or 'none'}):")
+    print(f"  model actor call {1e3 * inv['busy_s'] / rows:.3f} ms/img = model call (device side: copies, tensor "
+          f"transform, model) {1e3 * dev['busy_s'] / rows:.3f} + host block handling {host:.3f} ms/img")
+    print(f"  host block handling: {host:.3f} ms/img ({'meets' if host <= 0.5 else 'MISSES'} the 0.5 ms/img target; "
+          f"a ceiling of {1e3 / host if host > 0 else float('inf'):,.0f} img/s per GPU)")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pipeline", type=int, default=0, metavar="N",
+                   help="measure the model actor inside a real psp invert run of N images instead")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more psp invert flags (--pipeline)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="2 timed batches per setting")
     p.add_argument("--settings", nargs="*", default=None, help="substrings of setting names to run")
     args = p.parse_args(argv)
+    if args.pipeline:
+        return pipeline_run(args.pipeline, args.extra)
     repeats = 2 if args.quick else args.repeats
     torch.set_num_threads(1)
     task = get_task("ffhq_encode")

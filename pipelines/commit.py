@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from pipelines.table import COMMIT_ATTEMPTS, RUN_FILES, ConcurrentRunError, OutputTable
 from pipelines.writer import WrittenRun
 from schemas.outputs import SCHEMA_VERSION, output_schema
-from schemas.table import COMMIT_RUN, COMMIT_RUN_ID, RUNS_DIR, status_counts
+from schemas.table import COMMIT_RUN, COMMIT_RUN_ID, RUNS_DIR
 
 
 @dataclass
@@ -87,8 +87,7 @@ def _removals(table: OutputTable, dt, drop_ids: pa.Array, run_id: str) -> tuple[
 def _dedupe(table: OutputTable, run: WrittenRun) -> WrittenRun:
     """`run` with each image_id once: a file holding a later copy of an id is rewritten without it
     (Ray retries write whole blocks again, so this should never happen; never commit a twin)."""
-    ids = run.ids.to_pylist()
-    if len(set(ids)) == len(ids):
+    if pc.count_distinct(run.ids).as_py() == len(run.ids):  # Arrow's hash, no Python object per row
         return run
     seen: set[str] = set()
     out = WrittenRun(run.run_id)
@@ -155,18 +154,58 @@ def commit_run(
                 raise
             time.sleep(0.2 * attempt)
             continue
-        version = table.load().version()
+        after = table.load()
+        version = after.version()
+        checkpoint(after)
         rewritten = sum(1 for a in removals if not hasattr(a, "deletion_timestamp"))
         return CommitResult(version, len(run.ids), removed, rewritten, attempt)
     return None  # pragma: no cover - the loop returns or raises
+
+
+def checkpoint(dt) -> bool:
+    """Write a Delta checkpoint of `dt`'s version (readers then open the table from it, not by
+    replaying every commit). A failed checkpoint costs readers time, never data: False then."""
+    import logging
+
+    try:
+        dt.create_checkpoint()
+    except Exception as e:  # noqa: BLE001 - the commit is done; the next run checkpoints again
+        logging.getLogger(__name__).warning("table %s: checkpoint after version %s failed: %s",
+                                            dt.table_uri, dt.version(), e)
+        return False
+    return True
+
+
+class StatusCounts:
+    """A `pipelines.scan.scan_table` aggregate: rows per status."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def add(self, batch, file: str = "") -> None:
+        for d in pc.value_counts(batch.column(0)).to_pylist():
+            self.counts[d["values"]] = self.counts.get(d["values"], 0) + d["counts"]
+
+    def merge(self, other: StatusCounts) -> None:
+        for k, v in other.counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+
+
+def table_status_counts(table: OutputTable, version: int) -> dict[str, int]:
+    """Rows per status of the table at `version`, read file by file (in Ray tasks for a table of
+    many files): the caller's memory does not grow with the table."""
+    from pipelines.scan import scan_table, table_files
+
+    files = table_files(table.uri, table.storage_options, version)
+    counts = scan_table(files, ["status"], StatusCounts).counts
+    return dict(sorted((k, v) for k, v in counts.items() if v))
 
 
 def write_run_summary(table: OutputTable, summary: Mapping[str, Any], version: int) -> dict:
     """Write ``OUTPUT/_runs/<run_id>.json``: the run's summary plus the whole table's counts at
     `version` (rows per status), so the state of the output is readable after every run."""
     doc = dict(summary)
-    dt = table.load(version)
-    counts = status_counts(dt, table.uri, table.storage_options)
+    counts = table_status_counts(table, version)
     doc["table"] = {"version": version, "rows": sum(counts.values()), "counts": counts}
     fs, root = table.filesystem()
     text = json.dumps(doc, indent=2, sort_keys=True, default=_json_default) + "\n"

@@ -26,7 +26,7 @@ from pipelines.items import SourceItem
 from pipelines.listing import Listing, listing_datasource
 from pipelines.secrets import WORKER_SETUP_HOOK, redacted_rows
 from pipelines.table import OutputTable
-from pipelines.writer import WrittenRun, write_run
+from pipelines.writer import WrittenRun, estimated_row_bytes, write_run
 
 STAGES = ("read", "decode", "align", "invert", "outputs")
 FINAL_STAGE = "outputs"  # the stage that reports each row's final status
@@ -66,12 +66,14 @@ def _clock_actor_class():
             self.statuses: Counter = Counter()
             self.meta: dict = {}
 
-        def record(self, stage: str, rows: int, seconds: float, end: float, statuses: dict, meta: dict) -> None:
-            s = self.stages.setdefault(stage, [0, 0.0, math.inf, -math.inf])
-            s[0] += rows
-            s[1] += seconds
-            s[2] = min(s[2], end - seconds)
-            s[3] = max(s[3], end)
+        def record(self, stage: str, rows: int, seconds: float, end: float, statuses: dict, meta: dict,
+                   parts: dict | None = None) -> None:
+            for name, secs in [(stage, seconds), *(parts or {}).items()]:
+                s = self.stages.setdefault(name, [0, 0.0, math.inf, -math.inf])
+                s[0] += rows
+                s[1] += secs
+                s[2] = min(s[2], end - secs)
+                s[3] = max(s[3], end)
             self.statuses.update(statuses)
             self.meta.update(meta)
 
@@ -95,8 +97,11 @@ class StageClock:
         seconds: float,
         statuses: Mapping[str, int] | None = None,
         meta: Mapping[str, Any] | None = None,
+        parts: Mapping[str, float] | None = None,
     ) -> None:
-        self.actor.record.remote(stage, int(rows), float(seconds), time.time(), dict(statuses or {}), dict(meta or {}))
+        """`parts`: time of named parts of the same rows' work (e.g. invert_device), in the same call."""
+        self.actor.record.remote(stage, int(rows), float(seconds), time.time(), dict(statuses or {}), dict(meta or {}),
+                                 {k: float(v) for k, v in (parts or {}).items()})
 
     def collect(self, expected_rows: int, timeout_s: float = 10.0) -> tuple[dict[str, StageTiming], dict[str, int], dict]:
         """Stage timings, status counts and meta, waiting until the final stage reported
@@ -357,7 +362,9 @@ def process_items(resolved: ResolvedConfig, source: Listing | Sequence[SourceIte
         stored_ref = ray.put(stored) if stored is not None else None
         stages = stage_options(resolved, resources["model"]["device"])
         ds = redacted_rows(build_dataset(source, stages, resources, clock, stored_ref, skip), config.storage_options)
-        written = write_run(ds, table, resolved.run_id, resolved.checkpoint.n_styles)
+        written = write_run(ds, table, resolved.run_id, resolved.checkpoint.n_styles, row_bytes=estimated_row_bytes(
+            resolved.checkpoint.n_styles, config.images, config.image_size, resolved.checkpoint.output_size,
+            config.mix or 0), expected_rows=source.total if isinstance(source, Listing) else len(source))
         timings, counts, meta = clock.collect(written.rows)
         operators = _operator_names(ds)
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import stat as _stat
 import threading
 import time
@@ -108,31 +109,58 @@ class ReadTimeout(TimeoutError):
     """A read that did not finish within its time limit."""
 
 
+class _ReadThreads:
+    """Daemon threads that run read calls, kept for the life of the process (a read task's or
+    actor's worker): starting a thread per read cost more than a small read. A call starts at
+    once (an idle thread takes it, or a new one is started), as with a thread per call; a thread
+    whose call never returns (a stalled read) is simply never idle again."""
+
+    def __init__(self):
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.idle = 0
+
+    def submit(self, call) -> tuple[list, threading.Event]:
+        box: list[Any] = [None]
+        done = threading.Event()
+        with self.lock:
+            if self.idle:
+                self.idle -= 1
+            else:
+                threading.Thread(target=self._work, daemon=True, name="psp-read").start()
+        self.jobs.put((call, box, done))
+        return box, done
+
+    def _work(self) -> None:
+        while True:
+            call, box, done = self.jobs.get()
+            try:
+                box[0] = call()
+            except BaseException as e:  # noqa: BLE001 - handed back as the row's result
+                box[0] = e
+            finally:
+                del call
+                done.set()
+            with self.lock:
+                self.idle += 1
+
+
+_read_threads = _ReadThreads()
+
+
 def _with_time_limits(calls: list, timeout_s: float | None) -> list:
-    """Run the zero-argument `calls` concurrently in daemon threads; each result is its return
+    """Run the zero-argument `calls` concurrently on daemon threads; each result is its return
     value or the exception it raised, or ReadTimeout when it ran over `timeout_s` (its thread is
     abandoned: a stalled read cannot hold the stage)."""
     if not calls:
         return []
-    results: list[Any] = [None] * len(calls)
-    done = [threading.Event() for _ in calls]
-
-    def run(i: int) -> None:
-        try:
-            results[i] = calls[i]()
-        except BaseException as e:  # noqa: BLE001 - handed back as the row's result
-            results[i] = e
-        finally:
-            done[i].set()
-
     deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
-    for i in range(len(calls)):
-        threading.Thread(target=run, args=(i,), daemon=True, name=f"psp-read-{i}").start()
+    jobs = [_read_threads.submit(call) for call in calls]
     out = []
-    for i, ev in enumerate(done):
+    for box, done in jobs:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if ev.wait(left):
-            out.append(results[i])
+        if done.wait(left):
+            out.append(box[0])
         else:
             out.append(ReadTimeout(f"timed out after {timeout_s:g} s (the read time limit); retried by a rerun"))
     return out

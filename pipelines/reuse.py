@@ -219,7 +219,7 @@ def load_stored_alignment(resolved: Any, items: Sequence[Any], table: Any) -> St
                 continue
             raise ConfigError(f"--alignment-from {source.uri!r}: no output table there; name a psp OUTPUT "
                               "(or drop the flag)")
-        rows = source.state(dt, STORED_COLUMNS, ids=ids).drop_columns(["_file"])
+        rows = source.state(dt, STORED_COLUMNS, ids=ids, with_file=False)
         runs = matching_runs(source, dt, signature, pc.unique(rows["run_id"]).to_pylist())
         if not runs:
             continue

@@ -107,6 +107,12 @@ class RunSummary:
             if s:
                 per_row = 1e3 * s["busy_s"] / s["rows"] if s["rows"] else 0.0
                 lines.append(f"  {name:<8} {s['rows']:>7} {s['rows_per_s']:>9.2f} {s['busy_s']:>9.2f} {per_row:>9.1f}")
+        device = self.stages.get("invert_device")
+        if device and device["rows"]:
+            host = self.stages.get("invert", device)["busy_s"] - device["busy_s"]
+            lines.append(f"  invert: {1e3 * device['busy_s'] / device['rows']:.2f} ms/row in the model call "
+                         f"(device copies, tensor transform, model), {1e3 * host / device['rows']:.2f} ms/row of "
+                         "block handling around it")
         reused = self.stages.get("align_reused")
         if reused:
             lines.append(f"  alignment reused (no detection) for {reused['rows']} inputs; --no-reuse-alignment detects again")

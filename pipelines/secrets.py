@@ -357,6 +357,7 @@ def redacted_rows(ds, storage_options: Any = None):
         batch_format="pyarrow",
         batch_size=None,
         zero_copy_batch=True,
+        num_cpus=0.25,  # the write tasks' (pipelines.table.WRITE_CPUS): fused with them, I/O bound
     )
 
 

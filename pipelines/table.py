@@ -46,6 +46,8 @@ from schemas.table import (
 RUN_FILES = "runs"  # OUTPUT/runs/<run_id>/*.parquet: the data files each run writes
 COMMIT_ATTEMPTS = 5
 TABLE_NAME = "psp_outputs"
+#: Columns with Delta statistics (min / max / null count) in each add action: the keys and status.
+STATS_COLUMNS = ("image_id", "source_id", "status")
 # What planning and adoption read of the current rows (never the images or tensors).
 STATE_COLUMNS = ("image_id", "source_id", "source_uri", "status", "checkpoint_sha256", "source_size",
                  "source_mtime", "source_etag", "run_id")
@@ -98,7 +100,10 @@ class OutputTable:
         if not (dt.metadata().configuration or {}) and dt.metadata().name == TABLE_NAME:
             # delta-rs rejects custom properties at creation; they go in the next commit (also
             # when a run died between the two).
-            dt.alter.set_table_properties(table_properties(n_styles), raise_if_not_exists=False)
+            # Statistics only on the key and status columns (delta-rs honours it when it writes,
+            # e.g. in `psp vacuum`'s compaction; the run sink writes the same ones).
+            props = {**table_properties(n_styles), "delta.dataSkippingStatsColumns": ",".join(STATS_COLUMNS)}
+            dt.alter.set_table_properties(props, raise_if_not_exists=False)
             dt = self.load()
         try:
             info = table_info(dt, self.uri)
@@ -111,11 +116,14 @@ class OutputTable:
             )
         return dt
 
-    def state(self, dt, columns: Sequence[str] = STATE_COLUMNS, ids: pa.Array | None = None) -> pa.Table:
-        """The rows of `dt`'s loaded version (only `columns`, plus `_file`: the data file holding
-        the row, relative to the table), restricted to the rows of `ids` when given: image_id or
-        source_id in `ids` (an input's source_id finds all its face rows)."""
-        schema = pa.schema([output_schema(1).field(c) for c in columns]).append(pa.field("_file", pa.string()))
+    def state(self, dt, columns: Sequence[str] = STATE_COLUMNS, ids: pa.Array | None = None,
+              with_file: bool = True) -> pa.Table:
+        """The rows of `dt`'s loaded version (only `columns`, plus, `with_file`, `_file`: the data
+        file holding the row, relative to the table), restricted to the rows of `ids` when given:
+        image_id or source_id in `ids` (an input's source_id finds all its face rows)."""
+        schema = pa.schema([output_schema(1).field(c) for c in columns])
+        if with_file:
+            schema = schema.append(pa.field("_file", pa.string()))
         if dt is None:
             return schema.empty_table()
         from concurrent.futures import ThreadPoolExecutor
@@ -124,6 +132,8 @@ class OutputTable:
 
         def read(fragment) -> pa.Table:
             t = fragment.to_table(columns=list(columns), filter=flt)
+            if not with_file:
+                return t
             return t.append_column("_file", pa.array([fragment.path] * t.num_rows, pa.string()))
 
         fragments = list(table_dataset(dt, self.uri, self.storage_options).get_fragments())

@@ -1,9 +1,14 @@
-"""Writing a run's files: Ray write tasks write Parquet under ``OUTPUT/runs/<run_id>/``; the driver
-gets the Delta add actions and status counts (never a value per row) and commits later
-(`pipelines.commit`).
+"""Writing a run's files: Ray write tasks (`RunSink`, a public `ray.data.Datasink`) write Parquet
+under ``OUTPUT/runs/<run_id>/`` -- one row group per file, up to FILE_TARGET_ROWS rows or
+FILE_TARGET_BYTES, with Delta statistics on the key and status columns -- and the driver gets the
+files' Delta add actions and status counts (never a value per row); `pipelines.commit` commits them.
 """
 from __future__ import annotations
 
+import json
+import math
+import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.table import RUN_FILES, OutputTable
+from pipelines.table import RUN_FILES, STATS_COLUMNS, OutputTable
 from schemas.ids import check_run_id
 from schemas.outputs import output_schema, validate_tensors
 
@@ -79,30 +84,91 @@ def _concat(a: pa.Array, b: pa.Array | pa.ChunkedArray) -> pa.Array:
     return pa.concat_arrays([a, b.cast(pa.string())])
 
 
+#: A run's data files: one Parquet row group each, closed at whichever comes first of
+#: FILE_TARGET_BYTES (Arrow bytes in memory, about the file's size before compression) and
+#: FILE_TARGET_ROWS (give or take one input block). Ray hands each write task a bundle of about that many rows (`RunSink`), so a
+#: task holds one file's rows (zero-copy views of its input blocks), never a run.
+FILE_TARGET_BYTES = 64 * 2**20
+FILE_TARGET_ROWS = 10_000
+#: A run smaller than MIN_RUN_FILES full files is still written as this many files.
+MIN_RUN_FILES = 8
+#: CPUs each write task asks Ray for.
+WRITE_CPUS = 0.25
+
+
+def estimated_row_bytes(n_styles: int, images: str = "none", image_size: str = "256", output_size: int = 1024,
+                        mix: int = 0, extra: int = 0) -> int:
+    """About how many Arrow bytes one output row takes (W+, an encoded image, the small columns):
+    what `RunSink` bundles rows by before the first block is seen."""
+    w_plus = n_styles * 512 * 4
+    side = output_size if str(image_size) == "full" else 256
+    image = 0 if images == "none" else side * side * (3 if images == "png" else 1) // 2
+    return int(1_500 + w_plus * (1 + mix) + image * (1 + mix) + extra)
+
+
+def rows_per_file(row_bytes: int, target_bytes: int = FILE_TARGET_BYTES, target_rows: int = FILE_TARGET_ROWS) -> int:
+    """Rows of one data file: `target_rows`, or fewer when `target_bytes` comes first."""
+    return max(1, min(int(target_rows), int(target_bytes) // max(1, int(row_bytes))))
+
+
+def file_stats(table: pa.Table, columns: Sequence[str] = STATS_COLUMNS) -> str:
+    """The Delta `stats` JSON of a data file: numRecords, and min / max / nullCount of `columns`."""
+    mins, maxs, nulls = {}, {}, {}
+    for name in columns:
+        col = table[name]
+        nulls[name] = col.null_count
+        if col.null_count < len(col):
+            mm = pc.min_max(col)
+            mins[name], maxs[name] = mm["min"].as_py(), mm["max"].as_py()
+    return json.dumps({"numRecords": table.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls})
+
+
+@dataclass
+class WrittenFile:
+    """One data file a write task wrote: path relative to the table, bytes, rows, Delta stats JSON,
+    rows per status."""
+
+    path: str
+    size: int
+    rows: int
+    stats: str
+    counts: dict[str, int]
+    modified_ms: int
+
+    def add_action(self):
+        from deltalake.transaction import AddAction
+
+        return AddAction(self.path, self.size, {}, self.modified_ms, True, self.stats)
+
+
 def _run_sink_class():
-    from ray.data._internal.datasource.delta_datasink import (
-        DeltaDatasink,
-        DeltaWriteResult,
-    )
+    from ray.data import Datasink
 
-    @dataclass
-    class RunWriteResult(DeltaWriteResult):
-        counts: dict = field(default_factory=dict)  # rows per status
-        rows: int = 0
+    class RunSink(Datasink):
+        """The run's write tasks (Ray Data's public `Datasink`): each checks its rows (tensor
+        lengths), casts them to the output schema and writes them as Parquet data files of one
+        row group under ``OUTPUT/runs/<run_id>/``, each at most `rows_per_file` rows and
+        FILE_TARGET_BYTES; nothing is committed here. Ray bundles about one file's rows per task
+        (`min_rows_per_write`). File names are fixed per (sink, task, file), so a retried task
+        overwrites its own files and returns them once. The driver's `written` collects add
+        actions and status counts (never a value per row)."""
 
-    class RunSink(DeltaDatasink):
-        """Ray Data's Delta sink, writing one run's files under OUTPUT/runs/<run_id>/ without
-        committing: each block is checked (tensor lengths) and cast to the output schema (the
-        rows carry their listing facts from the read stage); the driver's `written` collects the
-        add actions and status counts (never a value per row)."""
-
-        def __init__(self, table: OutputTable, run_id: str, n_styles: int):
-            run_dir = f"{table.path}/{RUN_FILES}/{run_id}"
-            super().__init__(run_dir, storage_options=table.delta_options,
-                             filesystem=table.worker_filesystem(), schema_mode="error")
+        def __init__(self, table: OutputTable, run_id: str, n_styles: int, file_rows: int = FILE_TARGET_ROWS,
+                     file_bytes: int = FILE_TARGET_BYTES):
+            self.table = table
             self.run_id = run_id
             self.n_styles = n_styles
+            self.file_rows = max(1, int(file_rows))
+            self.file_bytes = max(1, int(file_bytes))
+            self.write_id = uuid.uuid4().hex
             self.written: WrittenRun | None = None
+
+        @property
+        def min_rows_per_write(self) -> int:
+            return self.file_rows
+
+        def get_name(self) -> str:
+            return "WriteRun"
 
         def _prepare(self, block) -> pa.Table:
             from ray.data.block import BlockAccessor
@@ -113,45 +179,72 @@ def _run_sink_class():
             validate_tensors(table, self.n_styles)
             return table
 
-        def write(self, blocks, ctx):
-            tables = [self._prepare(b) for b in blocks]
-            res = super().write(tables, ctx)
-            counts: dict[str, int] = {}
-            for t in tables:
-                for d in pc.value_counts(t["status"]).to_pylist():
-                    counts[d["values"]] = counts.get(d["values"], 0) + d["counts"]
-            return RunWriteResult(add_actions=res.add_actions, schemas=res.schemas, counts=counts,
-                                  rows=sum(t.num_rows for t in tables))
+        def _write_file(self, table: pa.Table, name: str) -> WrittenFile:
+            import pyarrow.parquet as pq
+
+            fs, root = self.table.filesystem()
+            rel = f"{RUN_FILES}/{self.run_id}/{name}"
+            full = f"{root}/{rel}"
+            fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
+            with fs.open(full, "wb") as f:
+                pq.write_table(table, f, row_group_size=max(1, table.num_rows), compression="snappy")
+                size = f.tell()
+            counts = {d["values"]: d["counts"] for d in pc.value_counts(table["status"]).to_pylist()}
+            return WrittenFile(rel, int(size), table.num_rows, file_stats(table), counts,
+                               int(time.time() * 1000))
+
+        def write(self, blocks, ctx) -> list[WrittenFile]:
+            task = int(getattr(ctx, "task_idx", 0) or 0)
+            # The task's input blocks are already in its memory (zero-copy views of the object
+            # store): cut them into files of even size, none over the row and byte targets.
+            tables = [t for t in (self._prepare(b) for b in blocks) if t.num_rows]
+            if not tables:
+                return []
+            whole = pa.concat_tables(tables)
+            per_row = max(1, whole.nbytes // whole.num_rows)
+            # Ray's bundles overshoot the target by up to a block: a file may too (never a tiny one).
+            n_files = max(1, round(whole.num_rows / rows_per_file(per_row, self.file_bytes, self.file_rows)))
+            step = math.ceil(whole.num_rows / n_files)
+            out = []
+            for k, start in enumerate(range(0, whole.num_rows, step)):
+                name = f"part-{self.write_id}-{task:06d}-{k:04d}.parquet"
+                out.append(self._write_file(whole.slice(start, step).combine_chunks(), name))
+            return out
 
         def on_write_complete(self, write_result) -> None:
-            from deltalake.transaction import AddAction
-
             written = WrittenRun(self.run_id)
-            prefix = f"{RUN_FILES}/{self.run_id}/"
-            for res in write_result.write_returns:
-                if res is None:
-                    continue
-                adds = [AddAction(prefix + a.path, a.size, a.partition_values, a.modification_time,
-                                  a.data_change, a.stats) for a in res.add_actions]
-                written.add_files(adds, res.counts, res.rows)
+            for files in write_result.write_returns:
+                for f in files or ():
+                    written.add_files([f.add_action()], f.counts, f.rows)
             self.written = written
 
     return RunSink
 
 
-def write_run(ds, table: OutputTable, run_id: str, n_styles: int) -> WrittenRun:
+def write_run(ds, table: OutputTable, run_id: str, n_styles: int, row_bytes: int | None = None,
+              expected_rows: int | None = None) -> WrittenRun:
     """Write a Ray Dataset of output-schema tables as the files of run `run_id` (not committed).
 
     Rows carry their listing facts (source_size/mtime/etag) from the read stage. A block that is
     not an output table of `n_styles` fails the write; a failed block fails it too
     (`max_errored_blocks = 0`): rows are never silently lost. The driver gets add actions and
-    status counts, not a value per row.
+    status counts, not a value per row. row_bytes: about the bytes of one row
+    (`estimated_row_bytes`; None: W+ and the small columns), which sizes the data files.
+    expected_rows: about how many rows the run writes (None: unknown); a small run is cut into
+    at least MIN_RUN_FILES files, so its first files are finished (and adoptable after a crash)
+    while the rest is still in flight.
     """
     from ray.data import DataContext
 
     check_run_id(run_id)
     DataContext.get_current().max_errored_blocks = 0
     ds.context.max_errored_blocks = 0
-    sink = _run_sink_class()(table, run_id, n_styles)
-    ds.write_datasink(sink)
+    file_rows = rows_per_file(row_bytes or estimated_row_bytes(n_styles))
+    if expected_rows:
+        file_rows = min(file_rows, max(1, math.ceil(int(expected_rows) / MIN_RUN_FILES)))
+    sink = _run_sink_class()(table, run_id, n_styles, file_rows=file_rows)
+    # Writing is I/O: a fractional CPU, so write tasks run beside the stages' actors while the run
+    # is in flight (a whole CPU waited for the read tasks to end on small machines, and every
+    # finished row waited in the object store until then).
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": WRITE_CPUS})
     return sink.written or WrittenRun(run_id)

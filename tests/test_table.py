@@ -1,5 +1,5 @@
-"""The output table's writer and commit protocol: Ray write tasks write a run's files through Ray
-Data's Delta sink, the driver commits once (locally and on S3 over HTTP via moto); two runs at once
+"""The output table's writer and commit protocol: Ray write tasks write a run's files through the
+run sink (a public Ray Datasink), the driver commits once (locally and on S3 over HTTP via moto); two runs at once
 never both commit an input; a crashed run is invisible, its rows are adopted by the next run and
 `psp vacuum` deletes its files; readers (schemas, Ray `read_delta`, `psp inspect`) see one row
 per input."""
@@ -208,6 +208,37 @@ def test_ray_sink_writes_one_commit_read_back_by_ray_and_without(ray_cluster, tm
     assert len(got) == 6
     np.testing.assert_array_equal(np.asarray(got[0]["w_plus"], np.float32).reshape(N_STYLES, 512),
                                   want[got[0]["image_id"]])
+
+
+@pytest_slow
+def test_run_files_are_single_row_groups_with_key_statistics_and_each_commit_checkpoints(ray_cluster, tmp_path):
+    """The run sink's data files: one Parquet row group each, no more rows than the file target
+    (give or take one block), Delta statistics on image_id / source_id / status only; the commit
+    is followed by a Delta checkpoint; every row is there once."""
+    import pyarrow.parquet as pq
+
+    from pipelines.commit import commit_run
+    from pipelines.table import OutputTable
+    from pipelines.writer import FILE_TARGET_BYTES, write_run
+
+    rows = make_rows(n_ok=10, n_err=2)
+    out = tmp_path / "out"
+    table = OutputTable(str(out))
+    v = table.ensure(N_STYLES).version()
+    # rows "as big as" a third of the byte target: three rows per file
+    written = write_run(ray_dataset(rows, n_blocks=4), table, "run-f", N_STYLES, row_bytes=FILE_TARGET_BYTES // 3)
+    assert written.counts() == {"decode_error": 2, "ok": 10} and len(written.adds) >= 2
+    for add in written.adds:
+        meta = pq.read_metadata(out / add.path)
+        assert meta.num_row_groups == 1 and 1 <= meta.num_rows <= 6
+        stats = json.loads(add.stats)
+        assert stats["numRecords"] == meta.num_rows
+        assert set(stats["minValues"]) == set(stats["maxValues"]) == {"image_id", "source_id", "status"}
+        assert add.size == (out / add.path).stat().st_size
+    assert sum(json.loads(a.stats)["numRecords"] for a in written.adds) == 12
+    result = commit_run(table, written, N_STYLES, {"run_id": "run-f"}, v)
+    assert json.loads((out / "_delta_log" / "_last_checkpoint").read_text())["version"] == result.version
+    assert set(current(out)) == {r["source_uri"] for r in rows}
 
 
 @pytest_slow

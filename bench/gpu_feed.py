@@ -9,7 +9,7 @@ Method (DESIGN.md, Performance): the model's outputs are precomputed tensors of 
 does around the model. `time.process_time` over one thread (torch and BLAS limited to 1) counts the
 process's CPU time per image. Reported per setting:
 
-  model actor, host   the new `pipelines.invert.InvertFaces` per batch, minus the tensor ops below
+  model actor, host   the new `pipelines.model.InvertFaces` per batch, minus the tensor ops below
                       (target <= 0.5 ms/img: a ceiling >= 2,000 img/s per GPU)
   tensor ops          uint8 -> float model input, images -> uint8 (tensor2im) and the failed-row
                       scatter: on a GPU these run on the device; here they run on this CPU
@@ -51,7 +51,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pipelines.invert import InvertFaces, ModelOptions  # noqa: E402
+from pipelines.model import InvertFaces, ModelOptions  # noqa: E402
 from pipelines.outputs import EncodeOutputs, encode_image, encode_png  # noqa: E402
 from pipelines.read import object_column  # noqa: E402
 from psp_core.tasks import get_task, tensor2im  # noqa: E402

@@ -8,7 +8,7 @@
 
 Needs only torch and numpy (plus this repository): no Ray, no pillow, no pyarrow.
 
-The CUDA grid times what one model actor does per batch on its device (`pipelines.invert`):
+The CUDA grid times what one model actor does per batch on its device (`pipelines.model`):
 uint8 crops [B,256,256,3] -> `Task.to_model_input` -> `PSP.encode` -> `PSP.decode` at the full output
 size -> `images_to_uint8` (the original tensor2im rounding), for
   output size 1024 and 256 (n_styles 18 / 14) x batch 8, 32, 64

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from pipelines.align import DEFAULT_MIN_FACE, FACE_MODES, check_faces
-from pipelines.invert import PRECISIONS, check_precision
+from pipelines.model import PRECISIONS, check_precision
 from pipelines.options import ConfigError, check_options, option, shared
 from pipelines.read import DEFAULT_READ_TIMEOUT_S
 from psp_core.images import DEFAULT_DECODE_TIMEOUT_S

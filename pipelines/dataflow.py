@@ -2,7 +2,7 @@
 (CPU actors) -> the run's files in the output table (not committed).
 
 `build_dataset` is the one short function that wires the stages (plain callables on batch dicts:
-`pipelines.sources.read_batch`, `pipelines.align.AlignFaces`, `pipelines.invert.InvertFaces`,
+`pipelines.sources.read_batch`, `pipelines.align.AlignFaces`, `pipelines.model.InvertFaces`,
 `pipelines.outputs.EncodeOutputs`); `process_items` runs it for one run -- the process and write
 steps of `pipelines.run.execute` -- and hands back the uncommitted files, the per-stage timings
 (stages report to a small `StageClock` actor) and the status counts. `pipeline_resources` decides
@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipelines.config import ConfigError, ResolvedConfig, code_version
-from pipelines.invert import ModelOptions
 from pipelines.items import SourceItem
 from pipelines.listing import Listing, listing_datasource
+from pipelines.model import ModelOptions
 from pipelines.secrets import WORKER_SETUP_HOOK, redacted_rows
 from pipelines.table import OutputTable
 from pipelines.writer import WrittenRun, estimated_row_bytes, write_run
@@ -181,7 +181,7 @@ class StageOptions:
 def stage_options(resolved: ResolvedConfig, device: str) -> StageOptions:
     """The one place a run's resolved options are split into what each stage takes. device: where
     the model actors run ('cpu' or 'cuda', as `pipeline_resources` decided)."""
-    from pipelines.invert import DEFAULT_CPU_BATCH, DEFAULT_GPU_BATCH
+    from pipelines.model import DEFAULT_CPU_BATCH, DEFAULT_GPU_BATCH
     from psp_core.tasks import get_task
 
     c = resolved.config
@@ -232,7 +232,7 @@ def build_dataset(source: Listing | Sequence[SourceItem], stages: StageOptions, 
     from ray.data import ActorPoolStrategy
 
     from pipelines.align import AlignFaces
-    from pipelines.invert import InvertFaces
+    from pipelines.model import InvertFaces
     from pipelines.outputs import DEFAULT_OUTPUT_BATCH, EncodeOutputs
     from pipelines.read import read_batch
 
@@ -269,7 +269,7 @@ def pipeline_resources(cluster_resources: Mapping[str, Any], resolved: ResolvedC
     """What the model and outputs actors request on this cluster (pure; ValueError when the config
     cannot run there, e.g. --precision fp16 without GPUs). The model actor requests the host
     memory it uses (`model_actor_memory`, from the checkpoint's size)."""
-    from pipelines.invert import DEFAULT_CPU_BATCH, DEFAULT_GPU_BATCH, invert_resources, model_actor_memory
+    from pipelines.model import DEFAULT_CPU_BATCH, DEFAULT_GPU_BATCH, invert_resources, model_actor_memory
     from pipelines.outputs import outputs_resources
 
     config = resolved.config

@@ -351,7 +351,7 @@ def run_edit(config: EditConfig) -> EditSummary:
     from ray.data import ActorPoolStrategy
 
     from pipelines.dataflow import ensure_ray
-    from pipelines.invert import invert_resources
+    from pipelines.model import invert_resources
     from psp_core.checkpoint import CheckpointError
     from psp_core.editing import DirectionError, load_decoder, load_direction
     from schemas.edits import read_edits

@@ -9,7 +9,7 @@ the identity distance between the crop (`aligned`) and the 256x256 reconstructio
 `image` when that is 256), and builds the table with `schemas.columns_to_table`, so every output
 file has the same schema. A row whose encoding fails becomes 'invert_error' alone.
 
-In: the columns `pipelines.invert.InvertFaces` hands on (see its module docstring), with the face
+In: the columns `pipelines.model.InvertFaces` hands on (see its module docstring), with the face
 columns of `pipelines.align.AlignFaces` (face_index, face_count, face_box; -1 / NaN without a face).
 Out: a pyarrow table of the output schema, one row per input row; `image_id` is
 `schemas.ids.face_image_id(source_uri, face_index)` and `source_id` `image_id_for(source_uri)`.

@@ -103,7 +103,7 @@ def test_align_all_keeps_faces_of_min_face_px_and_best_is_todays_row(blobs):
 def test_each_face_row_has_its_own_mix_seed(blobs, tiny_checkpoint):
     """--mix with --faces all: the styles mixed into face 1 are not face 0's (seeds per row key)."""
     from pipelines.align import AlignFaces
-    from pipelines.invert import InvertFaces, ModelOptions
+    from pipelines.model import InvertFaces, ModelOptions
 
     out = AlignFaces(mode="dlib", task="ffhq_encode", faces="all")(read_batch(blobs[:1]))
     mixed = InvertFaces(tiny_checkpoint, ModelOptions("ffhq_encode", device="cpu", cpu_threads=2, images="none",

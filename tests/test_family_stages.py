@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pipelines.align import AlignFaces
-from pipelines.invert import InvertFaces, ModelOptions
+from pipelines.model import InvertFaces, ModelOptions
 from pipelines.outputs import EncodeOutputs
 from psp_core import load_psp
 from psp_core.tasks import get_task

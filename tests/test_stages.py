@@ -10,7 +10,7 @@ from PIL import Image
 
 from jobs.demo import sample_files
 from pipelines.align import AlignFaces
-from pipelines.invert import InvertFaces, ModelOptions, invert_resources, model_actor_memory
+from pipelines.model import InvertFaces, ModelOptions, invert_resources, model_actor_memory
 from pipelines.outputs import EncodeOutputs, encode_image, encode_png, outputs_resources
 
 

@@ -49,6 +49,7 @@ PARTITION_ROWS = 500_000  # listing + table rows per partition: a reduce task's 
 LOCAL_MAX_ROWS = 50_000  # below this (both sides) the plan runs in the calling process
 MAP_SHARDS = 4  # listing shards per map task
 MAP_FILES = 8  # table data files per map task
+TODO_SHARD_ROWS = 2048  # rows per shard of the plan's output: one read task each
 ORDER = "_order"  # listing order: shard index << 32 | row
 
 
@@ -247,8 +248,9 @@ def _map_state(files, paths, partitions):
 
 
 def _reduce(p: int, rule: DiffRule, out: str, storage_options, n_listed: int, *parts: pa.Table):
-    """Partition `p`: join, write the rows to process to `out` (when any); (path or None, rows,
-    deleted source_uris, counts)."""
+    """Partition `p`: join, write the rows to process as shards of at most `TODO_SHARD_ROWS` rows
+    named `out`-NNNNN.parquet (the read stage reads one shard per task, so a partition's rows are
+    read in parallel); ([(path, rows)], deleted source_uris, counts)."""
     listed = [t for t in parts[:n_listed] if t.num_rows]
     state = [t for t in parts[n_listed:] if t.num_rows]
     schema = SHARD_SCHEMA.append(pa.field(ORDER, pa.int64()))
@@ -256,9 +258,13 @@ def _reduce(p: int, rule: DiffRule, out: str, storage_options, n_listed: int, *p
     listed = listed.take(pc.sort_indices(listed[ORDER]))
     state = pa.concat_tables(state) if state else _empty_state()
     todo, deleted, counts = diff_partition(listed, state, rule)
-    if todo.num_rows:
-        write_shard(todo, out, storage_options)
-    return (out if todo.num_rows else None), todo.num_rows, deleted, counts
+    shards = []
+    for k, start in enumerate(range(0, todo.num_rows, TODO_SHARD_ROWS)):
+        path = f"{out}-{k:05d}.parquet"
+        part = todo.slice(start, TODO_SHARD_ROWS)
+        write_shard(part, path, storage_options)
+        shards.append((path, part.num_rows))
+    return shards, deleted, counts
 
 
 def _empty_state() -> pa.Table:
@@ -307,7 +313,7 @@ def diff(listing: Listing, table, dt, scratch: str, rule: DiffRule, *, use_ray: 
     partitions = plan_partitions(listing.total, table_rows, partition_rows) if use_ray else 1
     listing_groups = [(paths[i:i + MAP_SHARDS], i) for i in range(0, len(paths), MAP_SHARDS)]
     state_groups = [] if files is None else [files.paths[i:i + MAP_FILES] for i in range(0, len(files.paths), MAP_FILES)]
-    outs = [f"{root}/todo-{p:05d}.parquet" for p in range(partitions)]
+    outs = [f"{root}/todo-{p:05d}" for p in range(partitions)]
     if not use_ray:
         parts = [_map_listing(g, first, so, 1) for g, first in listing_groups]
         parts += [_map_state(files, g, 1) for g in state_groups]
@@ -333,8 +339,8 @@ def diff(listing: Listing, table, dt, scratch: str, rule: DiffRule, *, use_ray: 
     todo = Listing([], [], listing.not_inputs, so, root)
     counts = dict.fromkeys(BUCKETS, 0)
     deleted = []
-    for path, rows, gone, part_counts in results:
-        if path is not None:
+    for shards, gone, part_counts in results:
+        for path, rows in shards:
             todo.paths.append(path)
             todo.rows.append(rows)
         deleted.append(gone)

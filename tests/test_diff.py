@@ -139,9 +139,13 @@ def test_partitions_are_a_fixed_hash_and_keep_order():
 
 
 @pytest.mark.parametrize("use_ray", [False, True])
-def test_diff_over_a_delta_table_in_tasks_equals_the_driver_plan(use_ray, tmp_path, request):
+def test_diff_over_a_delta_table_in_tasks_equals_the_driver_plan(use_ray, tmp_path, request, monkeypatch):
     if use_ray:
         request.getfixturevalue("ray_cluster")
+    else:  # the rows to process come back in shards of at most TODO_SHARD_ROWS (a read task each)
+        import pipelines.diff
+
+        monkeypatch.setattr(pipelines.diff, "TODO_SHARD_ROWS", 50)
     listed, rows = world(3, n=600)
     commit_table(tmp_path / "out", output_rows(rows[: len(rows) // 2]), 2, run_id="r1")
     commit_table(tmp_path / "out", output_rows(rows[len(rows) // 2:]), 2, run_id="r2")  # two files
@@ -158,6 +162,7 @@ def test_diff_over_a_delta_table_in_tasks_equals_the_driver_plan(use_ray, tmp_pa
         assert plan.counts["unchanged"] == len(want["unchanged"])
         assert plan.deleted.to_pylist() == want_deleted and plan.counts["deleted"] == len(want_deleted)
         assert plan.todo.total == plan.to_process == sum(len(want[b]) for b in BUCKETS[:-1])
+        assert use_ray or (len(plan.todo.paths) > 1 and max(plan.todo.rows) <= 50)
         assert plan.table_rows == len(rows)
         todo = plan.todo.read_table(SHARD_SCHEMA.names)  # what the pipeline reads: the listing's rows, as listed
         by_uri = {r["source_uri"]: r for r in listed.to_pylist()}

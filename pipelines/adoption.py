@@ -8,29 +8,29 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from pipelines.items import mtime_us
+from pipelines.listing import shard_facts
 from pipelines.table import RUN_FILES, OutputTable
 from pipelines.writer import WrittenRun
 from schemas.table import COMMIT_RUN_ID
 
 
-def wanted_facts(items: Iterable[Any]) -> pa.Table:
-    """The `wanted` table of `adoptable_rows` from listed inputs (`SourceItem`s, or anything with
-    source_uri, size, mtime (epoch s), etag): image_id (the input's source_id) and its facts."""
+def wanted_facts(listed: pa.Table) -> pa.Table:
+    """The `wanted` table of `adoptable_rows` from listing-shard rows (`SHARD_SCHEMA`'s source_uri,
+    size, etag, mtime; `pipelines.listing.items_table` makes them from items): image_id (the
+    input's source_id) and its listing facts as the output rows store them."""
     from schemas.ids import image_id_for
 
-    rows = [(image_id_for(it.source_uri), getattr(it, "size", None), getattr(it, "mtime", None),
-             getattr(it, "etag", None)) for it in items]
+    facts = shard_facts(listed)
     return pa.table({
-        "image_id": pa.array([r[0] for r in rows], pa.string()),
-        "source_size": pa.array([None if r[1] is None or int(r[1]) < 0 else int(r[1]) for r in rows], pa.int64()),
-        "source_mtime": pa.array([mtime_us(r[2]) for r in rows], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
-        "source_etag": pa.array([None if r[3] is None else str(r[3]).strip('"') for r in rows], pa.string()),
+        "image_id": pa.array([image_id_for(u) for u in listed["source_uri"].to_pylist()], pa.string()),
+        "source_size": facts["size"], "source_mtime": pc.cast(facts["mtime"], pa.timestamp("us", tz="UTC")),
+        "source_etag": facts["etag"],
     })
 
 

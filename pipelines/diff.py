@@ -32,13 +32,12 @@ import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.listing import SHARD_SCHEMA, Listing, first_per_key, write_shard
+from pipelines.listing import SHARD_SCHEMA, Listing, first_per_key, shard_facts, write_shard
 from schemas.status import FINAL_STATUSES
 
 BUCKETS = ("new", "changed", "model_changed", "retry", "unchanged")
@@ -83,14 +82,24 @@ class Diff:
     def to_process(self) -> int:
         return self.counts.get("to_process", 0)
 
-    def uris(self, bucket: str) -> list[str]:
-        """The source_uris of one bucket, in listing order (read from the todo shards: as many
-        strings as the bucket holds, for reports and tests, never needed by a run)."""
-        table = self.todo.read_table(["source_uri", "bucket"], schema=TODO_SCHEMA)
-        return table.filter(pc.equal(table["bucket"], BUCKETS.index(bucket)))["source_uri"].to_pylist()
+    def bucket_uris(self, limit: int | None = None) -> dict[str, list[str]]:
+        """The source_uris of each bucket to process, in listing order, at most `limit` each (read
+        from the todo shards: for reports and tests, never needed by a run)."""
+        table = self.todo.read_table(["source_uri", "bucket"], schema=TODO_SCHEMA) if self.to_process else None
+        return bucket_lists(table, limit)
 
 
 TODO_SCHEMA = SHARD_SCHEMA.append(pa.field("bucket", pa.int8(), nullable=False))
+
+
+def bucket_lists(todo: pa.Table | None, limit: int | None = None) -> dict[str, list[str]]:
+    """Rows to process (`TODO_SCHEMA`'s source_uri and bucket; None: none) as the source_uris of
+    each bucket, in their order, at most `limit` each."""
+    out = {}
+    for code, name in enumerate(BUCKETS[:-1]):
+        uris = [] if todo is None else todo["source_uri"].filter(pc.equal(todo["bucket"], code))
+        out[name] = [] if todo is None else (uris if limit is None else uris.slice(0, limit)).to_pylist()
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,17 +144,6 @@ def input_state(state: pa.Table) -> pa.Table:
     return first.append_column("all_final", _final(first["status"]))
 
 
-def _listing_facts(listed: pa.Table) -> dict[str, Any]:
-    """A shard's size / etag / mtime with nulls for 'none' (-1, '', NaN); mtime in microseconds,
-    rounded as `pipelines.items.mtime_us` rounds."""
-    def none_if(col, value):
-        return pc.if_else(pc.equal(col, value), pa.scalar(None, col.type), col)
-
-    us = pc.cast(pc.round(pc.multiply(listed["mtime"], 1e6)), pa.int64(), safe=False)
-    return {"size": none_if(listed["size"], -1), "etag": none_if(listed["etag"], ""),
-            "mtime": pc.if_else(pc.is_nan(listed["mtime"]), pa.scalar(None, pa.int64()), us)}
-
-
 def diff_partition(listed: pa.Table, state: pa.Table, rule: DiffRule) -> tuple[pa.Table, pa.Array, dict[str, int]]:
     """The plan of one partition: `listed` (SHARD_SCHEMA rows, in listing order) against `state`
     (`STATE_COLUMNS` of the table rows of the same inputs, any order). Returns the listed rows to
@@ -153,7 +151,7 @@ def diff_partition(listed: pa.Table, state: pa.Table, rule: DiffRule) -> tuple[p
     not listed (sorted), and the count per bucket."""
     listed = first_per_key(listed.select(SHARD_SCHEMA.names), "source_uri")
     mine = input_state(state)
-    facts = _listing_facts(listed)
+    facts = shard_facts(listed)
     left = pa.table({"source_uri": listed["source_uri"], "size": facts["size"], "etag": facts["etag"],
                      "mtime": facts["mtime"], "_i": pa.array(np.arange(listed.num_rows, dtype=np.int64))})
     right = pa.table({"source_uri": mine["source_uri"], "m_size": mine["source_size"], "m_etag": mine["source_etag"],

@@ -121,19 +121,36 @@ def _fs(uri: str, storage_options: Mapping[str, Any] | None):
 
 
 def items_table(items: Iterable[Any]) -> pa.Table:
-    """`SourceItem`s as one table of `SHARD_SCHEMA` (columns built in one pass, no row dicts)."""
+    """Listed inputs as one table of `SHARD_SCHEMA` (columns built in one pass, no row dicts):
+    `SourceItem`s, or anything with a `uri` or `source_uri` and optionally size / etag / mtime
+    (`pipelines.plan.ListedInput`); a missing kind is a file."""
     cols: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
     for it in items:
-        cols["uri"].append(it.uri)
-        cols["source_uri"].append(it.source_uri)
-        cols["kind"].append(it.kind)
-        cols["column"].append(it.column or "")
-        cols["offset"].append(-1 if it.offset is None else int(it.offset))
-        cols["size"].append(-1 if it.size is None or int(it.size) < 0 else int(it.size))
-        cols["etag"].append("" if not it.etag else str(it.etag).strip('"'))
-        mtime = _seconds(it.mtime)
+        source_uri = getattr(it, "source_uri", None) or it.uri
+        size, etag, offset = getattr(it, "size", None), getattr(it, "etag", None), getattr(it, "offset", None)
+        cols["uri"].append(getattr(it, "uri", None) or source_uri)
+        cols["source_uri"].append(source_uri)
+        cols["kind"].append(getattr(it, "kind", None) or "file")
+        cols["column"].append(getattr(it, "column", None) or "")
+        cols["offset"].append(-1 if offset is None else int(offset))
+        cols["size"].append(-1 if size is None or int(size) < 0 else int(size))
+        cols["etag"].append("" if not etag else str(etag).strip('"'))
+        mtime = _seconds(getattr(it, "mtime", None))
         cols["mtime"].append(math.nan if mtime is None else mtime)
     return pa.table(cols, schema=SHARD_SCHEMA)
+
+
+def shard_facts(listed: pa.Table) -> dict[str, Any]:
+    """Shard rows' size / etag / mtime with nulls for 'none' (-1, '', NaN); mtime in integer
+    microseconds, rounded as `pipelines.items.mtime_us` rounds (as the output rows store it)."""
+    import pyarrow.compute as pc
+
+    def none_if(col, value):
+        return pc.if_else(pc.equal(col, value), pa.scalar(None, col.type), col)
+
+    us = pc.cast(pc.round(pc.multiply(listed["mtime"], 1e6)), pa.int64(), safe=False)
+    return {"size": none_if(listed["size"], -1), "etag": none_if(listed["etag"], ""),
+            "mtime": pc.if_else(pc.is_nan(listed["mtime"]), pa.scalar(None, pa.int64()), us)}
 
 
 def _seconds(value: Any) -> float | None:

@@ -27,15 +27,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipelines.adoption import adoptable_rows, uncommitted_runs, wanted_facts
 from pipelines.config import ResolvedConfig
-from pipelines.diff import BUCKETS, STATE_COLUMNS, TODO_SCHEMA, Diff, DiffRule, diff, diff_partition
+from pipelines.diff import BUCKETS, STATE_COLUMNS, Diff, DiffRule, bucket_lists, diff, diff_partition
 from pipelines.items import mtime_us
-from pipelines.listing import SHARD_SCHEMA, Listing, count_todo, done_keys, scratch_dir
+from pipelines.listing import Listing, count_todo, done_keys, items_table, scratch_dir
 from pipelines.table import ConcurrentRunError, OutputTable
 from pipelines.writer import WrittenRun
 from schemas.ids import image_id_for
@@ -89,13 +87,8 @@ class NightlyPlan:
     @classmethod
     def of(cls, plan: Diff, examples: int = PLAN_EXAMPLES) -> NightlyPlan:
         """The counts of a run's `pipelines.diff.Diff` and up to `examples` URIs per bucket."""
-        todo = plan.todo.read_table(["source_uri", "bucket"], schema=TODO_SCHEMA) if plan.to_process else None
-        lists = {}
-        for code, name in enumerate(BUCKETS[:-1]):
-            uris = [] if todo is None else todo["source_uri"].filter(pc.equal(todo["bucket"], code))
-            lists[name] = [] if todo is None else uris.slice(0, examples).to_pylist()
-        counts = dict(plan.counts)
-        return cls(**lists, deleted=plan.deleted.slice(0, examples).to_pylist(), unchanged=counts["unchanged"],
+        counts = plan.counts
+        return cls(**plan.bucket_uris(examples), deleted=plan.deleted.slice(0, examples).to_pylist(), unchanged=counts["unchanged"],
                    n={k: counts[k] for k in (*BUCKETS[:-1], "deleted")})
 
 
@@ -112,23 +105,6 @@ def as_listed(item: Any) -> ListedInput:
         etag=None if etag is None else str(etag).strip('"'),
         mtime=None if us is None else us / 1e6,
     )
-
-
-def listed_rows(items: Iterable[Any]) -> pa.Table:
-    """Listed inputs (`ListedInput`s, `SourceItem`s) as listing-shard rows (`SHARD_SCHEMA`)."""
-    cols: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
-    for item in items:
-        it = as_listed(item)
-        cols["uri"].append(getattr(item, "uri", it.uri) if hasattr(item, "kind") else it.uri)
-        cols["source_uri"].append(it.uri)
-        cols["kind"].append(getattr(item, "kind", None) or "file")
-        cols["column"].append(getattr(item, "column", None) or "")
-        offset = getattr(item, "offset", None)
-        cols["offset"].append(-1 if offset is None else int(offset))
-        cols["size"].append(-1 if it.size is None else it.size)
-        cols["etag"].append(it.etag or "")
-        cols["mtime"].append(np.nan if it.mtime is None else it.mtime)
-    return pa.table(cols, schema=SHARD_SCHEMA)
 
 
 def plan_nightly(
@@ -150,12 +126,10 @@ def plan_nightly(
     `retry_failed`: a transient status), or unchanged. Inputs with a row but gone from the listing
     are ``deleted``. The lists are complete here.
     """
-    listed = listing if isinstance(listing, pa.Table) else listed_rows(listing)
+    listed = listing if isinstance(listing, pa.Table) else items_table(listing)
     rule = DiffRule("nightly", checkpoint_sha256, reprocess_on_model_change, retry_failed)
     todo, deleted, counts = diff_partition(listed, state.select(list(STATE_COLUMNS)), rule)
-    lists = {name: todo["source_uri"].filter(pc.equal(todo["bucket"], code)).to_pylist()
-             for code, name in enumerate(BUCKETS[:-1])}
-    return NightlyPlan(**lists, deleted=deleted.to_pylist(), unchanged=counts["unchanged"])
+    return NightlyPlan(**bucket_lists(todo), deleted=deleted.to_pylist(), unchanged=counts["unchanged"])
 
 
 # -- the plan a run executes ------------------------------------------------------------------
@@ -214,7 +188,7 @@ def adopt(table: OutputTable, dt, plan: Diff, resolved: ResolvedConfig, retry_fa
     if not plan.to_process or not uncommitted_runs(table, dt, run_id):
         return adopted, None, plan.to_process
     listed = plan.todo.read_table(["source_uri", "size", "etag", "mtime"])
-    adopted = adoptable_rows(table, dt, wanted_facts(_ListedRow(*r.values()) for r in listed.to_pylist()),
+    adopted = adoptable_rows(table, dt, wanted_facts(listed),
                              resolved.checkpoint.sha256, retry_failed=retry_failed, exclude_run=run_id)
     adopted.run_id = run_id
     if not adopted.rows:
@@ -224,18 +198,6 @@ def adopt(table: OutputTable, dt, plan: Diff, resolved: ResolvedConfig, retry_fa
     skip = ray.put(done_keys(adopted.ids))
     todo, _ = count_todo(plan.todo, skip)
     return adopted, skip, todo
-
-
-@dataclass(frozen=True)
-class _ListedRow:
-    source_uri: str
-    size: int
-    etag: str
-    mtime: float
-
-    def __post_init__(self):  # the shard's 'none' values as None
-        object.__setattr__(self, "etag", self.etag or None)
-        object.__setattr__(self, "mtime", None if self.mtime != self.mtime else self.mtime)
 
 
 @dataclass
@@ -300,6 +262,5 @@ __all__ = [
     "Plan",
     "adopt",
     "as_listed",
-    "listed_rows",
     "plan_nightly",
 ]

@@ -269,10 +269,3 @@ def read_runs(uri: str, storage_options: Mapping[str, Any] | None = None, as_of:
     return sorted(runs, key=lambda r: r["version"])
 
 
-def status_counts(dt, uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, int]:
-    """Rows per status in the loaded version of `dt` at `uri` (reads only the status column)."""
-    table = table_dataset(dt, uri, storage_options).to_table(columns=["status"])
-    if table.num_rows == 0:
-        return {}
-    counts = table.group_by("status").aggregate([("status", "count")])
-    return dict(sorted(zip(counts["status"].to_pylist(), counts["status_count"].to_pylist())))

@@ -190,6 +190,7 @@ def test_fewer_faces_replace_all_old_face_rows_and_deletion_removes_them_all(tmp
 
 def test_adoption_takes_an_input_only_with_all_its_face_rows(tmp_path):
     from pipelines.adoption import adoptable_rows, wanted_facts
+    from pipelines.listing import items_table
     from pipelines.table import OutputTable
 
     out = str(tmp_path / "out")
@@ -204,7 +205,7 @@ def test_adoption_takes_an_input_only_with_all_its_face_rows(tmp_path):
         def __init__(self, uri):
             self.source_uri, self.size, self.etag, self.mtime = uri, 100, "e1", None
 
-    wanted = wanted_facts([Item("/p/split.jpg"), Item("/p/torn.jpg")])
+    wanted = wanted_facts(items_table([Item("/p/split.jpg"), Item("/p/torn.jpg")]))
     adopted = adoptable_rows(table, dt, wanted, "ab" * 32, retry_failed=False, exclude_run="rerun")
     assert sorted(adopted.ids.to_pylist()) == sorted(face_image_id("/p/split.jpg", k) for k in range(3))
 

@@ -79,6 +79,7 @@ def test_crashed_run_is_invisible_adopted_by_the_next_and_vacuumed(tmp_path, cap
     from jobs.cli import main
     from pipelines.adoption import adoptable_rows, wanted_facts
     from pipelines.commit import commit_run
+    from pipelines.listing import items_table
     from pipelines.table import OutputTable
 
     out = str(tmp_path / "out")
@@ -97,7 +98,7 @@ def test_crashed_run_is_invisible_adopted_by_the_next_and_vacuumed(tmp_path, cap
         def __init__(self, uri, etag):
             self.source_uri, self.size, self.etag, self.mtime = uri, 100, etag, None
 
-    wanted = wanted_facts([Item(r["source_uri"], "e2" if i == 3 else "e1") for i, r in enumerate(rows)])
+    wanted = wanted_facts(items_table([Item(r["source_uri"], "e2" if i == 3 else "e1") for i, r in enumerate(rows)]))
     adopted = adoptable_rows(table, dt, wanted, "ab" * 32, retry_failed=False, exclude_run="rerun")
     assert sorted(adopted.ids.to_pylist()) == sorted(so.image_id_for(r["source_uri"]) for r in rows[:3])
     paths = sorted(a.path for a in adopted.adds)

@@ -174,7 +174,7 @@ class StageOptions:
     limit: int | None  # at most this many inputs
     read_rows: int
     align_rows: int
-    model_rows: int
+    model_rows: int  # rows per call of the model and outputs stages (a multiple of model.forward_rows)
     align_actors: int
 
 
@@ -187,6 +187,7 @@ def stage_options(resolved: ResolvedConfig, device: str) -> StageOptions:
     c = resolved.config
     detect = resolved.align != "none"
     read_rows, align_rows = (READ_BATCH, ALIGN_BATCH) if detect else (UNALIGNED_BATCH, UNALIGNED_BATCH)
+    forward = c.batch_size or (DEFAULT_GPU_BATCH if device == "cuda" else DEFAULT_CPU_BATCH)
     return StageOptions(
         checkpoint=c.checkpoint,
         read=ReadOptions(storage_options=c.storage_options, timeout_s=c.read_timeout),
@@ -199,12 +200,14 @@ def stage_options(resolved: ResolvedConfig, device: str) -> StageOptions:
             task=resolved.task, device=device, storage_options=c.storage_options, images=c.images,
             image_size=c.image_size, metrics=c.metrics, mix=c.mix, latent_mask=resolved.latent_mask,
             mix_alpha=c.mix_alpha, seed=c.seed, precision=c.precision, cpu_threads=c.cpu_threads,
-            n_iters=c.n_iters, keep_iterations=c.keep_iterations),
+            n_iters=c.n_iters, keep_iterations=c.keep_iterations, forward_rows=forward),
         outputs=OutputOptions(
             task=resolved.task, run_id=resolved.run_id, n_styles=resolved.checkpoint.n_styles, images=c.images,
             metrics=c.metrics, save_aligned=c.save_aligned, code_version=code_version()),
         limit=c.limit, read_rows=read_rows, align_rows=align_rows,
-        model_rows=c.batch_size or (DEFAULT_GPU_BATCH if device == "cuda" else DEFAULT_CPU_BATCH),
+        # the model's forward passes stay `forward` images; its calls (and the outputs stage's) take
+        # as many rows as the align stage hands on, so Ray's cost per call is not paid per 8 rows
+        model_rows=forward * max(1, math.ceil(align_rows / forward)),
         align_actors=c.align_actors,
     )
 
@@ -233,7 +236,7 @@ def build_dataset(source: Listing | Sequence[SourceItem], stages: StageOptions, 
 
     from pipelines.align import AlignFaces
     from pipelines.model import InvertFaces
-    from pipelines.outputs import DEFAULT_OUTPUT_BATCH, EncodeOutputs
+    from pipelines.outputs import EncodeOutputs
     from pipelines.read import read_batch
 
     model, outputs = resources["model"], resources["outputs"]
@@ -262,7 +265,7 @@ def build_dataset(source: Listing | Sequence[SourceItem], stages: StageOptions, 
                         **({"memory": model["memory"]} if model.get("memory") else {}))
     return ds.map_batches(EncodeOutputs, fn_constructor_kwargs={**asdict(stages.outputs), "stage_clock": clock},
                           compute=ActorPoolStrategy(min_size=1, max_size=outputs["actors"]),
-                          batch_size=DEFAULT_OUTPUT_BATCH, batch_format="numpy", num_cpus=outputs["num_cpus"])
+                          batch_size=stages.model_rows, batch_format="numpy", num_cpus=outputs["num_cpus"])
 
 
 def pipeline_resources(cluster_resources: Mapping[str, Any], resolved: ResolvedConfig) -> dict[str, dict[str, Any]]:

@@ -131,7 +131,10 @@ class ModelOptions:
     'fp32' (TF32 off: equals the original within 1e-4), 'tf32', 'bf16' or 'fp16' (autocast).
     cpu_threads: torch threads on CPU (None: all cores of the node). n_iters: ReStyle's refinement
     steps (None: the checkpoint family's default; ValueError for pSp and e4e). keep_iterations:
-    ReStyle, also hand on every iteration's W+ (`iteration_w_plus`).
+    ReStyle, also hand on every iteration's W+ (`iteration_w_plus`). forward_rows: images per
+    forward pass (the model's batch, what bounds its memory; None: the whole block). Ray's blocks
+    may be larger (`pipelines.dataflow` gives the stage many rows per call where rows are cheap,
+    so Ray's cost per call is spread over them); a block is run in forward passes of this size.
     """
 
     task: str
@@ -148,6 +151,7 @@ class ModelOptions:
     cpu_threads: int | None = None
     n_iters: int | None = None
     keep_iterations: bool = False
+    forward_rows: int | None = None
 
 
 class InvertFaces:
@@ -205,6 +209,7 @@ class InvertFaces:
         self.latent_mask = list(o.latent_mask) if o.latent_mask is not None else None
         self.mix_alpha = o.mix_alpha
         self.seed = int(o.seed)
+        self.forward_rows = int(o.forward_rows) if o.forward_rows else None
         self.stage_clock = stage_clock
 
     # -- host <-> device ------------------------------------------------------------------------
@@ -238,7 +243,8 @@ class InvertFaces:
     # -- the model ------------------------------------------------------------------------------
     def _run_model(self, model_input: np.ndarray, rows: np.ndarray, n: int, seeds: list[int]) -> dict[str, np.ndarray]:
         """The rows `rows` of `model_input` -> numpy outputs for a batch of `n` rows (rows not in
-        `rows` are zeros), scattered on the device so the host copies each output once."""
+        `rows` are zeros), scattered on the device so the host copies each output once; with
+        n == len(rows), output row k is `rows[k]`."""
         import torch
 
         from psp_core.tasks import images_to_uint8
@@ -301,10 +307,7 @@ class InvertFaces:
         if not len(rows):
             results = self._zeros(n)
         else:
-            try:
-                results = self._run_model(model_input, rows, n, seeds)
-            except Exception:
-                results = self._run_rows(model_input, rows, n, seeds, status, error, batch["source_uri"])
+            results = self._run_block(model_input, rows, n, seeds, status, error, batch["source_uri"])
         model_s = time.perf_counter() - model_start
         out = {k: v for k, v in batch.items() if k != "model_input"}
         out.update(results)
@@ -319,8 +322,29 @@ class InvertFaces:
             self.stage_clock.record("invert", n, time.perf_counter() - start, parts={"invert_device": model_s})
         return out
 
-    def _run_rows(self, model_input, rows, n, seeds, status, error, uris) -> dict[str, np.ndarray]:
-        """The batch failed: run each row alone, so only the failing row(s) get 'invert_error'."""
+    def _run_block(self, model_input, rows, n, seeds, status, error, uris) -> dict[str, np.ndarray]:
+        """The ok `rows` of a block in forward passes of at most `forward_rows` images (each
+        pass's outputs copied once into the block's columns); a failing pass is retried row by row."""
+        step = self.forward_rows or len(rows)
+        if len(rows) <= step:
+            try:
+                return self._run_model(model_input, rows, n, seeds)
+            except Exception:
+                return self._run_rows(model_input, rows, n, seeds, status, error, uris)
+        results = self._zeros(n)
+        for at in range(0, len(rows), step):
+            part, part_seeds = rows[at : at + step], seeds[at : at + step]
+            try:
+                done = self._run_model(model_input, part, len(part), part_seeds)
+            except Exception:
+                done = self._run_rows(model_input, part, len(part), part_seeds, status, error, uris, compact=True)
+            for name, value in done.items():
+                results[name][part] = value
+        return results
+
+    def _run_rows(self, model_input, rows, n, seeds, status, error, uris, compact=False) -> dict[str, np.ndarray]:
+        """The batch failed: run each row alone, so only the failing row(s) get 'invert_error'.
+        compact: the outputs hold the `rows` in order (row k of the outputs is `rows[k]`)."""
         results = self._zeros(n)
         for k, i in enumerate(rows):
             try:
@@ -330,7 +354,7 @@ class InvertFaces:
                 error[i] = f"{uris[i]}: inversion failed ({type(e).__name__}: {e})"
                 continue
             for name, value in one.items():
-                results[name][i] = value[0]
+                results[name][k if compact else i] = value[0]
         return results
 
     def image_hw(self) -> tuple[int, int]:

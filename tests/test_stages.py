@@ -207,9 +207,29 @@ def test_model_stage_hands_uint8_images_and_w_plus_to_the_outputs_stage(model_ou
     assert len(set(model_out["checkpoint_sha256"])) == 1
 
 
-def test_a_bad_row_fails_alone_in_the_model_stage(tiny_checkpoint, aligned, model_out):
-    """A batch that fails is retried row by row: only the failing row gets invert_error, the
-    others get exactly what the whole batch would have given."""
+def test_a_block_larger_than_the_forward_pass_runs_in_passes(tiny_checkpoint, aligned, model_out):
+    """Ray hands the model stage blocks of many rows; it runs them in forward passes of
+    `forward_rows` images (what bounds its memory) with the same outputs, row for row."""
+    calls = []
+
+    class Counted(InvertFaces):
+        def _run_model(self, model_input, rows, n, seeds):
+            calls.append(len(rows))
+            return super()._run_model(model_input, rows, n, seeds)
+
+    out = Counted(tiny_checkpoint, ModelOptions("ffhq_encode", device="cpu", cpu_threads=2, forward_rows=1))(aligned)
+    assert calls == [1, 1]  # the block's two ok rows, one pass each
+    assert list(out["status"]) == list(model_out["status"])
+    for name, atol in (("w_plus", 1e-4), ("image", 1)):  # uint8 images: a float ulp may round across
+        assert out[name].shape == model_out[name].shape
+        np.testing.assert_allclose(out[name][:2].astype(np.float32), model_out[name][:2].astype(np.float32), atol=atol)
+        assert not out[name][2:].any()
+
+
+@pytest.mark.parametrize("forward_rows", [None, 1])
+def test_a_bad_row_fails_alone_in_the_model_stage(tiny_checkpoint, aligned, model_out, forward_rows):
+    """A batch (or forward pass) that fails is retried row by row: only the failing row gets
+    invert_error, the others get exactly what the whole batch would have given."""
 
     class FailsOnRow0(InvertFaces):  # an injected fault (e.g. an OOM caused by one input)
         def _run_model(self, model_input, rows, n, seeds):
@@ -217,7 +237,8 @@ def test_a_bad_row_fails_alone_in_the_model_stage(tiny_checkpoint, aligned, mode
                 raise RuntimeError("injected failure")
             return super()._run_model(model_input, rows, n, seeds)
 
-    out = FailsOnRow0(tiny_checkpoint, ModelOptions("ffhq_encode", device="cpu", cpu_threads=2))(aligned)
+    out = FailsOnRow0(tiny_checkpoint, ModelOptions("ffhq_encode", device="cpu", cpu_threads=2,
+                                                    forward_rows=forward_rows))(aligned)
     assert list(out["status"][:2]) == ["invert_error", "ok"]
     assert "inversion failed (RuntimeError: injected failure)" in out["error"][0]
     assert "face_full.png" in out["error"][0]

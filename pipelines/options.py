@@ -191,7 +191,8 @@ SHARED: dict[str, dict[str, Any]] = {
                    help="recorded on every row (default: UTC time + random suffix)"),
     "device": dict(default="auto", choices=DEVICES,
                    help="where the model runs: cuda when the model actor sees a GPU (auto)"),
-    "batch_size": dict(default=None, parse=int, minimum=1, help="rows per model batch (default 32 GPU / 8 CPU)"),
+    "batch_size": dict(default=None, parse=int, minimum=1, help="images per model forward pass (default 32 GPU / 8 CPU); the model stage "
+                       "may get larger blocks (128 rows with --align none) and runs them in passes of this size"),
     "gpus": dict(default=None, parse=int, minimum=0, help="at most this many GPU model actors (default: all GPUs)"),
     "cpu_threads": dict(default=None, parse=int, minimum=1,
                         help="torch threads in a CPU model actor (default: the node's cores)"),

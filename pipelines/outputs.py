@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-
 #: `--images jpeg`: Pillow's JPEG at quality 95 with its default 4:2:0 chroma subsampling (lossy;
 #: a 1024² face ≈ 10 ms on one core, a few times smaller than the PNG).
 JPEG_QUALITY = 95

@@ -178,16 +178,22 @@ class StageOptions:
     align_actors: int
 
 
+def forward_rows(config, device: str) -> int:
+    """Images per forward pass of the model: --batch-size, or 32 on a GPU and 8 on a CPU."""
+    from pipelines.model import DEFAULT_CPU_BATCH, DEFAULT_GPU_BATCH
+
+    return config.batch_size or (DEFAULT_GPU_BATCH if device == "cuda" else DEFAULT_CPU_BATCH)
+
+
 def stage_options(resolved: ResolvedConfig, device: str) -> StageOptions:
     """The one place a run's resolved options are split into what each stage takes. device: where
     the model actors run ('cpu' or 'cuda', as `pipeline_resources` decided)."""
-    from pipelines.model import DEFAULT_CPU_BATCH, DEFAULT_GPU_BATCH
     from psp_core.tasks import get_task
 
     c = resolved.config
     detect = resolved.align != "none"
     read_rows, align_rows = (READ_BATCH, ALIGN_BATCH) if detect else (UNALIGNED_BATCH, UNALIGNED_BATCH)
-    forward = c.batch_size or (DEFAULT_GPU_BATCH if device == "cuda" else DEFAULT_CPU_BATCH)
+    forward = forward_rows(c, device)
     return StageOptions(
         checkpoint=c.checkpoint,
         read=ReadOptions(storage_options=c.storage_options, timeout_s=c.read_timeout),
@@ -272,15 +278,13 @@ def pipeline_resources(cluster_resources: Mapping[str, Any], resolved: ResolvedC
     """What the model and outputs actors request on this cluster (pure; ValueError when the config
     cannot run there, e.g. --precision fp16 without GPUs). The model actor requests the host
     memory it uses (`model_actor_memory`, from the checkpoint's size)."""
-    from pipelines.model import DEFAULT_CPU_BATCH, DEFAULT_GPU_BATCH, invert_resources, model_actor_memory
+    from pipelines.model import invert_resources, model_actor_memory
     from pipelines.outputs import outputs_resources
 
     config = resolved.config
     model = invert_resources(cluster_resources, config.device, config.gpus, precision=config.precision)
-    batch = config.batch_size or (DEFAULT_GPU_BATCH if model["device"] == "cuda" else DEFAULT_CPU_BATCH)
-    memory = model_actor_memory(
-        resolved.checkpoint.size_bytes or 0, resolved.checkpoint.output_size, batch, model["device"], config.mix
-    )
+    memory = model_actor_memory(resolved.checkpoint.size_bytes or 0, resolved.checkpoint.output_size,
+                                forward_rows(config, model["device"]), model["device"], config.mix)
     # Never more than half the cluster's memory: an unschedulable actor would hang the run.
     cluster_memory = float(cluster_resources.get("memory", 0) or 0)
     model["memory"] = int(min(memory, cluster_memory / 2)) if cluster_memory else memory

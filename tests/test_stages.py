@@ -257,3 +257,21 @@ def test_bf16_on_cpu_runs_and_stays_close_to_fp32(tiny_checkpoint, aligned, mode
     assert 0 < dw < 0.1
     assert out["w_plus"].dtype == np.float32 and out["image"].dtype == np.uint8
     assert min(psnr(out["image"][ok], model_out["image"][ok])) > 35
+
+
+def test_model_blocks_are_large_where_rows_are_cheap_and_passes_stay_the_batch_size(tiny_checkpoint, tmp_path):
+    """Without detection the model and outputs stages take 128-row blocks (Ray's cost per call is
+    spread over them) while the model's forward passes, what bounds its memory, stay --batch-size."""
+    from pipelines.config import InvertConfig, resolve_config
+    from pipelines.dataflow import stage_options
+
+    def stages(device, **kw):
+        config = InvertConfig(input=str(tmp_path), output=str(tmp_path / "out"), checkpoint=tiny_checkpoint, **kw)
+        return stage_options(resolve_config(config), device)
+
+    s = stages("cpu", align="none")
+    assert (s.align_rows, s.model_rows, s.model.forward_rows) == (128, 128, 8)
+    s = stages("cpu", align="none", batch_size=3)
+    assert (s.model_rows, s.model.forward_rows) == (129, 3)
+    s = stages("cuda", align="dlib")
+    assert (s.align_rows, s.model_rows, s.model.forward_rows) == (4, 32, 32)

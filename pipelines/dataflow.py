@@ -346,8 +346,10 @@ def process_items(resolved: ResolvedConfig, source: Listing | Sequence[SourceIte
     ensure_ray()
     items = source
     if isinstance(source, Listing):  # reuse looks up stored alignments by the inputs' ids
+        # (only where something is stored: a first run into an empty table reads no URI here)
+        stored_somewhere = bool(config.alignment_from) or bool(table.files(table.load()))
         items = ([_Uri(u) for u in source.read_table(["source_uri"])["source_uri"].to_pylist()]
-                 if reuse_enabled(config, resolved.align) else [])
+                 if reuse_enabled(config, resolved.align) and stored_somewhere else [])
     stored = load_stored_alignment(resolved, items, table)
     try:
         resources = pipeline_resources(ray.cluster_resources(), resolved)

@@ -36,6 +36,12 @@ READ_BATCH = 16
 # millisecond per row, and Ray's cost per block (a task or actor call per operator, the
 # executor's bookkeeping) must be spread over many rows.
 UNALIGNED_BATCH = 128
+# Rows per call of the model and outputs stages, at least: their work per row is small next to
+# Ray's cost per call (the model's forward passes stay --batch-size images within a call).
+MODEL_BLOCK_ROWS = 32
+# A small run is cut into at least this many blocks, so its stages overlap (and its first files
+# are written, adoptable after a crash, while the rest is in flight).
+MIN_BLOCKS = 8
 
 
 @dataclass
@@ -185,14 +191,17 @@ def forward_rows(config, device: str) -> int:
     return config.batch_size or (DEFAULT_GPU_BATCH if device == "cuda" else DEFAULT_CPU_BATCH)
 
 
-def stage_options(resolved: ResolvedConfig, device: str) -> StageOptions:
+def stage_options(resolved: ResolvedConfig, device: str, rows: int | None = None) -> StageOptions:
     """The one place a run's resolved options are split into what each stage takes. device: where
-    the model actors run ('cpu' or 'cuda', as `pipeline_resources` decided)."""
+    the model actors run ('cpu' or 'cuda', as `pipeline_resources` decided). rows: the run's
+    inputs, if known (a small run gets smaller blocks: at least MIN_BLOCKS of them)."""
     from psp_core.tasks import get_task
 
     c = resolved.config
     detect = resolved.align != "none"
+    cap = max(1, math.ceil(rows / MIN_BLOCKS)) if rows else UNALIGNED_BATCH
     read_rows, align_rows = (READ_BATCH, ALIGN_BATCH) if detect else (UNALIGNED_BATCH, UNALIGNED_BATCH)
+    read_rows, align_rows = min(read_rows, cap), min(align_rows, cap)
     forward = forward_rows(c, device)
     return StageOptions(
         checkpoint=c.checkpoint,
@@ -212,8 +221,8 @@ def stage_options(resolved: ResolvedConfig, device: str) -> StageOptions:
             metrics=c.metrics, save_aligned=c.save_aligned, code_version=code_version()),
         limit=c.limit, read_rows=read_rows, align_rows=align_rows,
         # the model's forward passes stay `forward` images; its calls (and the outputs stage's) take
-        # as many rows as the align stage hands on, so Ray's cost per call is not paid per 8 rows
-        model_rows=forward * max(1, math.ceil(align_rows / forward)),
+        # at least MODEL_BLOCK_ROWS rows, so Ray's cost per call is not paid per 8 rows
+        model_rows=forward * max(1, math.ceil(max(align_rows, min(MODEL_BLOCK_ROWS, cap)) / forward)),
         align_actors=c.align_actors,
     )
 
@@ -369,11 +378,12 @@ def process_items(resolved: ResolvedConfig, source: Listing | Sequence[SourceIte
     try:
         # Credentials are masked in the rows' free text right before they are written.
         stored_ref = ray.put(stored) if stored is not None else None
-        stages = stage_options(resolved, resources["model"]["device"])
+        rows = source.total if isinstance(source, Listing) else len(source)
+        stages = stage_options(resolved, resources["model"]["device"], rows)
         ds = redacted_rows(build_dataset(source, stages, resources, clock, stored_ref, skip), config.storage_options)
         written = write_run(ds, table, resolved.run_id, resolved.checkpoint.n_styles, row_bytes=estimated_row_bytes(
             resolved.checkpoint.n_styles, config.images, config.image_size, resolved.checkpoint.output_size,
-            config.mix or 0), expected_rows=source.total if isinstance(source, Listing) else len(source))
+            config.mix or 0), expected_rows=rows)
         timings, counts, meta = clock.collect(written.rows)
         operators = _operator_names(ds)
     finally:

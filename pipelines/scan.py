@@ -25,6 +25,7 @@ from schemas.table import AsOf, arrow_filesystem, open_table, table_dataset, tab
 
 RAY_MIN_FILES = 32  # a table with this many data files is scanned in Ray tasks
 SHARD_FILES = 8  # data files per Ray task
+READ_ATTEMPTS = 4  # tries of a data file's first read (a GET answered 503 is retried)
 BATCH_ROWS = 4096  # rows per batch handed to `add` (bounds memory: w_plus is 36 KB a row at 1024 px)
 
 
@@ -68,9 +69,30 @@ def _batches(files: TableFiles, paths: Iterable[str], columns: Sequence[str], fi
     fs = _filesystem(files.uri, files.storage_options)
     schema = pa.schema([files.schema.field(c) for c in columns], metadata=files.schema.metadata)
     for path in paths:
-        ds = pads.dataset([path], schema=files.schema, filesystem=fs, format="parquet")
-        for batch in ds.to_batches(columns=list(columns), filter=filter, batch_size=BATCH_ROWS):
+        for batch in _file_batches(fs, files.schema, path, columns, filter):
             yield path, pa.RecordBatch.from_arrays(batch.columns, schema=schema)
+
+
+def _file_batches(fs, schema: pa.Schema, path: str, columns: Sequence[str], filter: Any, attempts: int = READ_ATTEMPTS):
+    """The batches of one data file. A read that fails before the file's first batch (a 503
+    SlowDown on a GET, which Arrow's native S3 client reports as an INTERNAL_FAILURE it does not
+    retry) is tried again, after 0.5, 1, 2 ... s; a failure after it raises."""
+    import time
+
+    for attempt in range(1, attempts + 1):
+        ds = pads.dataset([path], schema=schema, filesystem=fs, format="parquet")
+        it = ds.to_batches(columns=list(columns), filter=filter, batch_size=BATCH_ROWS)
+        try:
+            first = next(it, None)
+        except OSError:
+            if attempt == attempts:
+                raise
+            time.sleep(0.5 * 2 ** (attempt - 1))
+            continue
+        if first is not None:
+            yield first
+            yield from it
+        return
 
 
 def fold_files(files: TableFiles, paths: Sequence[str], columns: Sequence[str], make: Callable[[], Any],

@@ -128,9 +128,22 @@ def test_checkpoint_dict_loads_with_load_psp_and_inverts(tmp_path, start_ckpt):
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in again.net.state_dict().items())
 
 
-def test_resume_continues_exactly(tmp_path, start_ckpt):
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: with several, the CPU kernels (oneDNN, MKL) may split their sums
+    differently from run to run, so two identical steps can differ in the last bit (measured on a
+    busy 2-core machine: up to 3e-8 in 203 of 325 tensors between two straight runs, even with
+    torch.use_deterministic_algorithms; none in 3 tries with one thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_resume_continues_exactly(tmp_path, start_ckpt, one_thread):
     """2 steps == 1 step, state_dict saved and loaded (weights_only) into a new trainer, 1 step:
-    Ranger's moments, the step count and the generator-noise RNG all carry over."""
+    Ranger's moments, the step count and the generator-noise RNG all carry over (bit for bit, on
+    deterministic kernels)."""
     opts = TrainOptions(output_size=SIZE, lpips_lambda=0, checkpoint_path=start_ckpt, start_from_latent_avg=True)
     batches = [_batch(10), _batch(11)]
     straight = PspTrainer(opts, TrainingWeights(), seed=3)

@@ -28,7 +28,9 @@ from test_nightly import (
 
 from schemas.table import read_runs, table_exists
 
-pytestmark = pytest.mark.slow
+# The long end-to-end tier (about 4 minutes of 2 cores: five pipeline runs plus reruns, a driver in
+# a fresh process): CI runs it after the suite (`pytest -m tier2`).
+pytestmark = [pytest.mark.slow, pytest.mark.tier2]
 
 ROOT = Path(__file__).resolve().parent.parent
 # Small runs: on CPU the tiny model still costs ~1-4 s per image on 2 shared cores.

@@ -15,7 +15,6 @@ import dataclasses
 import datetime as _dt
 import json
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata as _metadata
@@ -24,7 +23,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.table import COMMIT_ATTEMPTS, RUN_FILES, ConcurrentRunError, OutputTable
+from pipelines.replace import RUN, TABLE, Changes, changes
+from pipelines.table import COMMIT_ATTEMPTS, ConcurrentRunError, OutputTable
 from pipelines.writer import WrittenRun
 from schemas.outputs import SCHEMA_VERSION, output_schema
 from schemas.table import COMMIT_RUN, COMMIT_RUN_ID, RUNS_DIR
@@ -41,67 +41,33 @@ class CommitResult:
     attempts: int
 
 
-def _conflicts(table: OutputTable, dt, read_version: int | None, ids: pa.Array) -> pa.Table:
-    """Rows for `ids` that another run committed after `read_version` (rows merely moved by a
-    rewrite or compaction, same run_id and processed_at as before, do not count)."""
-    if dt is None or read_version == dt.version():
-        return pa.table({"image_id": pa.array([], pa.string())})
-    cols = ("image_id", "source_uri", "run_id", "processed_at")
-    now = table.state(dt, cols, ids)
-    before_dt = table.load(read_version) if read_version is not None else None
-    fresh = now.filter(pc.invert(pc.is_in(now["_file"], value_set=pa.array(sorted(table.files(before_dt)), pa.string()))))
-    if fresh.num_rows == 0:
-        return fresh
-    before = table.state(before_dt, cols, fresh["image_id"])
-    old = set(zip(before["image_id"].to_pylist(), before["run_id"].to_pylist(), before["processed_at"].to_pylist()))
-    keep = [(i, r, t) not in old for i, r, t in zip(fresh["image_id"].to_pylist(), fresh["run_id"].to_pylist(),
-                                                      fresh["processed_at"].to_pylist())]
-    return fresh.filter(pa.array(keep, pa.bool_()))
+def commit_actions(dt, adds: Sequence[Any], got: Changes) -> list:
+    """The commit's Delta actions: the run's `adds` (a file with twins replaced by its rewritten
+    copy, or left out when none of its rows is left), and per table file holding rows it replaces
+    a RemoveAction plus, if other rows are left, an AddAction of its rewritten copy."""
+    from deltalake.transaction import AddAction, RemoveAction
 
+    def add_of(copy) -> AddAction:
+        path, size, modified_ms, stats = copy
+        return AddAction(path, size, {}, modified_ms, True, stats)
 
-def _removals(table: OutputTable, dt, drop_ids: pa.Array, run_id: str) -> tuple[list, int]:
-    """Actions that take the rows of `drop_ids` (image_id or source_id among them: every face row of
-    those inputs) out of `dt`'s version: RemoveAction per file
-    holding one, plus an AddAction for a rewritten copy of the file's other rows. (actions, rows
-    removed)."""
-    from deltalake.transaction import RemoveAction
-
-    if dt is None or len(drop_ids) == 0:
-        return [], 0
-    hit = table.state(dt, ("image_id",), drop_ids)
-    if hit.num_rows == 0:
-        return [], 0
-    sizes = {r["path"]: r["size_bytes"] for r in pa.table(dt.get_add_actions(flatten=True)).select(["path", "size_bytes"]).to_pylist()}
-    actions: list = []
-    now_ms = int(time.time() * 1000)
-    for rel in sorted(set(hit["_file"].to_pylist())):
-        actions.append(RemoveAction(rel, True, now_ms, sizes.get(rel), {}))
-        rows = table.read_file(rel)
-        gone = pc.or_(pc.is_in(rows["image_id"], value_set=drop_ids), pc.is_in(rows["source_id"], value_set=drop_ids))
-        rest = rows.filter(pc.invert(gone))
-        if rest.num_rows:
-            actions.append(table.write_file(f"{RUN_FILES}/{run_id}/rewrite-{uuid.uuid4().hex}.parquet", rest))
-    return actions, hit.num_rows
-
-
-def _dedupe(table: OutputTable, run: WrittenRun) -> WrittenRun:
-    """`run` with each image_id once: a file holding a later copy of an id is rewritten without it
-    (Ray retries write whole blocks again, so this should never happen; never commit a twin)."""
-    if pc.count_distinct(run.ids).as_py() == len(run.ids):  # Arrow's hash, no Python object per row
-        return run
-    seen: set[str] = set()
-    out = WrittenRun(run.run_id)
-    for add in run.adds:
-        rows = table.read_file(add.path)
-        keep = [i for i, x in enumerate(rows["image_id"].to_pylist()) if x not in seen]
-        seen.update(rows["image_id"].take(pa.array(keep, pa.int64())).to_pylist())
-        if len(keep) == rows.num_rows:
-            out.extend([add], rows["image_id"], rows["status"])
-        elif keep:
-            picked = rows.take(pa.array(keep, pa.int64()))
-            out.extend([table.write_file(f"{RUN_FILES}/{run.run_id}/dedup-{uuid.uuid4().hex}.parquet", picked)],
-                       picked["image_id"], picked["status"])
-    return out
+    actions = []
+    for i, add in enumerate(adds):
+        if (RUN, i) not in got.dropped:
+            actions.append(add)
+        elif got.copies.get((RUN, i)) is not None:
+            actions.append(add_of(got.copies[(RUN, i)]))
+    touched = sorted(key for key in got.dropped if key[0] == TABLE)
+    if touched:
+        sizes = pa.table(dt.get_add_actions(flatten=True)).select(["path", "size_bytes"])
+        wanted = {got.paths[key] for key in touched}
+        sizes = {p: s for p, s in zip(sizes["path"].to_pylist(), sizes["size_bytes"].to_pylist()) if p in wanted}
+        now_ms = int(time.time() * 1000)
+        for key in touched:
+            actions.append(RemoveAction(got.paths[key], True, now_ms, sizes.get(got.paths[key]), {}))
+            if got.copies.get(key) is not None:
+                actions.append(add_of(got.copies[key]))
+    return actions
 
 
 def commit_run(
@@ -111,6 +77,8 @@ def commit_run(
     summary: Mapping[str, Any],
     read_version: int | None,
     remove_ids: Sequence[str] | pa.Array = (),
+    *,
+    use_ray: bool | None = None,
 ) -> CommitResult | None:
     """Commit `run` (its rows replace every current row of the same inputs: same image_id, or a
     source_id among the run's image_ids) and remove the rows of `remove_ids` (deleted inputs'
@@ -119,6 +87,10 @@ def commit_run(
     `read_version`: the version the run planned against (None: no table then). Returns None when
     there is nothing to commit. Raises ConcurrentRunError when another run committed one of these
     inputs since `read_version` (nothing committed), and the delta-rs error if the commit fails.
+
+    Which rows go (and the run's twins, rows Ray wrote twice) is a join in Ray tasks
+    (`pipelines.replace`); touched files are rewritten there. The driver holds file names and
+    counts, never a value per row. use_ray: None decides by size (small commits run in-process).
     """
     from deltalake.exceptions import CommitFailedError
     from deltalake.transaction import CommitProperties
@@ -126,22 +98,19 @@ def commit_run(
     remove = pa.array(list(remove_ids) if not isinstance(remove_ids, pa.Array) else remove_ids, pa.string())
     if not run.adds and len(remove) == 0:
         return None
-    run = _dedupe(table, run.load(table))
-    touched = pa.concat_arrays([run.ids, remove]).unique()
     meta = {COMMIT_RUN_ID: run.run_id, COMMIT_RUN: json.dumps(dict(summary), sort_keys=True, default=_json_default)}
+    paths = [a.path for a in run.adds]
     for attempt in range(1, COMMIT_ATTEMPTS + 1):
         dt = table.ensure(n_styles)
-        clash = _conflicts(table, dt, read_version, touched)
-        if clash.num_rows:
-            others = sorted(set(clash["run_id"].to_pylist()))
+        got = changes(table, dt, paths, run.rows, remove, read_version, run.run_id, use_ray=use_ray)
+        if got.clash:
             raise ConcurrentRunError(
-                f"run {run.run_id} did not commit: run(s) {', '.join(others)} committed {clash.num_rows} of "
-                f"its inputs to {table.uri} after it started (e.g. {clash['source_uri'][0].as_py()}). "
+                f"run {run.run_id} did not commit: run(s) {', '.join(got.clash_runs)} committed {got.clash} of "
+                f"its inputs to {table.uri} after it started (e.g. {got.clash_uri}). "
                 "Nothing of this run is visible; rerun the same command: what is committed is kept and "
                 "this run's finished rows are adopted, not redone"
             )
-        removals, removed = _removals(table, dt, touched, run.run_id)
-        actions = list(run.adds) + removals
+        actions = commit_actions(dt, run.adds, got)
         try:
             dt.create_write_transaction(
                 actions, mode="append", schema=output_schema(n_styles),
@@ -157,8 +126,8 @@ def commit_run(
         after = table.load()
         version = after.version()
         checkpoint(after)
-        rewritten = sum(1 for a in removals if not hasattr(a, "deletion_timestamp"))
-        return CommitResult(version, len(run.ids), removed, rewritten, attempt)
+        rewritten = sum(1 for (kind, _), c in got.copies.items() if kind == TABLE and c is not None)
+        return CommitResult(version, run.rows - got.rows_dropped(RUN), got.rows_dropped(TABLE), rewritten, attempt)
     return None  # pragma: no cover - the loop returns or raises
 
 

@@ -199,11 +199,11 @@ def partition_of(source_uris: pa.Array | pa.ChunkedArray, partitions: int) -> np
     return (pd.util.hash_array(values, categorize=False) % np.uint64(partitions)).astype(np.int64)
 
 
-def split(table: pa.Table, partitions: int) -> list[pa.Table]:
-    """`table` cut into `partitions` parts by `partition_of(table['source_uri'])`, order kept."""
+def split(table: pa.Table, partitions: int, key: str = "source_uri") -> list[pa.Table]:
+    """`table` cut into `partitions` parts by `partition_of(table[key])`, order kept."""
     if partitions <= 1:
         return [table]
-    part = partition_of(table["source_uri"], partitions)
+    part = partition_of(table[key], partitions)
     order = np.argsort(part, kind="stable")
     bounds = np.searchsorted(part[order], np.arange(partitions + 1))
     return [table.take(pa.array(order[bounds[p]:bounds[p + 1]])) for p in range(partitions)]

@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.diff import PARTITION_ROWS
 from pipelines.replace import RUN, TABLE, Changes, changes
 from pipelines.table import COMMIT_ATTEMPTS, ConcurrentRunError, OutputTable
 from pipelines.writer import WrittenRun
@@ -79,6 +80,7 @@ def commit_run(
     remove_ids: Sequence[str] | pa.Array = (),
     *,
     use_ray: bool | None = None,
+    partition_rows: int = PARTITION_ROWS,
 ) -> CommitResult | None:
     """Commit `run` (its rows replace every current row of the same inputs: same image_id, or a
     source_id among the run's image_ids) and remove the rows of `remove_ids` (deleted inputs'
@@ -90,7 +92,8 @@ def commit_run(
 
     Which rows go (and the run's twins, rows Ray wrote twice) is a join in Ray tasks
     (`pipelines.replace`); touched files are rewritten there. The driver holds file names and
-    counts, never a value per row. use_ray: None decides by size (small commits run in-process).
+    counts, never a value per row. use_ray: None decides by size (small commits run in-process);
+    partition_rows: rows (the run's and the table's) per partition of the join.
     """
     from deltalake.exceptions import CommitFailedError
     from deltalake.transaction import CommitProperties
@@ -102,7 +105,8 @@ def commit_run(
     paths = [a.path for a in run.adds]
     for attempt in range(1, COMMIT_ATTEMPTS + 1):
         dt = table.ensure(n_styles)
-        got = changes(table, dt, paths, run.rows, remove, read_version, run.run_id, use_ray=use_ray)
+        got = changes(table, dt, paths, run.rows, remove, read_version, run.run_id, use_ray=use_ray,
+                      partition_rows=partition_rows)
         if got.clash:
             raise ConcurrentRunError(
                 f"run {run.run_id} did not commit: run(s) {', '.join(got.clash_runs)} committed {got.clash} of "

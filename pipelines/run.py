@@ -34,13 +34,13 @@ from pipelines.listing import (
     Listing,
     check_inputs,
     count_todo,
-    done_keys,
     items_listing,
     list_to_shards,
     read_user_listing,
     scratch_dir,
 )
 from pipelines.plan import InvertPlanner, NightlyError, NightlyPlan, NightlyPlanner, Plan
+from pipelines.replace import run_keys
 from pipelines.reuse import alignment_signature
 from pipelines.secrets import redact
 from pipelines.table import ConcurrentRunError, OutputTable, TableMismatchError
@@ -311,12 +311,9 @@ def execute(config: InvertConfig, planner: Planner, items: Sequence[SourceItem] 
         outcome = RunOutcome(resolved, plan, None, processed=plan.todo, phases=laps.phases)
         extra = dict(plan.extra)
         if plan.expected is not None:  # the planned inputs that got no row (in Ray tasks, by key)
-            import pyarrow.compute as pc
-            import ray
-
-            ids = written.load(table).ids
-            outcome.processed = pc.count_distinct(ids).as_py() - plan.adopted.rows
-            lost = count_todo(plan.expected, ray.put(done_keys(ids)))[0] if plan.expected.total else 0
+            distinct, keys = run_keys(table, [a.path for a in written.adds])
+            outcome.processed = distinct - plan.adopted.rows
+            lost = count_todo(plan.expected, keys)[0] if plan.expected.total else 0
             outcome.lost = extra["lost"] = lost
         outcome.counts = written.counts()
         summary = RunSummary(

@@ -309,3 +309,59 @@ def test_relative_local_output_lands_under_the_callers_cwd(ray_cluster, tmp_path
     commit_run(table, write_run(ray_dataset(make_rows(2, 1), n_blocks=1), table, "run-rel", N_STYLES),
                N_STYLES, {"run_id": "run-rel"}, v)
     assert schemas.read_outputs(str(tmp_path / "rel" / "out")).num_rows == 3
+
+
+@pytest_slow
+def test_nightly_commit_replaces_rows_spread_over_files_in_ray_tasks(ray_cluster, tmp_path):
+    """A nightly-style commit over a table of four files, joined and rewritten in Ray tasks (four
+    partitions): the re-processed inputs' old rows and the deleted inputs' rows go, each touched
+    file that keeps rows is re-added as a rewritten copy under the run's folder, a file left empty
+    is only removed, a row Ray wrote twice is committed once; nothing else is lost or doubled. A
+    run that planned before it clashes only on the inputs it committed, not on rows it moved."""
+    from pipelines.commit import commit_run
+    from pipelines.table import ConcurrentRunError, OutputTable
+
+    out = tmp_path / "out"
+    table = OutputTable(str(out))
+    v = table.ensure(N_STYLES).version()
+    old = []
+    for k in range(4):
+        rows = make_rows(5, 0, seed=k, run_id=f"run-{k}", prefix=f"p{k}")
+        v = commit_run(table, stage(table, f"run-{k}", rows), N_STYLES, {"run_id": f"run-{k}"}, v).version
+        old.append(rows)
+    planned = v
+    # Re-process input 0 of files 0-2 and inputs 0-1 of file 3; delete input 1 of file 0 and
+    # inputs 2-4 of file 3 (file 3 is left empty). Ray wrote the row of p2/0 twice.
+    redo = [dict(old[0][0]), dict(old[1][0]), dict(old[2][0]), dict(old[3][0]), dict(old[3][1])]
+    for r in redo:
+        r["run_id"] = "night"
+    night = stage(table, "night", redo[:3], name="part-0.parquet")
+    night.merge(stage(table, "night", [redo[2], *redo[3:]], name="part-1.parquet"))
+    gone = [so.image_id_for(r["source_uri"]) for r in (old[0][1], *old[3][2:])]
+    res = commit_run(table, night, N_STYLES, {"run_id": "night"}, planned, gone, use_ray=True, partition_rows=8)
+    assert (res.version, res.added, res.removed, res.rewritten_files) == (planned + 1, 5, 9, 3)
+
+    seen = current(out)  # one row per input
+    want = {r["source_uri"]: r["run_id"] for rows in old for r in rows}
+    want.update({r["source_uri"]: "night" for r in redo})
+    for r in (old[0][1], *old[3][2:]):
+        del want[r["source_uri"]]
+    assert seen == want and len(seen) == 20 - 4
+    files = sorted(table.files(table.load()))
+    assert sum(p.startswith("runs/night/rewrite-") for p in files) == 3
+    assert sum(p.startswith("runs/night/dedup-") for p in files) == 1
+    assert not any(p.startswith(("runs/run-0/", "runs/run-1/", "runs/run-2/", "runs/run-3/")) for p in files)
+    w = {r["image_id"]: r["w_plus"] for r in schemas.read_outputs(str(out), columns=["image_id", "w_plus"]).to_pylist()}
+    for r in [*old[1][1:], *redo]:  # rewritten and new rows as they were written
+        np.testing.assert_array_equal(np.asarray(w[so.image_id_for(r["source_uri"])], np.float32).ravel(),
+                                      r["w_plus"].ravel())
+
+    # Runs that planned before the nightly commit: one redoes an input it committed (clash), the
+    # other one whose row it only moved into a rewritten copy (no clash: committed after it).
+    with pytest.raises(ConcurrentRunError, match="run\\(s\\) night committed 1 of its inputs"):
+        commit_run(table, stage(table, "late-a", [dict(old[1][0], run_id="late-a")]), N_STYLES,
+                   {"run_id": "late-a"}, planned, use_ray=True, partition_rows=8)
+    late = commit_run(table, stage(table, "late-b", [dict(old[1][3], run_id="late-b")]), N_STYLES,
+                      {"run_id": "late-b"}, planned, use_ray=True, partition_rows=8)
+    assert (late.version, late.removed) == (planned + 2, 1)
+    assert current(out)[old[1][3]["source_uri"]] == "late-b" and len(current(out)) == 16

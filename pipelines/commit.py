@@ -92,7 +92,7 @@ def commit_run(
 
     Which rows go (and the run's twins, rows Ray wrote twice) is a join in Ray tasks
     (`pipelines.replace`); touched files are rewritten there. The driver holds file names and
-    counts, never a value per row. use_ray: None decides by size (small commits run in-process);
+    counts, never a value per row. use_ray: None: Ray tasks when Ray is up or the commit is big;
     partition_rows: rows (the run's and the table's) per partition of the join.
     """
     from deltalake.exceptions import CommitFailedError

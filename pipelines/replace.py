@@ -20,7 +20,8 @@ the table's, hash-partitioned like the plan's (`pipelines.diff`):
    the copy's add-action fields.
 
 The driver holds file names, counts per file and object references. A small commit (under
-`pipelines.diff.LOCAL_MAX_ROWS` rows) takes the same steps in the calling process.
+`pipelines.diff.LOCAL_MAX_ROWS` rows) without Ray running takes the same steps in the calling
+process; a run's commit (Ray is up) always uses tasks, because a rewrite reads whole rows.
 """
 from __future__ import annotations
 
@@ -184,13 +185,15 @@ def changes(table: OutputTable, dt, run_paths: Sequence[str], run_rows: int, rem
             partition_rows: int = PARTITION_ROWS) -> Changes:
     """The `Changes` of committing the run's files `run_paths` (`run_rows` rows) and removing the
     rows of `remove` (source ids) at `dt`'s version (see the module doc). Rewritten copies are
-    written only when there is no clash. use_ray: None decides by size."""
+    written only when there is no clash. use_ray: None: in Ray tasks when Ray is up (a pipeline
+    run) or the commit is big; in the calling process otherwise (a rewrite reads whole rows,
+    tensors and all: never on the driver of a run)."""
     from pipelines.diff import table_row_count
 
     files = commit_files(table, dt, run_paths, read_version)
     table_rows = table_row_count(dt)
     if use_ray is None:
-        use_ray = run_rows + table_rows > LOCAL_MAX_ROWS
+        use_ray = _ray_up() or run_rows + table_rows > LOCAL_MAX_ROWS
     groups = [files[i:i + MAP_FILES] for i in range(0, len(files), MAP_FILES)]
     if not use_ray:
         summary, drops = reduce_rows(remove, *[map_rows(table, g, 1) for g in groups])
@@ -201,6 +204,12 @@ def changes(table: OutputTable, dt, run_paths: Sequence[str], run_rows: int, rem
             out.copies[(kind, f)] = copy
         return out
     return _changes_in_ray(table, files, groups, remove, run_id, plan_partitions(run_rows, table_rows, partition_rows))
+
+
+def _ray_up() -> bool:
+    import sys
+
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
 def _changes_in_ray(table: OutputTable, files, groups, remove: pa.Array, run_id: str, partitions: int) -> Changes:

@@ -8,7 +8,11 @@ What runs is `pipelines.align.AlignFaces` on a batch dict of JPEG bytes, with th
 (`time.process_time`, which other jobs disturb less than wall time). Settings:
 
 - exact: the default (`--min-face 64`), and `--min-face 128`;
-- speed: `--align-detect-size 512` (`psp_core.face_detection.WindowDetector`);
+- speed: `--align-detect-size 512` (`psp_core.face_detection.WindowDetector`): a JPEG is decoded
+  at 1/2, 1/4 or 1/8 scale (`psp_core.images.JpegDraft`, libjpeg's DCT scaling) where its face is
+  large enough, and the face found, its landmarks predicted and its crop made from that decode;
+- speed, every pixel decoded: the same aligner given fully decoded pixels (the speed mode before
+  draft decoding, and what a PNG/WebP input or a JPEG with a small face still costs);
 - reuse: the exact setting given a `pipelines.reuse.StoredAlignment` of the same photos (what a rerun
   with `--reuse-alignment` / `--alignment-from` does: decode, then the crop from stored landmarks);
 - decode only: `DecodeImages` alone, the floor every setting pays.
@@ -67,6 +71,15 @@ def stored_from(out: dict):
     )
 
 
+def full_decode(stage):
+    """An AlignFaces whose decode stage decodes every pixel (no JPEG drafts): the speed mode's
+    aligner then gets full-resolution pixels, as for a non-JPEG input."""
+    from pipelines.decode import DecodeImages
+
+    stage.decode = DecodeImages()
+    return stage
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--photos", type=int, default=10)
@@ -92,10 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         "exact (min-face 128)": AlignFaces(task="ffhq_encode", keep_aligned=False, min_face=128),
         f"speed (detect-size {args.detect_size})": AlignFaces(task="ffhq_encode", keep_aligned=False,
                                                               aligner_kwargs={"detect_size": args.detect_size}),
+        "speed, every pixel decoded": full_decode(AlignFaces(task="ffhq_encode", keep_aligned=False,
+                                                             aligner_kwargs={"detect_size": args.detect_size})),
         "reuse (stored alignment)": AlignFaces(task="ffhq_encode", keep_aligned=False,
                                                stored_alignment=stored_from(reference)),
     }
     n = len(blobs)
+    print(f"load: {os.getloadavg()[0]:.1f} (1 min average; the machine's other jobs)")
     print(f"align stage, CPU ms per photo ({n} photos 1-3 MP, one batch per repeat, {args.repeats} repeats, 1 thread)")
     outs = {}
     for name, stage in settings.items():
@@ -114,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
     dev = 100 * np.linalg.norm(lm_e - lm_s, axis=2).mean(1) / iod
     print(f"speed mode landmarks vs exact: mean {dev.mean():.2f} % of the inter-ocular distance "
           f"(worst photo {dev.max():.2f} %); another face (> 25 %): {int((dev > 25).sum())}")
+    diff = np.abs(speed["model_input"].astype(np.int16) - reference["model_input"].astype(np.int16))
+    print(f"speed mode model inputs vs exact: mean {diff.mean():.2f} gray levels (worst photo "
+          f"{diff.reshape(n, -1).mean(1).max():.2f})")
+    full = outs["speed, every pixel decoded"]
+    lm_f = full["landmarks"].astype(np.float64)
+    dev_f = 100 * np.linalg.norm(lm_e - lm_f, axis=2).mean(1) / iod
+    print(f"speed mode with every pixel decoded, landmarks vs exact: mean {dev_f.mean():.2f} % (worst photo "
+          f"{dev_f.max():.2f} %)")
     return 0
 
 

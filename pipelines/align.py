@@ -2,7 +2,8 @@
 
 `AlignFaces` is a plain callable class on a batch dict; the pipeline runs it in a CPU actor pool so
 the dlib models load once per actor. It runs `DecodeImages` first (in the same actor, so only
-compressed bytes travel between Ray operators) and then, per row:
+compressed bytes travel between Ray operators; in the speed mode, `--align-detect-size`, a JPEG is
+only opened there and decoded by the aligner at the reduced scale its face allows) and then, per row:
 - mode 'dlib': `psp_core.align.FaceAligner` (FFHQ alignment; 'no_face' etc. become row statuses);
 - mode 'none': resize to 256x256 exactly as the task transform would (sketches, segmentation maps,
   pre-aligned faces, cars, churches, animals), no detection; `model_input` is then prepared from the
@@ -39,7 +40,7 @@ from PIL import Image
 
 from pipelines.decode import DecodeImages
 from pipelines.read import object_column
-from psp_core.images import DEFAULT_DECODE_TIMEOUT_S
+from psp_core.images import DEFAULT_DECODE_TIMEOUT_S, ImageDecodeError, JpegDraft
 
 CROP_SIZE = 256
 FACE_MODES = ("best", "largest", "all")
@@ -122,7 +123,9 @@ class AlignFaces:
         self.mode = mode
         self.gray = gray
         self.stage_clock = stage_clock
-        self.decode = DecodeImages(stage_clock=stage_clock, timeout_s=decode_timeout_s)
+        # the speed mode decodes a JPEG at the reduced scale its face allows (psp_core.align.FaceAligner)
+        speed = mode == "dlib" and (aligner_kwargs or {}).get("detect_size") is not None
+        self.decode = DecodeImages(stage_clock=stage_clock, timeout_s=decode_timeout_s, lazy_jpeg=speed)
         self.task = None
         if task is not None:
             from psp_core.tasks import get_task
@@ -212,7 +215,13 @@ class AlignFaces:
             if self.aligner is None:  # the model input is prepared from `rgb`: a crop only if kept
                 crop = resize_unaligned(rgb, self.gray) if self.keep_aligned else None
                 return [(status, error, crop, None, -1, -1)]
-            found = self._stored_results(decoded, i, rgb) or self.aligner(rgb, name=str(uri))
+            if isinstance(rgb, JpegDraft) and self._stored_has(decoded, i):  # the crop from stored landmarks
+                try:
+                    rgb = np.asarray(rgb.decode(1))
+                except ImageDecodeError as e:
+                    return [(e.status, e.message, None, None, -1, -1)]
+            found = None if isinstance(rgb, JpegDraft) else self._stored_results(decoded, i, rgb)
+            found = found or self.aligner(rgb, name=str(uri))
             results = found if isinstance(found, list) else [found]
             if results[0].status != "ok":
                 r = results[0]
@@ -229,6 +238,12 @@ class AlignFaces:
                     for k, r in enumerate(results)]
         except Exception as e:  # an aligner bug must not lose the row
             return [("align_error", f"{uri}: alignment failed ({type(e).__name__}: {e})", None, None, -1, -1)]
+
+    def _stored_has(self, decoded: Mapping[str, Any], i: int) -> bool:
+        if self.stored is None or "source_sha256" not in decoded:
+            return False
+        lo, hi = self.stored.find(decoded["source_sha256"][i])
+        return hi > lo
 
     def _stored_results(self, decoded: Mapping[str, Any], i: int, rgb: np.ndarray) -> list | None:
         """The alignment stored for these bytes by an earlier run (`pipelines.reuse`), or None."""

@@ -6,6 +6,11 @@ decides (`psp_core.images`), not the file name: a PNG named `.jpg`, a GIF (first
 HEIC where the pillow-heif plugin is installed are images. The pixel arrays it produces
 are variable-sized, so the pipeline runs it inside the align actor (only compressed bytes cross
 the operator boundary; see `pipelines.align.AlignFaces`).
+
+With lazy_jpeg (the align stage's speed mode, `--align-detect-size`) an upright RGB JPEG is not
+decoded here: its header is read and checked (size guards, orientation) and its `image` is a
+`psp_core.images.JpegDraft`, which the speed mode's aligner decodes at the reduced scale its face
+allows (errors in the pixel data then become the row's status there).
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from pipelines.read import object_column
-from psp_core.images import DEFAULT_DECODE_TIMEOUT_S, ImageDecodeError, load_image
+from psp_core.images import DEFAULT_DECODE_TIMEOUT_S, ImageDecodeError, load_image, open_jpeg_draft
 
 
 class DecodeImages:
@@ -26,24 +31,33 @@ class DecodeImages:
     Out: the same columns minus `data`, plus `image`, `source_width`, `source_height` (int32, -1
     when undecodable). `error` is '' when there is none (uniform Arrow types across blocks).
     timeout_s: time limit of one image's decode (None: none); over it the row is 'decode_timeout'.
+    lazy_jpeg: an upright RGB JPEG's `image` is a `JpegDraft` (header checked, pixels not decoded;
+    see the module docstring), for a stage in the same process that decodes it (never across Ray).
     """
 
-    def __init__(self, stage_clock: Any = None, timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S):
+    def __init__(self, stage_clock: Any = None, timeout_s: float | None = DEFAULT_DECODE_TIMEOUT_S,
+                 lazy_jpeg: bool = False):
         self.stage_clock = stage_clock
         self.timeout_s = timeout_s
+        self.lazy_jpeg = lazy_jpeg
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         n = len(batch["source_uri"])
         status = list(batch["status"])
         error = list(batch["error"])
-        images: list[np.ndarray | None] = [None] * n
+        images: list[Any] = [None] * n
         widths = np.full(n, -1, dtype=np.int32)
         heights = np.full(n, -1, dtype=np.int32)
         for i, data in enumerate(batch["data"]):
             if status[i] != "ok":
                 continue
             uri = batch["source_uri"][i]
+            draft = open_jpeg_draft(data, name=str(uri), timeout_s=self.timeout_s) if self.lazy_jpeg else None
+            if draft is not None:
+                widths[i], heights[i] = draft.size
+                images[i] = draft
+                continue
             try:
                 img = load_image(bytes(data), name=str(uri), timeout_s=self.timeout_s)
                 widths[i], heights[i] = img.size

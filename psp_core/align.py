@@ -35,11 +35,13 @@ from psp_core.images import (
     DEFAULT_MAX_PIXELS,
     MIN_SIDE,
     ImageDecodeError,
+    JpegDraft,
     _array_to_rgb,
     _check_size,
     _label,
     load_image,
     normalize_image,
+    open_jpeg_draft,
 )
 
 __all__ = [
@@ -58,7 +60,21 @@ __all__ = [
 ]
 
 Select = Literal["best", "largest", "last", "all"]
-ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image, np.ndarray]
+ImageInput = Union[bytes, bytearray, memoryview, str, os.PathLike, Image.Image, np.ndarray, JpegDraft]
+
+#: The speed mode aligns a JPEG from its 1/scale decode only where the face's detection box is at
+#: least this many px there (and a third of transform_size): the 68 landmarks, predicted on the
+#: face's region resampled back to full scale, then stay within ~1 % of the inter-ocular distance of
+#: the full decode's (bench/align_stage.py prints it).
+DRAFT_MIN_BOX = 80
+
+
+def draft_scale(size: tuple[int, int], detect_size: int) -> int:
+    """The speed mode's JPEG decode scale for a photo of `size`: the largest of 1, 2, 4, 8 that is at
+    most round(longest side / detect_size) (the coarse copy's reduction), so a face the coarse scan
+    sees clearly (>= 87 coarse px) is >= ~80 px in the decode."""
+    factor = int(round(max(size) / detect_size))
+    return max((s for s in JpegDraft.SCALES if s <= max(factor, 1)), default=1)
 
 
 
@@ -287,7 +303,7 @@ def pad_blend_fast(img: np.ndarray, pad, qsize: float) -> np.ndarray:
     padded = np.pad(img, ((pad[1], pad[3]), (pad[0], pad[2]), (0, 0)), "reflect")
     h, w, _ = padded.shape
     sigma = qsize * 0.02
-    f = max(1, int(sigma / 3))
+    f = max(1, int(sigma / 3), round(sigma / 3))  # >= 2 from sigma 4.5 (a crop from a reduced decode)
     small = np.float32(Image.fromarray(padded, "RGB").reduce(f))
     small = scipy.ndimage.gaussian_filter(small, [sigma / f, sigma / f, 0])
     chans = [Image.fromarray(np.ascontiguousarray(small[..., c]), "F") for c in range(3)]
@@ -521,12 +537,23 @@ class FaceAligner:
 
 
     def __call__(self, image: ImageInput, *, name: str | None = None) -> AlignResult | list[AlignResult]:
-        """Align the face(s) in `image` (encoded bytes, path, PIL image, or HxW[xC] uint8 array).
+        """Align the face(s) in `image` (encoded bytes, path, PIL image, HxW[xC] uint8 array, or a
+        `psp_core.images.JpegDraft`).
 
         Returns an AlignResult, or a list of them with select="all". Never raises for bad input:
         decode failures, size guards and missing faces come back as statuses (and an unreadable
-        path as "read_error", the schema's status for it).
+        path as "read_error", the schema's status for it). In the speed mode (detect_size) a JPEG
+        given as bytes or a JpegDraft is decoded at reduced scale where its face allows
+        (`_align_draft`); the exact mode always decodes every pixel.
         """
+        if self.detect_size is not None and self.detector_upsample == 1:
+            draft = image if isinstance(image, JpegDraft) else None
+            if draft is None and isinstance(image, (bytes, bytearray, memoryview)):
+                draft = open_jpeg_draft(image, self.max_pixels, self.min_side, name=name)
+            if draft is not None:
+                return self._wrap(self._align_draft(draft, name or draft.label))
+        elif isinstance(image, JpegDraft):
+            image = image.blob
         try:
             pil, arr = self._prepare(image, name)
         except ImageDecodeError as e:
@@ -534,21 +561,86 @@ class FaceAligner:
         except OSError as e:  # a path that cannot be read (the pipeline reads bytes itself)
             msg = f"{_label(image, name)}: cannot read: {e.strerror or e}"
             return self._wrap([AlignResult(status="read_error", error=msg)])
+        return self._wrap(self._align_decoded(pil, arr, _label(image, name)))
+
+    def _align_decoded(self, pil: Image.Image | None, arr: np.ndarray, label: str) -> list[AlignResult]:
         size = (arr.shape[1], arr.shape[0])
         dets = self.detect(arr, pil)
         if not dets:
-            msg = f"{_label(image, name)}: no face found by the HOG detector (upsample {self.detector_upsample})"
+            msg = f"{label}: no face found by the HOG detector (upsample {self.detector_upsample})"
             if self.min_face > 0:
-                msg = (f"{_label(image, name)}: no face of at least {self.min_face} px found by the HOG detector "
+                msg = (f"{label}: no face of at least {self.min_face} px found by the HOG detector "
                        f"(faces smaller than the minimum face size {self.min_face} px are not looked for; "
                        "lower --min-face to keep them)")
-            return self._wrap([AlignResult(status="no_face", error=msg, n_faces=0, source_size=size)])
+            return [AlignResult(status="no_face", error=msg, n_faces=0, source_size=size)]
         chosen = self._choose(dets)
         results = []
         for rect, score in chosen:
             lm = self.landmarks(arr, rect)
             results.append(self._align_landmarks(pil if pil is not None else arr, lm, score, rect, len(dets), size))
-        return self._wrap(results)
+        return results
+
+    def _align_draft(self, draft: JpegDraft, label: str) -> list[AlignResult]:
+        """Speed mode on a JPEG: decode it once at 1/scale (`draft_scale`), find the one clear face
+        there (`WindowDetector.run_view`), predict its landmarks on its region resampled back to full
+        scale, crop from the reduced decode. A photo whose face is small at that scale (under
+        DRAFT_MIN_BOX px, or a third of transform_size), or that the window path leaves to the exact
+        scan, is decoded fully and aligned as any other input."""
+        from psp_core.face_detection import PyramidDetector, WindowDetector, box_side
+
+        scale = draft_scale(draft.size, self.detect_size)
+        try:
+            view = self._draft_view(draft, scale) if scale > 1 else None
+            found = None
+            if view is not None:
+                exact = PyramidDetector(self.detector, self.min_face, self._dlib)
+                window = WindowDetector(self.detector, exact, self.detect_size)
+                found = window.run_view(view, only_best=self.select == "best")
+            # the face must be large enough at the decode's scale for its landmarks and crop: else
+            # a finer decode (the detection, in photo px, stands)
+            small_face = max(DRAFT_MIN_BOX, self.transform_size / 3)
+            while found is not None and view.scale > 1 and box_side(found[0].box) < small_face * view.scale:
+                view = self._draft_view(draft, view.scale // 2) if view.scale > 2 else None
+                if view is None:
+                    found = None
+            if found is None:
+                pil = draft.decode(1)
+                return self._align_decoded(pil, np.asarray(pil), label)
+        except ImageDecodeError as e:
+            return [AlignResult(status=e.status, error=e.message)]
+        box, score = found[0].box, found[0].score
+        lm = self._view_landmarks(view, box)
+        quad, qsize = alignment_quad(lm)
+        crop = extract_aligned(view.pil, (quad - view.offset) / view.scale, qsize / view.scale, self.output_size,
+                               self.transform_size, self.enable_padding, fast_pad=True)
+        return [AlignResult(status="ok", image=crop, landmarks=lm, quad=quad.astype(np.float32), score=score,
+                            n_faces=1, box=np.asarray(box, dtype=np.int32), source_size=draft.size)]
+
+    @staticmethod
+    def _draft_view(draft: JpegDraft, scale: int):
+        """The JPEG decoded at 1/scale as a ScaledView (with its PIL image as `.pil`), or None."""
+        from psp_core.face_detection import ScaledView
+
+        reduced = draft.decode(scale)
+        if reduced is None:
+            return None
+        off = (scale - 1) / 2
+        view = ScaledView(np.asarray(reduced), scale, (off, off), draft.size)
+        view.pil = reduced
+        return view
+
+    def _view_landmarks(self, view, box: tuple[int, int, int, int]) -> np.ndarray:
+        """68 landmarks (photo px) predicted on the face's region (box +- a quarter of its side, inside
+        the photo) resampled from the reduced decode `view` back to the photo's pixel grid."""
+        from psp_core.face_detection import _resample
+
+        w, h = view.size
+        margin = (box[2] - box[0] + 1) // 4
+        x0, y0 = max(box[0] - margin, 0), max(box[1] - margin, 0)
+        x1, y1 = min(box[2] + margin + 1, w), min(box[3] + margin + 1, h)
+        region = _resample(view.arr, (x1 - x0, y1 - y0), view.to_view((x0, y0, x1, y1)))
+        shifted = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+        return self.landmarks(region, shifted) + np.float32([x0, y0])
 
     def detect(self, arr: np.ndarray, pil: Image.Image | None = None) -> list[tuple[tuple[int, int, int, int], float]]:
         """HOG detections on an HxWx3 uint8 RGB array: [((left, top, right, bottom), score)], in dlib's

@@ -190,41 +190,74 @@ class WindowDetector:
             return self._exact(arr, "fits")
         src = pil if pil is not None else Image.fromarray(arr, "RGB")
         small = np.asarray(src.reduce(factor))  # a box filter: a few ms, enough for the coarse scan
+        found, why = self._window(small, factor, ScaledView(arr), only_best)
+        if found is None:
+            return self._exact(arr, why)
+        self.last_path = "window"
+        return [found]
+
+    def run_view(self, view: "ScaledView", only_best: bool = True) -> list[Detection] | None:
+        """The window path on a photo decoded at reduced scale (`view`, a JPEG's draft decode):
+        the coarse scan on a gray copy of `detect_size` px (longest side) made from it, the
+        re-detection in windows resampled from it (boxes in the photo's px). None where the exact
+        scan of the full photo must decide (`last_path` says why): the caller decodes it fully."""
+        from PIL import Image
+
+        w, h = view.size
+        factor = max(w, h) / self.detect_size  # photo px per coarse px
+        if factor < 1.5:
+            self.last_path = "exact (fits)"
+            return None
+        size = (max(1, round(w / factor)), max(1, round(h / factor)))
+        gray = Image.fromarray(view.arr, "RGB").convert("L")
+        small = np.asarray(gray.resize(size, Image.Resampling.BOX))
+        found, why = self._window(small, factor, view, only_best)
+        if found is None:
+            self.last_path = f"exact ({why})"
+            return None
+        self.last_path = "window (scaled)"
+        return [found]
+
+    def _window(self, small: np.ndarray, factor: float, view: "ScaledView",
+                only_best: bool) -> tuple[Detection | None, str]:
+        """(the one clear face, '') from the coarse scan of `small` (photo px = coarse px x factor),
+        refined on `view`; (None, why) where the exact scan must decide."""
         rects, scores, _ = self.detector.run(small, 0, self.candidate_score)
         if not len(rects):
-            return self._exact(arr, "no face")
+            return None, "no face"
         r, score = rects[0], float(scores[0])  # dlib lists them by descending score
         side = r.right() - r.left() + 1
         if score < 0.0 or side < LEVEL_BOX * RATIO**self.clear_levels - 1:
-            return self._exact(arr, "weak" if score < 0.0 else "near the floor")
-        found = self._refine(arr, self._photo_box(r, factor))
+            return None, "weak" if score < 0.0 else "near the floor"
+        found = self._refine(view, self._photo_box(r, factor))
         if found is None or box_side(found.box) < self.min_face:
-            return self._exact(arr, "refinement")
+            return None, "refinement"
         floor = LEVEL_BOX * RATIO - 1  # coarse boxes under this come from the coarse scan's finest level
         for o, o_score in zip(list(rects)[1:], list(scores)[1:]):
             if _iou(_tuple(o), _tuple(r)) >= 0.2:  # the same face seen by another filter / offset
                 continue
             if not only_best or score - float(o_score) < self.margin:  # another face that may win
-                return self._exact(arr, "several candidates")
+                return None, "several candidates"
             if o.right() - o.left() + 1 < floor:
                 # a weak candidate at the floor may be a smaller face that scores higher at its own
                 # size: re-detect it there (one level finer too) and compare
-                other = self._refine(arr, self._photo_box(o, factor), finer=True)
+                other = self._refine(view, self._photo_box(o, factor), finer=True)
                 if other is not None and other.score > found.score - self.margin:
-                    return self._exact(arr, "several candidates")
-        self.last_path = "window"
-        return [found]
+                    return None, "several candidates"
+        return found, ""
 
     @staticmethod
-    def _photo_box(r, factor: int) -> tuple[int, int, int, int]:
+    def _photo_box(r, factor: float) -> tuple[int, int, int, int]:
         """A coarse box (dlib rectangle in the reduced copy) in photo px."""
-        return (r.left() * factor, r.top() * factor, (r.right() + 1) * factor - 1, (r.bottom() + 1) * factor - 1)
+        return (round(r.left() * factor), round(r.top() * factor), round((r.right() + 1) * factor) - 1,
+                round((r.bottom() + 1) * factor) - 1)
 
-    def _refine(self, arr: np.ndarray, box, finer: bool = False) -> Detection | None:
+    def _refine(self, view: "ScaledView", box, finer: bool = False) -> Detection | None:
         """The best detection of the face in `box` (photo px) over the levels near its size, each
-        level's window resampled from the photo so its pixels sit where the original's do."""
+        level's window resampled from the photo (or its reduced decode, `view`) so its pixels sit
+        where the original's do."""
         dlib = self.dlib
-        h, w = arr.shape[:2]
+        w, h = view.size
         side = max(box[2] - box[0], box[3] - box[1]) + 1
         # photo px -> upsampled px (dlib resize_image to 2H+1 x 2W+2 maps index i to i*(2W+1)/(W-1))
         sx, sy = (2 * w + 1) / max(w - 1, 1), (2 * h) / max(h - 1, 1)
@@ -252,7 +285,7 @@ class WindowDetector:
             ax, ay = a / sx, a / sy
             bx, by = b / sx + 0.5 - 0.5 * ax, b / sy + 0.5 - 0.5 * ay
             pbox = (bx + ax * x0, by + ay * y0, bx + ax * x1, by + ay * y1)
-            win = _resample(arr, (x1 - x0, y1 - y0), pbox)
+            win = _resample(view.arr, (x1 - x0, y1 - y0), view.to_view(pbox))
             rects, scores, idx = self.detector.run(win, 0, 0.0)
             for r, s, i in zip(rects, scores, idx):
                 if r.right() - r.left() + 1 != LEVEL_BOX:  # only this level's boxes (on its grid)
@@ -265,6 +298,26 @@ class WindowDetector:
                 if best is None or s > best.score:
                     best = Detection(out, float(s), int(i))
         return best
+
+
+class ScaledView:
+    """A photo as an HxWx3 uint8 array `arr` decoded at 1/scale: its pixel (i, j) stands for the
+    photo's pixel (scale*i + offset[0], scale*j + offset[1]) (a JPEG's draft decode: offset
+    (scale-1)/2). size: the photo's (width, height). ScaledView(arr): the photo itself."""
+
+    def __init__(self, arr: np.ndarray, scale: int = 1, offset: tuple[float, float] = (0.0, 0.0),
+                 size: tuple[int, int] | None = None):
+        self.arr, self.scale, self.offset = arr, int(scale), (float(offset[0]), float(offset[1]))
+        self.pil = None  # the PIL image of `arr`, where the caller has it
+        self.size = size if size is not None else (arr.shape[1], arr.shape[0])
+
+    def to_view(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """A region in the photo's PIL coordinates (pixel i spans [i, i+1]) in the view's."""
+        if self.scale == 1 and self.offset == (0.0, 0.0):
+            return box
+        s, (ox, oy) = self.scale, self.offset
+        return ((box[0] - 0.5 - ox) / s + 0.5, (box[1] - 0.5 - oy) / s + 0.5,
+                (box[2] - 0.5 - ox) / s + 0.5, (box[3] - 0.5 - oy) / s + 0.5)
 
 
 def _resample(arr: np.ndarray, size: tuple[int, int], box: tuple[float, float, float, float]) -> np.ndarray:

@@ -36,11 +36,13 @@ __all__ = [
     "DEFAULT_DECODE_TIMEOUT_S",
     "DEFAULT_MAX_PIXELS",
     "MIN_SIDE",
+    "JpegDraft",
     "SNIFF_BYTES",
     "ALLOWED_FORMATS",
     "ImageDecodeError",
     "detect_format",
     "load_image",
+    "open_jpeg_draft",
     "open_untrusted",
     "normalize_image",
     "sniff_format",
@@ -307,8 +309,10 @@ def load_image(
         ) from None
 
 
-def _decode(blob: bytes, max_pixels: int, min_side: int, label: str, deadline: float | None) -> Image.Image:
-    """Header, size guard, pixels: the decoded (not yet normalised) first frame of `blob`."""
+def _decode(blob: bytes, max_pixels: int, min_side: int, label: str, deadline: float | None,
+            draft: tuple[int, int] | None = None) -> Image.Image:
+    """Header, size guard, pixels: the decoded (not yet normalised) first frame of `blob`.
+    draft: `Image.draft("RGB", draft)` before the pixels are decoded (a JPEG's scaled decode)."""
     fmt_sniffed = detect_format(blob[:SNIFF_BYTES])
     with warnings.catch_warnings():
         # Above Pillow's limit the caller vouched for the size with max_pixels; below it, an image
@@ -337,6 +341,8 @@ def _decode(blob: bytes, max_pixels: int, min_side: int, label: str, deadline: f
                 "decode_error", f"{label}: cannot read image header: {_short(e)}"), e) from None
         _check_size(img.size, max_pixels, min_side, label)
         fmt = img.format or fmt_sniffed or "image"
+        if draft is not None:
+            img.draft("RGB", draft)
         try:
             img.load()
         except _DecodeTimeout:
@@ -351,6 +357,72 @@ def _decode(blob: bytes, max_pixels: int, min_side: int, label: str, deadline: f
             raise _with_text_flag(ImageDecodeError(
                 "decode_error", f"{label}: corrupt {fmt} data: {_short(e)}"), e) from None
     return img
+
+
+class JpegDraft:
+    """A JPEG whose header is read and checked, its pixels not yet decoded (the speed mode's input).
+
+    size: (width, height) of the upright image (the size guards already passed). `decode(scale)`
+    decodes it at 1/scale (1, 2, 4 or 8) with libjpeg's DCT-domain scaling (`Image.draft`: an
+    8x8 block becomes 8/scale px; nearly free compared with decoding all pixels and resizing):
+    an RGB PIL image of ceil(width/scale) x ceil(height/scale) whose pixel (i, j) covers the full
+    image's pixels around (scale*i + (scale-1)/2, scale*j + (scale-1)/2). decode(1) is
+    `load_image(blob)`; None where the decoder did not scale as asked. Only JPEGs in RGB mode without an EXIF rotation/flip are drafts
+    (`open_jpeg_draft`); raises ImageDecodeError as `load_image` does (e.g. truncated data).
+    """
+
+    SCALES = (1, 2, 4, 8)
+
+    def __init__(self, blob: bytes, size: tuple[int, int], max_pixels: int, min_side: int, label: str,
+                 timeout_s: float | None):
+        self.blob, self.size, self.label = blob, size, label
+        self.max_pixels, self.min_side, self.timeout_s = max_pixels, min_side, timeout_s
+
+    def decode(self, scale: int = 1) -> Image.Image | None:
+        if scale not in self.SCALES:
+            raise ValueError(f"JpegDraft.decode: scale {scale!r}, expected one of {self.SCALES}")
+        if scale == 1:
+            return load_image(self.blob, self.max_pixels, self.min_side, name=self.label, timeout_s=self.timeout_s)
+        deadline = None if self.timeout_s is None else time.monotonic() + float(self.timeout_s)
+        w, h = self.size
+        try:
+            img = _decode(self.blob, self.max_pixels, self.min_side, self.label, deadline,
+                          draft=(w // scale, h // scale))
+        except _DecodeTimeout:
+            raise ImageDecodeError("decode_timeout", f"{self.label}: decoding took longer than "
+                                   f"{self.timeout_s:g} s (the decode time limit); retry later or raise the limit") from None
+        want = (-(-w // scale), -(-h // scale))
+        if img.mode != "RGB" or img.size != want:  # not what the draft promised: the caller decodes fully
+            return None
+        return img
+
+
+def open_jpeg_draft(
+    data: bytes | bytearray | memoryview,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = MIN_SIDE,
+    *,
+    name: str | None = None,
+    timeout_s: float | None = None,
+) -> JpegDraft | None:
+    """A `JpegDraft` of encoded bytes when they are a baseline/progressive RGB JPEG whose EXIF
+    orientation is upright (1 or absent) and whose header passes the size guards; None otherwise
+    (decode those with `load_image`, which also reports what is wrong with them)."""
+    blob = bytes(data)
+    if sniff_format(blob[:SNIFF_BYTES]) != "JPEG":
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = open_untrusted(io.BytesIO(blob))
+        if img.format != "JPEG" or img.mode != "RGB":
+            return None
+        _check_size(img.size, max_pixels, min_side, _label(data, name))
+        if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            return None
+    except Exception:  # noqa: BLE001 - anything odd: the full decode decides and names the problem
+        return None
+    return JpegDraft(blob, img.size, max_pixels, min_side, _label(data, name), timeout_s)
 
 
 def _with_text_flag(err: ImageDecodeError, cause: BaseException) -> ImageDecodeError:

@@ -219,12 +219,14 @@ class AlignFaces:
                 try:
                     rgb = np.asarray(rgb.decode(1))
                 except ImageDecodeError as e:
-                    return [(e.status, e.message, None, None, -1, -1)]
+                    return self._undecodable(decoded, i, e.status, e.message)
             found = None if isinstance(rgb, JpegDraft) else self._stored_results(decoded, i, rgb)
             found = found or self.aligner(rgb, name=str(uri))
             results = found if isinstance(found, list) else [found]
             if results[0].status != "ok":
                 r = results[0]
+                if isinstance(rgb, JpegDraft) and r.source_size is None:  # its pixels did not decode
+                    return self._undecodable(decoded, i, r.status, r.error)
                 return [(r.status, r.error or f"{uri}: {r.status}", None, None, -1, -1)]
             if self.faces == "all":
                 kept = [r for r in results if r.box is None or box_side(r.box) >= self.min_face]
@@ -238,6 +240,13 @@ class AlignFaces:
                     for k, r in enumerate(results)]
         except Exception as e:  # an aligner bug must not lose the row
             return [("align_error", f"{uri}: alignment failed ({type(e).__name__}: {e})", None, None, -1, -1)]
+
+    @staticmethod
+    def _undecodable(decoded: Mapping[str, Any], i: int, status: str, error: str) -> list[tuple]:
+        """The row of a JPEG whose header read fine (DecodeImages with lazy_jpeg) but whose pixels
+        did not decode: as `DecodeImages` reports it (size -1)."""
+        decoded["source_width"][i] = decoded["source_height"][i] = -1
+        return [(status, error, None, None, -1, -1)]
 
     def _stored_has(self, decoded: Mapping[str, Any], i: int) -> bool:
         if self.stored is None or "source_sha256" not in decoded:

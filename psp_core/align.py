@@ -501,6 +501,8 @@ class FaceAligner:
         self.detect_size = detect_size
         self.min_face = int(min_face)
         self.enable_padding = enable_padding
+        #: the speed mode's path for the last JPEG given as bytes ("1/2 decode", "full decode (why)")
+        self.last_path = ""
         if _models is None:
             import dlib
 
@@ -589,25 +591,30 @@ class FaceAligner:
         from psp_core.face_detection import PyramidDetector, WindowDetector, box_side
 
         scale = draft_scale(draft.size, self.detect_size)
+        self.last_path = "full decode (photo fits detect_size)"
         try:
             view = self._draft_view(draft, scale) if scale > 1 else None
             found = None
             if view is not None:
                 exact = PyramidDetector(self.detector, self.min_face, self._dlib)
-                window = WindowDetector(self.detector, exact, self.detect_size)
+                # re-detection windows with 2 HOG cells of context (the full-scale path keeps 4): a
+                # third of the cost, the same boxes on the bench photos (bench/align_stage.py)
+                window = WindowDetector(self.detector, exact, self.detect_size, context=16)
                 found = window.run_view(view, only_best=self.select == "best")
+                self.last_path = f"full decode ({window.last_path})"
             # the face must be large enough at the decode's scale for its landmarks and crop: else
             # a finer decode (the detection, in photo px, stands)
             small_face = max(DRAFT_MIN_BOX, self.transform_size / 3)
             while found is not None and view.scale > 1 and box_side(found[0].box) < small_face * view.scale:
                 view = self._draft_view(draft, view.scale // 2) if view.scale > 2 else None
                 if view is None:
-                    found = None
+                    found, self.last_path = None, "full decode (small face)"
             if found is None:
                 pil = draft.decode(1)
                 return self._align_decoded(pil, np.asarray(pil), label)
         except ImageDecodeError as e:
             return [AlignResult(status=e.status, error=e.message)]
+        self.last_path = f"1/{view.scale} decode"
         box, score = found[0].box, found[0].score
         lm = self._view_landmarks(view, box)
         quad, qsize = alignment_quad(lm)

@@ -472,3 +472,77 @@ def test_speed_mode_with_all_faces_finds_what_the_exact_mode_finds(aligner, astr
     assert [tuple(r.box) for r in speed] == [tuple(r.box) for r in exact]
     largest = aligner.replace(select="largest", min_face=64)
     assert tuple(largest.replace(detect_size=512)(big).box) == tuple(largest(big).box)
+
+
+# -- speed mode on JPEG bytes: decoded at reduced scale (psp_core.images.JpegDraft) ---------------
+
+
+@pytest.fixture(scope="module")
+def camera_jpegs(astronaut) -> list[bytes]:
+    """The astronaut at camera sizes as JPEG bytes (q92): 1414 px square, and a 4:3 mirrored crop at
+    1155x866 whose face is near the top (the pad branch runs)."""
+    photos = [astronaut.resize((1414, 1414), Image.Resampling.BICUBIC),
+              astronaut.crop((0, 64, 512, 448)).transpose(Image.Transpose.FLIP_LEFT_RIGHT).resize((1155, 866))]
+    return [_roundtrip(p, "JPEG", quality=92) for p in photos]
+
+
+def test_speed_mode_aligns_a_jpeg_from_its_half_scale_decode_within_the_stated_deviation(aligner, camera_jpegs):
+    """The speed mode decodes a camera-size JPEG at 1/2 scale (Image.draft) and aligns the face from
+    that decode: the same face as the exact mode, landmarks within 2 % of the inter-ocular distance
+    per photo (in the photo's pixels; the 1414 px photo's box lands one HOG cell off, 1.1 %, as in
+    the full-resolution speed mode; bench/align_stage.py's mean over its photos is under 1 %), the
+    photo's own size, and a crop within a few gray levels on average."""
+    exact, speed = aligner.replace(min_face=64), aligner.replace(min_face=64, detect_size=512)
+    for blob in camera_jpegs:
+        e, s = exact(blob), speed(blob)
+        assert speed.last_path == "1/2 decode"
+        assert e.ok and s.ok and s.source_size == e.source_size
+        assert np.linalg.norm(s.landmarks - e.landmarks, axis=1).mean() < 0.02 * _iod(e.landmarks)
+        diff = np.abs(np.asarray(s.image, np.int16) - np.asarray(e.image, np.int16))
+        assert diff.mean() < 4.0, diff.mean()
+
+
+def test_exact_mode_and_non_jpeg_inputs_decode_every_pixel(aligner, camera_jpegs, astronaut):
+    """The exact mode given JPEG bytes aligns exactly what it aligns on the fully decoded pixels; the
+    speed mode given a PNG (or a JPEG whose photo fits detect_size) takes its full-resolution path."""
+    exact = aligner.replace(min_face=64)
+    blob = camera_jpegs[0]
+    pixels = np.asarray(load_image(blob))
+    a, b = exact(blob), exact(pixels)
+    np.testing.assert_array_equal(a.landmarks, b.landmarks)
+    np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
+    speed = aligner.replace(min_face=64, detect_size=512)
+    png = _roundtrip(Image.fromarray(pixels), "PNG")
+    a, b = speed(png), speed(pixels)
+    np.testing.assert_array_equal(a.landmarks, b.landmarks)
+    np.testing.assert_array_equal(np.asarray(a.image), np.asarray(b.image))
+    small = _roundtrip(astronaut, "JPEG", quality=92)  # 512 px: fits detect_size 512
+    np.testing.assert_array_equal(speed(small).landmarks, speed(np.asarray(load_image(small))).landmarks)
+    assert speed.last_path.startswith("full decode")
+
+
+def test_jpeg_draft_decodes_at_reduced_scale_and_only_plain_jpegs_are_drafts(camera_jpegs, astronaut):
+    from psp_core.images import open_jpeg_draft
+
+    blob = camera_jpegs[1]  # 1155x866
+    draft = open_jpeg_draft(blob)
+    assert draft is not None and draft.size == (1155, 866)
+    full = np.asarray(load_image(blob))
+    np.testing.assert_array_equal(np.asarray(draft.decode(1)), full)
+    half = draft.decode(2)
+    assert half.size == (578, 433)
+    # the DCT-scaled decode is close to the full decode box-reduced by 2
+    reduced = np.asarray(Image.fromarray(full).reduce(2), np.int16)
+    assert np.abs(np.asarray(half, np.int16) - reduced).mean() < 2.0
+    rotated = Image.Exif()
+    rotated[0x0112] = 6
+    assert open_jpeg_draft(_roundtrip(astronaut, "JPEG", exif=rotated)) is None  # EXIF rotation: full decode
+    assert open_jpeg_draft(_roundtrip(astronaut, "PNG")) is None
+    assert open_jpeg_draft(_roundtrip(astronaut.convert("L"), "JPEG")) is None
+    assert open_jpeg_draft(b"\xff\xd8\xff" + b"\x00" * 64) is None  # a broken header: load_image names it
+
+
+def test_speed_mode_reports_a_truncated_jpeg_as_a_decode_error(aligner, camera_jpegs):
+    blob = camera_jpegs[0]
+    result = aligner.replace(min_face=64, detect_size=512)(blob[: len(blob) // 2], name="cut.jpg")
+    assert result.status == "decode_error" and "truncated" in result.error and "cut.jpg" in result.error

@@ -61,6 +61,27 @@ def test_align_stage_statuses_and_geometry(aligned):
     assert "data" not in aligned and "image" not in aligned
 
 
+def test_speed_mode_align_stage_decodes_camera_jpegs_at_reduced_scale(files, astronaut):
+    """--align-detect-size: a camera-size JPEG reaches the aligner undecoded and is aligned from its
+    1/2 scale decode (landmarks within 2 % of the inter-ocular distance of the exact mode's, the
+    photo's own size recorded); PNGs, EXIF-rotated and broken JPEGs give what the exact mode gives."""
+    buf = io.BytesIO()
+    astronaut.resize((1414, 1414), Image.Resampling.BICUBIC).save(buf, format="JPEG", quality=92)
+    names = ["face_full.png", "face_exif_rot.jpg", "bad_truncated.jpg", "bad_empty.jpg", "bad_no_face.jpg"]
+    batch = _read_batch([(n, files[n]) for n in names] + [("camera.jpg", buf.getvalue())])
+    exact = AlignFaces(mode="dlib", task="ffhq_encode")(batch)
+    speed = AlignFaces(mode="dlib", task="ffhq_encode", aligner_kwargs={"detect_size": 512})(batch)
+    assert list(speed["status"]) == list(exact["status"]) == ["ok", "ok", "decode_error", "decode_error", "no_face", "ok"]
+    assert list(speed["error"]) == list(exact["error"])
+    np.testing.assert_array_equal(speed["source_width"], exact["source_width"])
+    assert speed["source_width"][-1] == speed["source_height"][-1] == 1414
+    lm_e, lm_s = exact["landmarks"][-1], speed["landmarks"][-1]
+    iod = np.linalg.norm(lm_e[42:48].mean(0) - lm_e[36:42].mean(0))
+    assert np.linalg.norm(lm_s - lm_e, axis=1).mean() < 0.02 * iod
+    diff = np.abs(speed["model_input"][-1].astype(np.int16) - exact["model_input"][-1].astype(np.int16))
+    assert diff.mean() < 4.0
+
+
 def test_align_none_matches_the_task_transform(files):
     """--align none resizes exactly as the task transform would, for photos and sketches."""
     from psp_core.tasks import get_task

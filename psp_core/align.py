@@ -290,13 +290,18 @@ def _median_with_strips(padded: np.ndarray, rows, cols, strip_values: list[np.nd
     return result
 
 
-def pad_blend_fast(img: np.ndarray, pad, qsize: float) -> np.ndarray:
+def pad_blend_fast(img: np.ndarray, pad, qsize: float, keep: tuple[int, int, int, int] | None = None) -> np.ndarray:
     """The pad branch approximated (the speed mode's): as `pad_blend`, but the blur towards the edge
     is computed on a copy box-reduced by ~sigma/3 (sigma is 2 % of qsize, 10-20 px: a very smooth
     kernel) and resized back, and the median is that of the blend rounded to gray levels. The
     padded image differs from the exact one by a few gray levels at most (3 on the test photo, the
-    256 px crops by 1: bench/align.py prints it), in the border only; 4-8x cheaper than the exact blur (a ~100-tap filter over most of the
-    padded image when the face is near the border)."""
+    256 px crops by 1: bench/align.py prints it), in the border only; 4-8x cheaper than the exact
+    blur (a ~100-tap filter over most of the padded image when the face is near the border).
+
+    keep: (left, top, right, bottom) of the padded image that is used (the region the QUAD
+    transform samples); the border is blended only there (elsewhere it stays reflect-padded), and
+    the median counts the border's blend on every third pixel each way (about a third of the work
+    when the face is near one edge: the pad runs on every side)."""
     import scipy.ndimage
 
     pad = np.asarray(pad, dtype=np.int64)
@@ -309,24 +314,40 @@ def pad_blend_fast(img: np.ndarray, pad, qsize: float) -> np.ndarray:
     chans = [Image.fromarray(np.ascontiguousarray(small[..., c]), "F") for c in range(3)]
     rows, cols = _active(h, pad[1], pad[3]), _active(w, pad[0], pad[2])
     interior = padded[rows[0] : rows[1], cols[0] : cols[1]].reshape(-1, 3)
-    counts = [np.bincount(interior[:, c], minlength=256) for c in range(3)]
+    counts = [np.bincount(interior[:, c], minlength=256).astype(np.float64) for c in range(3)]
     p = np.float32(pad)
+
+    def blend(rs: slice, cs: slice, step: int = 1):
+        """The blurred blend of padded[rs, cs] (every `step`-th pixel) and its median weight."""
+        rr, cc = np.arange(rs.start, rs.stop, step), np.arange(cs.start, cs.stop, step)
+        # the small copy's pixel j covers [j*f, (j+1)*f) of the padded image
+        box = (cs.start / f, rs.start / f, (cc[-1] + 1) / f, (rr[-1] + 1) / f)
+        blur = np.stack([np.asarray(ch.resize((len(cc), len(rr)), Image.Resampling.BILINEAR, box=box))
+                         for ch in chans], axis=2)
+        yy, xx = np.float32(rr)[:, None], np.float32(cc)[None, :]
+        mask = np.maximum(1 - np.minimum(xx / p[0], (w - 1 - xx) / p[2]), 1 - np.minimum(yy / p[1], (h - 1 - yy) / p[3]))
+        a = np.float32(padded[rr[:, None], cc[None, :]] if step > 1 else padded[rs, cs])
+        a += (blur - a) * np.clip(mask * 3 + 1, 0, 1)[..., None]
+        return a, np.clip(mask, 0, 1)[..., None]
+
     blended = []
     for rs, cs in _strips(h, w, rows, cols):
-        # the small copy's pixel j covers [j*f, (j+1)*f) of the padded image
-        box = (cs.start / f, rs.start / f, cs.stop / f, rs.stop / f)
-        size = (cs.stop - cs.start, rs.stop - rs.start)
-        blur = np.stack([np.asarray(ch.resize(size, Image.Resampling.BILINEAR, box=box)) for ch in chans], axis=2)
-        yy, xx = np.ogrid[rs, cs]
-        xx, yy = np.float32(xx), np.float32(yy)
-        mask = np.maximum(1 - np.minimum(xx / p[0], (w - 1 - xx) / p[2]), 1 - np.minimum(yy / p[1], (h - 1 - yy) / p[3]))
-        a = np.float32(padded[rs, cs])
-        a += (blur - a) * np.clip(mask * 3 + 1, 0, 1)[..., None]
+        step = 1 if keep is None else 3
+        a, weight = blend(rs, cs, step)
         levels = np.clip(np.rint(a), 0, 255).astype(np.uint8).reshape(-1, 3)
         for c in range(3):
-            counts[c] += np.bincount(levels[:, c], minlength=256)
-        blended.append((rs, cs, a, np.clip(mask, 0, 1)[..., None]))
-    median = np.array([np.searchsorted(np.cumsum(counts[c]), (h * w + 1) // 2) for c in range(3)], np.float32)
+            counts[c] += np.bincount(levels[:, c], minlength=256) * float(step * step)
+        if keep is not None:  # only the part the transform samples is written
+            rs = slice(max(rs.start, keep[1]), min(rs.stop, keep[3]))
+            cs = slice(max(cs.start, keep[0]), min(cs.stop, keep[2]))
+            if rs.stop <= rs.start or cs.stop <= cs.start:
+                continue
+            a, weight = blend(rs, cs)
+        blended.append((rs, cs, a, weight))
+    total = np.cumsum(counts, axis=1)
+    median = np.array([np.searchsorted(total[c], total[c][-1] / 2) for c in range(3)], np.float32)
+    if keep is None:  # as before: the exact count's middle element
+        median = np.array([np.searchsorted(total[c], (h * w + 1) // 2) for c in range(3)], np.float32)
     for rs, cs, a, weight in blended:
         a += (median - a) * weight
         padded[rs, cs] = np.uint8(np.clip(np.rint(a), 0, 255))
@@ -379,9 +400,14 @@ def extract_aligned(
     # Pad where the quad (+ border) leaves the image: reflect, blur towards the edge, fade to median.
     if plan.pad is not None:
         pad = np.asarray(plan.pad, dtype=np.int64)
-        blend = pad_blend_fast if fast_pad else pad_blend
-        img = Image.fromarray(blend(np.asarray(img, dtype=np.uint8), pad, qsize), "RGB")
+        arr_in = np.asarray(img, dtype=np.uint8)
         quad += pad[:2]
+        if fast_pad:  # blended only where the transform samples (+2 px for the bilinear taps)
+            b = _bounds(quad)
+            keep = (max(b[0] - 2, 0), max(b[1] - 2, 0), b[2] + 3, b[3] + 3)
+            img = Image.fromarray(pad_blend_fast(arr_in, pad, qsize, keep), "RGB")
+        else:
+            img = Image.fromarray(pad_blend(arr_in, pad, qsize), "RGB")
 
     img = img.transform(
         (transform_size, transform_size),

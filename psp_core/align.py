@@ -489,7 +489,12 @@ class FaceAligner:
     deviation (mean 0.1 % of the inter-ocular distance on its photos, no other face chosen on its
     group photo and composites). A face under ~2/3 of the size of the one clear face the coarse scan
     sees is not looked for. The speed mode also blends the padded border approximately
-    (`pad_blend_fast`: a few gray levels off in the border at most, 4-8x cheaper).
+    (`pad_blend_fast`: a few gray levels off in the border at most, 4-8x cheaper). A JPEG given as
+    bytes (or a `JpegDraft`) is decoded once at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling) where
+    the photo is at least ~1.5x detect_size, and where the window path finds its face large enough
+    there (DRAFT_MIN_BOX) the landmarks and crop come from that decode (`_align_draft`; landmarks
+    within ~1 % of the inter-ocular distance of the full decode's on average, bench/align_stage.py);
+    otherwise it is decoded fully. `last_path` names the path the last such JPEG took.
     """
 
     def __init__(
@@ -663,12 +668,12 @@ class FaceAligner:
         return view
 
     def _view_landmarks(self, view, box: tuple[int, int, int, int]) -> np.ndarray:
-        """68 landmarks (photo px) predicted on the face's region (box +- a quarter of its side, inside
+        """68 landmarks (photo px) predicted on the face's region (box +- an eighth of its side, inside
         the photo) resampled from the reduced decode `view` back to the photo's pixel grid."""
         from psp_core.face_detection import _resample
 
         w, h = view.size
-        margin = (box[2] - box[0] + 1) // 4
+        margin = (box[2] - box[0] + 1) // 8
         x0, y0 = max(box[0] - margin, 0), max(box[1] - margin, 0)
         x1, y1 = min(box[2] + margin + 1, w), min(box[3] + margin + 1, h)
         region = _resample(view.arr, (x1 - x0, y1 - y0), view.to_view((x0, y0, x1, y1)))

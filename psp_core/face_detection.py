@@ -33,7 +33,9 @@ re-detected at its own, finer size and found clearly weaker), re-detects that fa
 resampled on the exact geometry of the original's pyramid levels around its size. Every other photo
 (no face, several faces, a weak or floor-sized face, a close choice) takes the exact path. Boxes
 are the original's in most cases and close otherwise (bench/align.py prints the landmark deviation
-and counts "another face").
+and counts "another face"). `WindowDetector.run_view` does the same on a photo decoded at reduced
+scale (`ScaledView`: a JPEG's draft decode), the coarse copy made from that decode in gray and the
+windows resampled from it; it returns None where the exact scan of the full photo must decide.
 """
 from __future__ import annotations
 

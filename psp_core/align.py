@@ -71,11 +71,10 @@ DRAFT_MIN_BOX = 80
 
 def draft_scale(size: tuple[int, int], detect_size: int) -> int:
     """The speed mode's JPEG decode scale for a photo of `size`: the largest of 1, 2, 4, 8 that is at
-    most round(longest side / detect_size) (the coarse copy's reduction), so a face the coarse scan
-    sees clearly (>= 87 coarse px) is >= ~80 px in the decode."""
-    factor = int(round(max(size) / detect_size))
-    return max((s for s in JpegDraft.SCALES if s <= max(factor, 1)), default=1)
-
+    most 1.1 x (longest side / detect_size), the coarse copy's reduction, so a face the coarse scan
+    sees clearly (>= 87 coarse px) is >= ~80 px in the decode (a smaller one is decoded again finer)."""
+    factor = 1.1 * max(size) / detect_size
+    return max(s for s in JpegDraft.SCALES if s <= max(factor, 1))
 
 
 # ---------------------------------------------------------------------------------------------

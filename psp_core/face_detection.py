@@ -211,7 +211,7 @@ class WindowDetector:
             self.last_path = "exact (fits)"
             return None
         size = (max(1, round(w / factor)), max(1, round(h / factor)))
-        gray = Image.fromarray(view.arr, "RGB").convert("L")
+        gray = (view.pil if view.pil is not None else Image.fromarray(view.arr, "RGB")).convert("L")
         small = np.asarray(gray.resize(size, Image.Resampling.BOX))
         found, why = self._window(small, factor, view, only_best)
         if found is None:

@@ -25,7 +25,6 @@ process; a run's commit (Ray is up) always uses tasks, because a rewrite reads w
 """
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -126,11 +125,8 @@ def rewrite_files(table: OutputTable, run_id: str, files: Sequence[tuple[int, in
     """A rewrite task: each of `files` ((kind, file index, path)) without its rows in `drops`,
     written as a copy under ``runs/<run_id>/``. Returns (kind, file index, the copy's (path, size,
     modified ms, stats JSON) or None when no row is left)."""
-    import pyarrow.parquet as pq
-
     drops = [d for d in drops if d.num_rows]
     gone = pa.concat_tables(drops) if drops else DROP_SCHEMA.empty_table()
-    fs, root = table.filesystem()
     out = []
     for kind, f, rel in files:
         mine = gone.filter(pc.and_(pc.equal(gone["_kind"], kind), pc.equal(gone["_f"], f)))["_row"]
@@ -141,12 +137,8 @@ def rewrite_files(table: OutputTable, run_id: str, files: Sequence[tuple[int, in
             continue
         name = "dedup" if kind == RUN else "rewrite"
         path = f"{RUN_FILES}/{run_id}/{name}-{uuid.uuid4().hex}.parquet"
-        full = f"{root}/{path}"
-        fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(full, "wb") as fh:
-            pq.write_table(rest, fh, row_group_size=max(1, rest.num_rows), compression="snappy")
-            size = fh.tell()
-        out.append((kind, f, (path, int(size), int(time.time() * 1000), file_stats(rest))))
+        size, modified_ms = table.write_parquet(path, rest)
+        out.append((kind, f, (path, size, modified_ms, file_stats(rest))))
     return out
 
 

@@ -164,20 +164,25 @@ class OutputTable:
         fs, _ = self.filesystem()
         return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
-    def write_file(self, rel_path: str, table: pa.Table):
-        """Write `table` as Parquet at `rel_path` under the table (from the driver); its AddAction."""
+    def write_parquet(self, rel_path: str, table: pa.Table) -> tuple[int, int]:
+        """Write `table` as one Parquet file (one row group, snappy) at `rel_path` under the table,
+        streamed to storage; returns (size in bytes, modified time in ms) for its add action."""
         import pyarrow.parquet as pq
-        from deltalake.transaction import AddAction
 
         fs, root = self.filesystem()
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        data = sink.getvalue().to_pybytes()
         full = f"{root}/{rel_path}"
         fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(full, data)
-        return AddAction(rel_path, len(data), {}, int(time.time() * 1000), True,
-                         json.dumps({"numRecords": table.num_rows}))
+        with fs.open(full, "wb") as f:
+            pq.write_table(table, f, row_group_size=max(1, table.num_rows), compression="snappy")
+            size = f.tell()
+        return int(size), int(time.time() * 1000)
+
+    def write_file(self, rel_path: str, table: pa.Table):
+        """Write `table` as Parquet at `rel_path` under the table (from the driver); its AddAction."""
+        from deltalake.transaction import AddAction
+
+        size, modified_ms = self.write_parquet(rel_path, table)
+        return AddAction(rel_path, size, {}, modified_ms, True, json.dumps({"numRecords": table.num_rows}))
 
     def read_file(self, rel_path: str, columns: Sequence[str] | None = None) -> pa.Table:
         """A data file of the table (any version's, or an uncommitted one), as written."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -180,18 +179,10 @@ def _run_sink_class():
             return table
 
         def _write_file(self, table: pa.Table, name: str) -> WrittenFile:
-            import pyarrow.parquet as pq
-
-            fs, root = self.table.filesystem()
             rel = f"{RUN_FILES}/{self.run_id}/{name}"
-            full = f"{root}/{rel}"
-            fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
-            with fs.open(full, "wb") as f:
-                pq.write_table(table, f, row_group_size=max(1, table.num_rows), compression="snappy")
-                size = f.tell()
+            size, modified_ms = self.table.write_parquet(rel, table)
             counts = {d["values"]: d["counts"] for d in pc.value_counts(table["status"]).to_pylist()}
-            return WrittenFile(rel, int(size), table.num_rows, file_stats(table), counts,
-                               int(time.time() * 1000))
+            return WrittenFile(rel, size, table.num_rows, file_stats(table), counts, modified_ms)
 
         def write(self, blocks, ctx) -> list[WrittenFile]:
             task = int(getattr(ctx, "task_idx", 0) or 0)

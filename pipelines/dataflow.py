@@ -34,11 +34,15 @@ ALIGN_BATCH = 4
 READ_BATCH = 16
 # Rows per block without face detection (--align none): every stage then costs well under a
 # millisecond per row, and Ray's cost per block (a task or actor call per operator, the
-# executor's bookkeeping) must be spread over many rows.
-UNALIGNED_BATCH = 128
+# executor's bookkeeping: about 0.1 s of CPU per block over the six operators) must be spread
+# over many rows. Fewer where a block would pass BLOCK_BYTES (`block_rows`).
+UNALIGNED_BATCH = 512
 # Rows per call of the model and outputs stages, at least: their work per row is small next to
 # Ray's cost per call (the model's forward passes stay --batch-size images within a call).
 MODEL_BLOCK_ROWS = 32
+# What one block of the align or model stage's output should hold at most, about: Ray's own
+# target block size (in-flight blocks are what the head's object store holds).
+BLOCK_BYTES = 128 * 2**20
 # A small run is cut into at least this many blocks, so its stages overlap (and its first files
 # are written, adoptable after a crash, while the rest is in flight).
 MIN_BLOCKS = 8
@@ -199,18 +203,28 @@ def stage_options(resolved: ResolvedConfig, device: str, rows: int | None = None
 
     c = resolved.config
     detect = resolved.align != "none"
+    task = get_task(resolved.task)
+    keep_aligned = c.metrics or c.save_aligned
     cap = max(1, math.ceil(rows / MIN_BLOCKS)) if rows else UNALIGNED_BATCH
-    read_rows, align_rows = (READ_BATCH, ALIGN_BATCH) if detect else (UNALIGNED_BATCH, UNALIGNED_BATCH)
+    aligned_bytes = math.prod(task.prepared_shape) + (CROP_BYTES if keep_aligned else 0)
+    read_rows, align_rows = ((READ_BATCH, ALIGN_BATCH) if detect
+                             else (UNALIGNED_BATCH, block_rows(aligned_bytes, UNALIGNED_BATCH)))
     read_rows, align_rows = min(read_rows, cap), min(align_rows, cap)
     forward = forward_rows(c, device)
+    # what a row holds after the model: W+ (per mixed sample too) and the generated images
+    mix = c.mix or 0
+    side = resolved.checkpoint.output_size if str(c.image_size) == "full" else 256
+    model_bytes = ((1 + mix) * (resolved.checkpoint.n_styles * 512 * 4 + (side * side * 3 if c.images != "none" else 0))
+                   + (CROP_BYTES if keep_aligned else 0))
+    model_rows = min(max(align_rows, min(MODEL_BLOCK_ROWS, cap)), block_rows(model_bytes, UNALIGNED_BATCH))
     return StageOptions(
         checkpoint=c.checkpoint,
         read=ReadOptions(storage_options=c.storage_options, timeout_s=c.read_timeout),
         align=AlignOptions(
-            mode=resolved.align, gray=get_task(resolved.task).label_nc > 0,
+            mode=resolved.align, gray=task.label_nc > 0,
             aligner_kwargs={"detect_size": c.align_detect_size} if c.align_detect_size else None,
             decode_timeout_s=c.decode_timeout, task=resolved.task, resize_factor=c.resize_factor,
-            keep_aligned=c.metrics or c.save_aligned, faces=c.faces, min_face=c.min_face),
+            keep_aligned=keep_aligned, faces=c.faces, min_face=c.min_face),
         model=ModelOptions(
             task=resolved.task, device=device, storage_options=c.storage_options, images=c.images,
             image_size=c.image_size, metrics=c.metrics, mix=c.mix, latent_mask=resolved.latent_mask,
@@ -221,10 +235,20 @@ def stage_options(resolved: ResolvedConfig, device: str, rows: int | None = None
             metrics=c.metrics, save_aligned=c.save_aligned, code_version=code_version()),
         limit=c.limit, read_rows=read_rows, align_rows=align_rows,
         # the model's forward passes stay `forward` images; its calls (and the outputs stage's) take
-        # at least MODEL_BLOCK_ROWS rows, so Ray's cost per call is not paid per 8 rows
-        model_rows=forward * max(1, math.ceil(max(align_rows, min(MODEL_BLOCK_ROWS, cap)) / forward)),
+        # at least MODEL_BLOCK_ROWS rows, so Ray's cost per call is not paid per 8 rows, and at
+        # most what keeps its output blocks within BLOCK_BYTES (a multiple of `forward`)
+        model_rows=forward * max(1, math.ceil(model_rows / forward)),
         align_actors=c.align_actors,
     )
+
+
+CROP_BYTES = 256 * 256 * 3  # the aligned crop, where a run keeps it (--metrics, --save-aligned)
+
+
+def block_rows(row_bytes: int, most: int) -> int:
+    """Rows of a block of rows of `row_bytes` each: `most`, or fewer (at least MODEL_BLOCK_ROWS)
+    where the block would pass BLOCK_BYTES."""
+    return max(MODEL_BLOCK_ROWS, min(most, BLOCK_BYTES // max(1, row_bytes)))
 
 
 # ------------------------------------------------------------------------------------------------

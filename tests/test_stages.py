@@ -292,9 +292,14 @@ def test_model_blocks_are_large_where_rows_are_cheap_and_passes_stay_the_batch_s
         return stage_options(resolve_config(config), device)
 
     s = stages("cpu", align="none")
-    assert (s.align_rows, s.model_rows, s.model.forward_rows) == (128, 128, 8)
+    assert (s.read_rows, s.align_rows, s.model_rows, s.model.forward_rows) == (512, 512, 512, 8)
     s = stages("cpu", align="none", batch_size=3)
-    assert (s.model_rows, s.model.forward_rows) == (129, 3)
+    assert (s.model_rows, s.model.forward_rows) == (513, 3)
+    # blocks stay near Ray's 128 MiB target: a kept 256 px crop per row shrinks the align blocks
+    # (model input + crop), generated images the model's (W+ of 8 styles + image + crop)
+    s = stages("cpu", align="none", save_aligned=True, images="png")
+    assert s.align_rows == 128 * 2**20 // (2 * 256 * 256 * 3) == 341
+    assert s.model_rows == 328 and 128 * 2**20 // (8 * 2048 + 2 * 256 * 256 * 3) == 327
     s = stages("cuda", align="dlib")
     assert (s.align_rows, s.model_rows, s.model.forward_rows) == (4, 32, 32)
     s = stages("cpu", align="dlib")

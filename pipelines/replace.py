@@ -130,8 +130,7 @@ def rewrite_files(table: OutputTable, run_id: str, files: Sequence[tuple[int, in
     out = []
     for kind, f, rel in files:
         mine = gone.filter(pc.and_(pc.equal(gone["_kind"], kind), pc.equal(gone["_f"], f)))["_row"]
-        rows = table.read_file(rel)
-        rest = rows.filter(pc.invert(pc.is_in(pa.array(np.arange(rows.num_rows, dtype=np.int64)), value_set=mine)))
+        rest = without_rows(table.read_file(rel), mine.to_numpy())
         if not rest.num_rows:
             out.append((kind, f, None))
             continue
@@ -140,6 +139,18 @@ def rewrite_files(table: OutputTable, run_id: str, files: Sequence[tuple[int, in
         size, modified_ms = table.write_parquet(path, rest)
         out.append((kind, f, (path, size, modified_ms, file_stats(rest))))
     return out
+
+
+def without_rows(rows: pa.Table, drop: np.ndarray) -> pa.Table:
+    """`rows` less the rows at positions `drop`, as zero-copy slices of the runs between them (a
+    filter would copy every latent of the file: 0.1 s for 2,048 rows of W+, as much as half the
+    Parquet write)."""
+    keep = np.ones(rows.num_rows, dtype=np.int8)
+    keep[drop] = 0
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], keep, [0]])))  # starts, stops of kept runs
+    if len(edges) == 2 and edges[0] == 0 and edges[1] == rows.num_rows:
+        return rows
+    return pa.concat_tables([rows.slice(a, b - a) for a, b in zip(edges[::2], edges[1::2])] or [rows.slice(0, 0)])
 
 
 @dataclass
@@ -279,4 +290,4 @@ def run_keys(table: OutputTable, paths: Sequence[str]):
     return ray.get(count), keys
 
 
-__all__ = ["Changes", "changes", "join_partition", "run_keys"]
+__all__ = ["Changes", "changes", "join_partition", "run_keys", "without_rows"]

@@ -344,9 +344,9 @@ def pad_blend_fast(img: np.ndarray, pad, qsize: float, keep: tuple[int, int, int
             a, weight = blend(rs, cs)
         blended.append((rs, cs, a, weight))
     total = np.cumsum(counts, axis=1)
-    median = np.array([np.searchsorted(total[c], total[c][-1] / 2) for c in range(3)], np.float32)
-    if keep is None:  # as before: the exact count's middle element
-        median = np.array([np.searchsorted(total[c], (h * w + 1) // 2) for c in range(3)], np.float32)
+    # the exact count's middle element; with `keep`, the middle of the sampled counts
+    middle = [(h * w + 1) // 2] * 3 if keep is None else [total[c][-1] / 2 for c in range(3)]
+    median = np.array([np.searchsorted(total[c], middle[c]) for c in range(3)], np.float32)
     for rs, cs, a, weight in blended:
         a += (median - a) * weight
         padded[rs, cs] = np.uint8(np.clip(np.rint(a), 0, 255))

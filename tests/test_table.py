@@ -365,3 +365,20 @@ def test_nightly_commit_replaces_rows_spread_over_files_in_ray_tasks(ray_cluster
                       {"run_id": "late-b"}, planned, use_ray=True, partition_rows=8)
     assert (late.version, late.removed) == (planned + 2, 1)
     assert current(out)[old[1][3]["source_uri"]] == "late-b" and len(current(out)) == 16
+
+
+def test_a_rewrite_drops_exactly_the_given_rows_and_keeps_the_order():
+    """The commit's rewrite keeps a touched file's other rows as slices of it: the same rows, in
+    the same order, as a filter would give, for drops at the ends, in runs, repeated or all."""
+    import pyarrow.compute as pc
+
+    from pipelines.replace import without_rows
+
+    rows = pa.table({"i": np.arange(50), "w": pa.array([[float(k)] * 3 for k in range(50)])})
+    rng = np.random.default_rng(0)
+    cases = [[], [0], [49], [0, 49], list(range(50)), [7, 7, 8], *[rng.choice(50, k) for k in (1, 5, 20, 45)]]
+    for drop in cases:
+        drop = np.asarray(drop, dtype=np.int64)
+        expected = rows.filter(pc.invert(pc.is_in(pa.array(np.arange(50)), value_set=pa.array(drop))))
+        got = without_rows(rows, drop)
+        assert got.equals(expected), drop.tolist()

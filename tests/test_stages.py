@@ -281,7 +281,7 @@ def test_bf16_on_cpu_runs_and_stays_close_to_fp32(tiny_checkpoint, aligned, mode
 
 
 def test_model_blocks_are_large_where_rows_are_cheap_and_passes_stay_the_batch_size(tiny_checkpoint, tmp_path):
-    """The model and outputs stages take blocks of at least 32 rows, 128 without detection (Ray's
+    """The model and outputs stages take blocks of at least 32 rows, 512 without detection (Ray's
     cost per call is spread over them), while the model's forward passes, what bounds its memory,
     stay --batch-size."""
     from pipelines.config import InvertConfig, resolve_config

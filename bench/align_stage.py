@@ -13,8 +13,9 @@ What runs is `pipelines.align.AlignFaces` on a batch dict of JPEG bytes, with th
   large enough, and the face found, its landmarks predicted and its crop made from that decode;
 - speed, every pixel decoded: the same aligner given fully decoded pixels (the speed mode before
   draft decoding, and what a PNG/WebP input or a JPEG with a small face still costs);
-- reuse: the exact setting given a `pipelines.reuse.StoredAlignment` of the same photos (what a rerun
-  with `--reuse-alignment` / `--alignment-from` does: decode, then the crop from stored landmarks);
+- reuse: the exact setting on rows that carry the stored alignment of the same photos
+  (`pipelines.reuse.REUSE_COLUMNS`, what a rerun's plan attaches with `--reuse-alignment` /
+  `--alignment-from`): decode, then the crop from the stored landmarks;
 - decode only: `DecodeImages` alone, the floor every setting pays.
 
 Photos: the same as bench/cpu_per_face.py (skimage's astronaut at 1.0-3.0 MP, square and 4:3,
@@ -55,20 +56,16 @@ def batch_of(blobs: list[bytes]) -> dict:
     }
 
 
-def stored_from(out: dict):
-    """A StoredAlignment of an AlignFaces output (one face row per input)."""
-    from pipelines.reuse import StoredAlignment
+def with_stored(batch: dict, out: dict) -> dict:
+    """`batch` with the alignment an AlignFaces output `out` (one face row per input) holds for
+    each input attached, as a rerun's plan attaches it (`pipelines.reuse.REUSE_COLUMNS`)."""
+    from pipelines.read import object_column
+    from pipelines.reuse import pack_faces
 
-    order = np.argsort(np.asarray(out["source_sha256"], dtype="S64"), kind="stable")
-    ok = np.asarray([s == "ok" for s in out["status"]])[order]
-    return StoredAlignment(
-        sha=np.asarray(out["source_sha256"], dtype="S64")[order],
-        no_face=~ok,
-        face_count=np.asarray(out["face_count"], np.int32)[order],
-        score=np.asarray(out["face_score"], np.float32)[order],
-        box=np.asarray(out["face_box"], np.float32)[order],
-        landmarks=np.asarray(out["landmarks"], np.float32)[order],
-    )
+    faces = [b"" if out["status"][i] != "ok" else
+             pack_faces(out["face_score"][i:i + 1], out["face_box"][i:i + 1], out["landmarks"][i:i + 1])
+             for i in range(len(out["status"]))]
+    return {**batch, "stored_sha256": object_column(list(out["source_sha256"])), "stored_faces": object_column(faces)}
 
 
 def full_decode(stage):
@@ -107,9 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                                                               aligner_kwargs={"detect_size": args.detect_size}),
         "speed, every pixel decoded": full_decode(AlignFaces(task="ffhq_encode", keep_aligned=False,
                                                              aligner_kwargs={"detect_size": args.detect_size})),
-        "reuse (stored alignment)": AlignFaces(task="ffhq_encode", keep_aligned=False,
-                                               stored_alignment=stored_from(reference)),
+        "reuse (stored alignment)": exact,
     }
+    batches = {"reuse (stored alignment)": with_stored(batch, reference)}
     n = len(blobs)
     print(f"load: {os.getloadavg()[0]:.1f} (1 min average; the machine's other jobs)")
     print(f"align stage, CPU ms per photo ({n} photos 1-3 MP, one batch per repeat, {args.repeats} repeats, 1 thread)")
@@ -118,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         times = []
         for _ in range(args.repeats):
             t = time.process_time()
-            outs[name] = stage(batch)
+            outs[name] = stage(batches.get(name, batch))
             times.append(1000 * (time.process_time() - t) / n)
         print(f"  {name:<36} {statistics.median(times):8.1f} ms  ({min(times):.1f}..{max(times):.1f})", flush=True)
     reuse = outs["reuse (stored alignment)"]

@@ -15,7 +15,10 @@ table's data files and the size of the run's commit (its `_delta_log` JSON). The
 largest sizes, the slopes per input and what they project for 100 M inputs.
 
 Inputs: 64 px random PNGs (about 12 KB each), 1,000 per folder (`part-NNNN/`), so the listing fans out
-over prefixes as an object store's would. The model: `psp_core.zero_time` (no weights, constant W+).
+over prefixes as an object store's would. `--reuse`: the runs detect faces (`--align dlib`; none in
+noise, so every row is a stored `no_face`), and a nightly with another checkpoint and
+`--reprocess-on-model-change` redoes every input from its stored alignment (the plan's join with
+the stored rows, `pipelines.diff.attach_stored_alignment`). The model: `psp_core.zero_time` (no weights, constant W+).
 Timings on a shared 2-core machine are noisy: compare the sizes of one run of this script.
 """
 from __future__ import annotations
@@ -37,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 
 PER_FOLDER = 1000
 FLAGS = ["--align", "none", "--images", "none", "--device", "cpu"]
+#: --reuse: detection on (dlib finds no face in the 64 px noise: `no_face` rows, stored and reusable)
+REUSE_FLAGS = ["--align", "dlib", "--images", "none", "--device", "cpu"]
 
 
 def make_inputs(folder: Path, start: int, n: int, seed: int = 0) -> None:
@@ -115,14 +120,25 @@ def last_run(out: Path) -> dict:
     return json.loads(runs[-1].read_text())
 
 
-def measure(n: int, tmp: Path, checkpoint: str, nightly: bool) -> list[dict]:
+def other_checkpoint(checkpoint: str, path: Path) -> str:
+    """The zero-time stand-in again with other bytes (another checkpoint_sha256: a "new model")."""
+    import torch
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt["opts"]["bench_variant"] = 2
+    torch.save(ckpt, path)
+    return str(path)
+
+
+def measure(n: int, tmp: Path, checkpoint: str, nightly: bool, reuse: bool = False) -> list[dict]:
     inp, out = tmp / f"in{n}", tmp / f"out{n}"
     t = time.perf_counter()
     make_inputs(inp, 0, n)
     print(f"N={n}: made {n} inputs in {time.perf_counter() - t:.0f}s", flush=True)
     rows = []
+    flags = REUSE_FLAGS if reuse else FLAGS
     r = run_measured([sys.executable, "-m", "jobs", "invert", str(inp), str(out), "--checkpoint", checkpoint,
-                      "--no-progress", *FLAGS])
+                      "--no-progress", *flags])
     doc = last_run(out)
     phases = doc.get("phases", {})
     head = next((ln for ln in r["stdout"].splitlines() if ln.startswith("run ")), "")  # "... (list_s .., commit_s ..)"
@@ -130,12 +146,24 @@ def measure(n: int, tmp: Path, checkpoint: str, nightly: bool) -> list[dict]:
         phases = {k: float(v) for k, v in (part.split() for part in head.rsplit("(", 1)[1].rstrip(")").split(", "))}
     rows.append({"n": n, "cmd": "invert", "processed": doc["processed"], **r, **table_facts(out),
                  "phases": phases})
+    if reuse:  # every input again with a new model: each aligned from its stored alignment
+        r = run_measured([sys.executable, "-m", "jobs", "nightly", str(inp), str(out), "--checkpoint",
+                          other_checkpoint(checkpoint, tmp / "zero_time_v2.pt"), "--reprocess-on-model-change",
+                          *flags])
+        res = json.loads(r["stdout"][r["stdout"].rindex('{\n  "run_id"'):])
+        t = res["timings"]
+        doc = last_run(out)
+        reused = doc.get("stages", {}).get("align_reused", {}).get("rows", 0)
+        phases = {"list_s": t.get("list_s", 0), "plan_s": t.get("plan_s", 0),
+                  "process_s": t.get("adopt_s", 0) + t.get("process_s", 0), "commit_s": t.get("commit_s", 0)}
+        rows.append({"n": n, "cmd": f"nightly, new model ({reused} reused)", "processed": res["processed"], **r,
+                     **table_facts(out), "phases": phases})
     if nightly:
         k = max(1, n // 100)
         changed = change_inputs(inp, n, 100)
         make_inputs(inp, n, k, seed=1)
         r = run_measured([sys.executable, "-m", "jobs", "nightly", str(inp), str(out), "--checkpoint", checkpoint,
-                          *FLAGS])
+                          *flags])
         res = json.loads(r["stdout"][r["stdout"].rindex('{\n  "run_id"'):])
         t = res["timings"]
         phases = {"list_s": t.get("list_s", 0), "plan_s": t.get("plan_s", 0),
@@ -175,6 +203,9 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--no-nightly", action="store_true", help="only the full invert runs")
     ap.add_argument("--tmp", default=None, help="work folder (default: a temporary one; needs ~13 KB per input)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="--align dlib, then a nightly with another checkpoint and --reprocess-on-model-change "
+                         "(every input aligned from its stored alignment) before the 1 %% nightly")
     args = ap.parse_args()
     from psp_core.zero_time import write_zero_time_checkpoint
 
@@ -183,10 +214,10 @@ def main() -> None:
         tmp = Path(tmp_s)
         checkpoint = write_zero_time_checkpoint(tmp / "zero_time.pt", output_size=1024)
         for n in args.sizes:
-            rows += measure(n, tmp, checkpoint, not args.no_nightly)
+            rows += measure(n, tmp, checkpoint, not args.no_nightly, args.reuse)
             report(rows)
     print("\ncommand: python bench/scale.py --sizes " + " ".join(map(str, args.sizes))
-          + (" --no-nightly" if args.no_nightly else ""))
+          + (" --no-nightly" if args.no_nightly else "") + (" --reuse" if args.reuse else ""))
 
 
 if __name__ == "__main__":

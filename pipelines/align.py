@@ -40,6 +40,7 @@ from PIL import Image
 
 from pipelines.decode import DecodeImages
 from pipelines.read import object_column
+from pipelines.reuse import REUSE_COLUMNS, stored_results
 from psp_core.images import DEFAULT_DECODE_TIMEOUT_S, ImageDecodeError, JpegDraft
 
 CROP_SIZE = 256
@@ -90,9 +91,10 @@ class AlignFaces:
     mode: 'dlib' or 'none'. gray: sketch/seg task (only used with mode 'none').
     aligner_kwargs: passed to `FaceAligner` (e.g. detect_size).
     faces: 'best' | 'largest' | 'all' (see the module docstring); min_face: the smallest box side
-    (px) considered by every faces mode (passed to `FaceAligner`). stored_alignment: a `pipelines.reuse.StoredAlignment`
-    (or an ObjectRef to one): inputs whose bytes (source_sha256) it holds are aligned from their
-    stored landmarks, without detection (the same crop), and counted as stage 'align_reused'.
+    (px) considered by every faces mode (passed to `FaceAligner`). A row that carries the alignment
+    an earlier run stored for the same bytes (`pipelines.reuse.REUSE_COLUMNS`: its stored_sha256
+    equals the row's source_sha256) is aligned from the stored landmarks, without detection (the
+    same crop), and counted as stage 'align_reused'; the columns are not handed on.
     decode_timeout_s: time limit of one image's decode (`DecodeImages`).
     task: dataset_type whose `prepare` fills `model_input` (None: no model_input column).
     resize_factor: super-resolution factor for `prepare`. keep_aligned: also hand on the crop
@@ -111,7 +113,6 @@ class AlignFaces:
         keep_aligned: bool = True,
         faces: str = "best",
         min_face: int = DEFAULT_MIN_FACE,
-        stored_alignment: Any = None,
     ):
         if mode not in ("dlib", "none"):
             raise ValueError(f"align mode {mode!r}: expected 'dlib' or 'none'")
@@ -139,11 +140,6 @@ class AlignFaces:
 
             kwargs = {"min_face": self.min_face, **dict(aligner_kwargs or {})}
             self.aligner = FaceAligner(output_size=CROP_SIZE, select=faces, **kwargs)
-        if stored_alignment is not None and not hasattr(stored_alignment, "results"):
-            import ray  # an ObjectRef: one StoredAlignment in the object store, shared by the actors
-
-            stored_alignment = ray.get(stored_alignment)
-        self.stored = stored_alignment if mode == "dlib" else None
         self._reused, self._reused_s = 0, 0.0
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -177,7 +173,7 @@ class AlignFaces:
                 face_index[j], face_count[j] = k, count
                 if result.box is not None:
                     face_box[j] = result.box
-        out = {k: v for k, v in decoded.items() if k != "image"}
+        out = {k: v for k, v in decoded.items() if k != "image" and k not in REUSE_COLUMNS}
         if m != n:  # faces='all': the source columns repeat on each face row
             out = {k: _take(v, take) for k, v in out.items()}
         if self.task is not None:
@@ -215,13 +211,19 @@ class AlignFaces:
             if self.aligner is None:  # the model input is prepared from `rgb`: a crop only if kept
                 crop = resize_unaligned(rgb, self.gray) if self.keep_aligned else None
                 return [(status, error, crop, None, -1, -1)]
-            if isinstance(rgb, JpegDraft) and self._stored_has(decoded, i):  # the crop from stored landmarks
+            stored = self._stored(decoded, i)
+            if stored is not None and isinstance(rgb, JpegDraft):  # the crop from stored landmarks
                 try:
                     rgb = np.asarray(rgb.decode(1))
                 except ImageDecodeError as e:
                     return self._undecodable(decoded, i, e.status, e.message)
-            found = None if isinstance(rgb, JpegDraft) else self._stored_results(decoded, i, rgb)
-            found = found or self.aligner(rgb, name=str(uri))
+            if stored is not None:
+                start = time.perf_counter()
+                found = stored_results(stored, rgb, self.aligner, str(uri))
+                self._reused += 1
+                self._reused_s += time.perf_counter() - start
+            else:
+                found = self.aligner(rgb, name=str(uri))
             results = found if isinstance(found, list) else [found]
             if results[0].status != "ok":
                 r = results[0]
@@ -248,22 +250,13 @@ class AlignFaces:
         decoded["source_width"][i] = decoded["source_height"][i] = -1
         return [(status, error, None, None, -1, -1)]
 
-    def _stored_has(self, decoded: Mapping[str, Any], i: int) -> bool:
-        if self.stored is None or "source_sha256" not in decoded:
-            return False
-        lo, hi = self.stored.find(decoded["source_sha256"][i])
-        return hi > lo
-
-    def _stored_results(self, decoded: Mapping[str, Any], i: int, rgb: np.ndarray) -> list | None:
-        """The alignment stored for these bytes by an earlier run (`pipelines.reuse`), or None."""
-        if self.stored is None or "source_sha256" not in decoded:
+    def _stored(self, decoded: Mapping[str, Any], i: int) -> bytes | None:
+        """The stored face rows of input `i` (`stored_faces`) when the plan attached an alignment
+        made from the same bytes, else None."""
+        if "stored_sha256" not in decoded:
             return None
-        start = time.perf_counter()
-        found = self.stored.results(decoded["source_sha256"][i], rgb, self.aligner, str(decoded["source_uri"][i]))
-        if found is not None:
-            self._reused += 1
-            self._reused_s += time.perf_counter() - start
-        return found
+        sha = decoded["stored_sha256"][i]
+        return decoded["stored_faces"][i] if sha and sha == decoded["source_sha256"][i] else None
 
     def _prepare(self, images, status: list, error: list, uris) -> np.ndarray:
         """The PIL part of the task transform per ok row (a failing row fails alone, as

@@ -256,7 +256,7 @@ def block_rows(row_bytes: int, most: int) -> int:
 
 
 def build_dataset(source: Listing | Sequence[SourceItem], stages: StageOptions, resources: Mapping[str, Any],
-                  clock=None, stored_alignment=None, skip=None):
+                  clock=None, skip=None):
     """The Ray Data graph for `source` (not executed): read -> decode+align -> invert -> outputs.
 
     source: a `pipelines.listing.Listing` (read lazily, one read task per shard, dropping the
@@ -268,7 +268,6 @@ def build_dataset(source: Listing | Sequence[SourceItem], stages: StageOptions, 
     detection and the PIL part of the task transform, the model actors only tensor work on their
     device, the outputs actors PNG/JPEG encoding, metrics and the table. Each pool scales on its own.
     stages: `stage_options(...)`. resources: `pipeline_resources(...)`. clock: a `StageClock`.
-    stored_alignment: an ObjectRef to the `pipelines.reuse.StoredAlignment` the align actors reuse.
     """
     import ray
     from ray.data import ActorPoolStrategy
@@ -291,8 +290,7 @@ def build_dataset(source: Listing | Sequence[SourceItem], stages: StageOptions, 
     ds = ds.map_batches(read_batch, fn_kwargs={**asdict(stages.read), "stage_clock": clock},
                         batch_size=stages.read_rows, batch_format="numpy", num_cpus=0.25)
     ds = ds.map_batches(AlignFaces,
-                        fn_constructor_kwargs={**asdict(stages.align), "stage_clock": clock,
-                                               "stored_alignment": stored_alignment},
+                        fn_constructor_kwargs={**asdict(stages.align), "stage_clock": clock},
                         compute=ActorPoolStrategy(min_size=1, max_size=stages.align_actors),
                         batch_size=stages.align_rows, batch_format="numpy", num_cpus=0.5)
     ds = ds.map_batches(InvertFaces,
@@ -373,17 +371,8 @@ def process_items(resolved: ResolvedConfig, source: Listing | Sequence[SourceIte
     does that)."""
     import ray
 
-    from pipelines.reuse import load_stored_alignment, reuse_enabled
-
     config = resolved.config
     ensure_ray()
-    items = source
-    if isinstance(source, Listing):  # reuse looks up stored alignments by the inputs' ids
-        # (only where something is stored: a first run into an empty table reads no URI here)
-        stored_somewhere = bool(config.alignment_from) or bool(table.files(table.load()))
-        items = ([_Uri(u) for u in source.read_table(["source_uri"])["source_uri"].to_pylist()]
-                 if reuse_enabled(config, resolved.align) and stored_somewhere else [])
-    stored = load_stored_alignment(resolved, items, table)
     try:
         resources = pipeline_resources(ray.cluster_resources(), resolved)
     except ValueError as e:
@@ -401,10 +390,9 @@ def process_items(resolved: ResolvedConfig, source: Listing | Sequence[SourceIte
     clock = StageClock(clock_actor)
     try:
         # Credentials are masked in the rows' free text right before they are written.
-        stored_ref = ray.put(stored) if stored is not None else None
         rows = source.total if isinstance(source, Listing) else len(source)
         stages = stage_options(resolved, resources["model"]["device"], rows)
-        ds = redacted_rows(build_dataset(source, stages, resources, clock, stored_ref, skip), config.storage_options)
+        ds = redacted_rows(build_dataset(source, stages, resources, clock, skip), config.storage_options)
         written = write_run(ds, table, resolved.run_id, resolved.checkpoint.n_styles, row_bytes=estimated_row_bytes(
             resolved.checkpoint.n_styles, config.images, config.image_size, resolved.checkpoint.output_size,
             config.mix or 0), expected_rows=rows)
@@ -414,11 +402,6 @@ def process_items(resolved: ResolvedConfig, source: Listing | Sequence[SourceIte
         ray.kill(clock_actor)
     return Processed(written, timings, counts, operators, meta.get("checkpoint_sha256"),
                      resources["model"]["device"])
-
-
-@dataclass(frozen=True)
-class _Uri:
-    source_uri: str
 
 
 __all__ = ["Processed", "StageClock", "StageOptions", "StageTiming", "build_dataset", "ensure_ray", "pipeline_resources",

@@ -32,6 +32,7 @@ import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -351,5 +352,176 @@ def diff(listing: Listing, table, dt, scratch: str, rule: DiffRule, *, use_ray: 
     return Diff(todo, deleted, counts, table_rows, partitions)
 
 
-__all__ = ["BUCKETS", "Diff", "DiffRule", "STATE_COLUMNS", "TODO_SCHEMA", "diff", "diff_partition", "input_state",
-           "partition_of", "split"]
+# ------------------------------------------------------------------------------------------------
+# The plan's rows with the alignments earlier runs stored for them (pipelines.reuse)
+
+
+def _map_todo(paths: Sequence[str], first: int, storage_options, partitions: int):
+    """Plan shards (TODO_SCHEMA) with their order, split by source_uri."""
+    import pyarrow.parquet as pq
+
+    from psp_core.uris import filesystem_for
+
+    parts = []
+    for k, path in enumerate(paths):
+        fs, p = filesystem_for(path, storage_options)
+        with fs.open(p, "rb") as f:
+            t = pq.read_table(f)
+        t = t.drop_columns([c for c in t.column_names if c not in TODO_SCHEMA.names])
+        order = (np.int64(first + k) << 32) + np.arange(t.num_rows, dtype=np.int64)
+        parts.append(t.append_column(ORDER, pa.array(order)))
+    table = pa.concat_tables(parts)
+    out = split(table, partitions)
+    return out if partitions > 1 else out[0]
+
+
+def _map_stored(files, paths: Sequence[str], partitions: int):
+    """The reusable rows (`STORED_COLUMNS` + source_uri) of some data files of a table, split by
+    source_uri, after the distinct run ids they come from (the driver matches those runs)."""
+    from pipelines.reuse import REUSABLE_STATUSES, STORED_COLUMNS
+    from pipelines.scan import Rows, fold_files
+
+    columns = ("source_uri", *STORED_COLUMNS)
+    schema = pa.schema([files.schema.field(c) for c in columns])
+    flt = pc.field("status").isin(list(REUSABLE_STATUSES))
+    rows = fold_files(files, paths, columns, Rows, filter=flt).table(schema)
+    runs = pc.unique(pc.drop_null(rows["run_id"])) if rows.num_rows else pa.array([], pa.string())
+    return (runs, *split(rows, partitions))
+
+
+def _reduce_reuse(out: str, storage_options, n_todo: int, runs: Sequence[set[str]], tables: Sequence[int],
+                  *parts: pa.Table) -> list[tuple[str, int]]:
+    """One partition: its plan rows with their stored alignments, written as shards `out`-NNNNN.parquet
+    of at most TODO_SHARD_ROWS rows (plan order kept); [(path, rows)]."""
+    from pipelines.reuse import choose_stored, stored_rows_schema, with_stored
+
+    todo = [t for t in parts[:n_todo] if t.num_rows]
+    if not todo:
+        return []
+    todo = pa.concat_tables(todo, promote_options="default")
+    todo = todo.take(pc.sort_indices(todo[ORDER])).drop_columns([ORDER])
+    per_table: list[list[pa.Table]] = [[] for _ in runs]
+    for t, rows in zip(tables, parts[n_todo:]):
+        if rows.num_rows:
+            per_table[t].append(rows)
+    stored = [pa.concat_tables(p) if p else stored_rows_schema().empty_table() for p in per_table]
+    todo = with_stored(todo, choose_stored(stored, runs))
+    shards = []
+    for k, start in enumerate(range(0, todo.num_rows, TODO_SHARD_ROWS)):
+        path = f"{out}-{k:05d}.parquet"
+        part = todo.slice(start, TODO_SHARD_ROWS)
+        write_shard(part, path, storage_options)
+        shards.append((path, part.num_rows))
+    return shards
+
+
+def stored_tables(resolved: Any, table: Any) -> list[tuple[Any, Any]]:
+    """(OutputTable, DeltaTable) of the run's OUTPUT (when it has rows) and of each
+    --alignment-from table, in priority order; ConfigError for an --alignment-from without a table."""
+    from pipelines.options import ConfigError
+    from pipelines.table import OutputTable
+
+    config = resolved.config
+    found = []
+    dt = table.load()
+    if dt is not None and table.files(dt):
+        found.append((table, dt))
+    for uri in config.alignment_from or []:
+        other = OutputTable(uri, config.storage_options)
+        other_dt = other.load()
+        if other_dt is None:
+            raise ConfigError(f"--alignment-from {other.uri!r}: no output table there; name a psp OUTPUT "
+                              "(or drop the flag)")
+        found.append((other, other_dt))
+    return found
+
+
+def attach_stored_alignment(resolved: Any, todo: Listing, table: Any, *, use_ray: bool | None = None) -> Listing:
+    """The plan's rows (`todo`, a `pipelines.listing.Listing` of plan shards) with the alignment
+    stored for each input (`pipelines.reuse.REUSE_FIELDS`), as a new Listing in the same folder
+    (discarded with it); `todo` itself when reuse is off or nothing usable is stored.
+
+    A hash-partitioned join in Ray tasks, as the plan's (`pipelines.diff`): map tasks read the plan
+    shards and the reusable rows of the run's OUTPUT and each --alignment-from table, the driver
+    matches the run ids those rows come from against each table's run summaries (the alignment
+    options, `alignment_signature`), and one reduce task per partition keeps each input's whole
+    alignment from the first table that has one and writes its rows' shards. The driver holds run
+    ids, file names and shard names: nothing per input. use_ray: None decides by size."""
+    from pipelines.reuse import REUSE_COLUMNS, alignment_signature, reuse_enabled
+    from pipelines.scan import TableFiles
+    from schemas.table import table_dataset
+
+    if not reuse_enabled(resolved.config, resolved.align) or not todo.total:
+        return todo
+    if not todo.root:
+        raise ValueError("attach_stored_alignment: the plan's listing has no folder (a Listing from `diff`)")
+    sources = stored_tables(resolved, table)
+    if not sources:
+        return todo
+    signature = alignment_signature(resolved.config, resolved.align)
+    so = dict(todo.storage_options)
+    stored_rows = sum(table_row_count(dt) for _, dt in sources)
+    if use_ray is None:
+        use_ray = todo.total + stored_rows > LOCAL_MAX_ROWS
+    partitions = plan_partitions(todo.total, stored_rows) if use_ray else 1
+    paths = [p for p, n in zip(todo.paths, todo.rows) if n]
+    todo_groups = [(paths[i:i + MAP_SHARDS], i) for i in range(0, len(paths), MAP_SHARDS)]
+    groups = []  # (table index, TableFiles, paths)
+    for t, (source, dt) in enumerate(sources):
+        ds = table_dataset(dt, source.uri, source.storage_options)
+        files = TableFiles(source.uri, source.storage_options or None, dt.version(), ds.schema, tuple(ds.files))
+        groups += [(t, files, files.paths[i:i + MAP_FILES]) for i in range(0, len(files.paths), MAP_FILES)]
+    root = todo.root
+    outs = [f"{root}/reuse-{p:05d}" for p in range(partitions)]
+    tables = [t for t, _, _ in groups]
+    if not use_ray:
+        todo_parts = [[_map_todo(g, first, so, 1)] for g, first in todo_groups]
+        stored_parts = [_map_stored(files, g, 1) for _, files, g in groups]
+        runs = _matching(sources, signature, tables, [s[0] for s in stored_parts])
+        if not any(runs):
+            return todo
+        results = [_reduce_reuse(outs[0], so, len(todo_parts), runs, tables, *[t[0] for t in todo_parts],
+                                 *[s[1] for s in stored_parts])]
+    else:
+        import ray
+
+        from pipelines.dataflow import ensure_ray
+
+        ensure_ray()
+        map_todo = ray.remote(num_cpus=0.5, max_retries=3)(_map_todo)
+        map_stored = ray.remote(num_cpus=0.5, max_retries=3)(_map_stored)
+        reduce = ray.remote(num_cpus=1, max_retries=3)(_reduce_reuse)
+        trefs = [map_todo.options(num_returns=partitions).remote(g, first, so, partitions) for g, first in todo_groups]
+        srefs = [map_stored.options(num_returns=partitions + 1).remote(files, g, partitions) for _, files, g in groups]
+        if partitions == 1:
+            trefs = [[r] for r in trefs]
+        runs = _matching(sources, signature, tables, ray.get([r[0] for r in srefs]))
+        if not any(runs):
+            return todo
+        pending = [reduce.remote(outs[p], so, len(trefs), runs, tables, *[r[p] for r in trefs],
+                                 *[r[1 + p] for r in srefs]) for p in range(partitions)]
+        del trefs, srefs
+        results = ray.get(pending)
+    attached = Listing([], [], todo.not_inputs, so, root, todo.owned)
+    for shards in results:
+        for path, rows in shards:
+            attached.paths.append(path)
+            attached.rows.append(rows)
+    attached.extra = REUSE_COLUMNS
+    return attached
+
+
+def _matching(sources, signature: str, tables: Sequence[int], run_ids: Sequence[pa.Array]) -> list[set[str]]:
+    """Per stored table, the runs its reusable rows come from (`run_ids`: each map task's distinct
+    ids; `tables`: the table of each task) that were made with alignment `signature`."""
+    from pipelines.reuse import matching_runs
+
+    per_table: list[set[str]] = [set() for _ in sources]
+    for t, ids in zip(tables, run_ids):
+        per_table[t].update(ids.to_pylist())
+    return [matching_runs(source, dt, signature, sorted(ids)) if ids else set()
+            for (source, dt), ids in zip(sources, per_table)]
+
+
+__all__ = ["BUCKETS", "Diff", "DiffRule", "STATE_COLUMNS", "TODO_SCHEMA", "attach_stored_alignment", "diff",
+           "diff_partition", "input_state", "partition_of", "split"]

@@ -62,6 +62,7 @@ class Listing:
     storage_options: dict[str, Any] = field(default_factory=dict)
     root: str = ""  # the folder holding the shards (removed by `discard`)
     owned: bool = True  # shards this run wrote (a user's listing is never removed)
+    extra: tuple[str, ...] = ()  # columns the shards carry for the pipeline (`pipelines.reuse.REUSE_FIELDS`)
 
     @property
     def total(self) -> int:
@@ -463,13 +464,16 @@ def _keys_of(source_uris: Sequence[str]) -> np.ndarray:
     return np.array([image_id_for(u)[:32] for u in source_uris], dtype="S32")
 
 
-def shard_todo(path: str, storage_options, skip: np.ndarray | None) -> tuple[pa.Table, int]:
-    """One shard's rows to process: repeats of a source_uri dropped (the first is kept) and the
-    inputs whose key is in `skip` (`done_keys`); also how many were skipped as done."""
+def shard_todo(path: str, storage_options, skip: np.ndarray | None,
+               extra: Sequence[str] = ()) -> tuple[pa.Table, int]:
+    """One shard's rows to process (SHARD_SCHEMA's columns and `extra`): repeats of a source_uri
+    dropped (the first is kept) and the inputs whose key is in `skip` (`done_keys`); also how many
+    were skipped as done."""
     import pyarrow.parquet as pq
 
     with _fs(path, storage_options).open(path, "rb") as f:
-        table = pq.read_table(f, columns=SHARD_SCHEMA.names)  # a plan's shards also carry its bucket
+        # a plan's shards also carry its bucket
+        table = pq.read_table(f, columns=[*SHARD_SCHEMA.names, *extra])
     table = first_per_key(table, "source_uri")
     if skip is None or not len(skip) or not table.num_rows:
         return table, 0
@@ -503,10 +507,17 @@ def listing_datasource(listing: Listing, rows_per_block: int, skip_ref=None):
 
     so = listing.storage_options
 
+    extra = tuple(listing.extra)
+    schema = SHARD_SCHEMA
+    if extra:
+        from pipelines.reuse import REUSE_FIELDS
+
+        schema = pa.schema([*SHARD_SCHEMA, *[f for f in REUSE_FIELDS if f.name in extra]])
+
     def read(path: str):
         import ray
 
-        table, _ = shard_todo(path, so, ray.get(skip_ref) if skip_ref is not None else None)
+        table, _ = shard_todo(path, so, ray.get(skip_ref) if skip_ref is not None else None, extra)
         for start in range(0, table.num_rows, rows_per_block):
             yield table.slice(start, rows_per_block)
 
@@ -517,7 +528,7 @@ def listing_datasource(listing: Listing, rows_per_block: int, skip_ref=None):
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
             return [
                 ReadTask(lambda p=p: read(p), BlockMetadata(num_rows=None, size_bytes=n * 200, exec_stats=None,
-                                                            input_files=None), schema=SHARD_SCHEMA)
+                                                            input_files=None), schema=schema)
                 for p, n in zip(listing.paths, listing.rows) if n
             ]
 

@@ -14,8 +14,10 @@ planner turns the run's listing and the output table's current rows into a `Plan
 
 Both are the distributed join of `pipelines.diff` (the listing's shards against the table's key
 columns, hash-partitioned, in Ray tasks) with their rule: the rows to process come back as Parquet
-shards the read tasks read, the driver gets counts. `plan_nightly` applies the nightly rule in
-this process (the same function a partition runs).
+shards the read tasks read, the driver gets counts. With `--align dlib` a second join attaches to
+those rows the alignment earlier runs stored for them (`pipelines.diff.attach_stored_alignment`,
+`pipelines.reuse`), so the align stage does not detect them again. `plan_nightly` applies the
+nightly rule in this process (the same function a partition runs).
 
 Nothing is visible to readers before the run's one commit, so a crash anywhere leaves the previous
 version, and the rerun neither loses nor duplicates a row.
@@ -31,7 +33,16 @@ import pyarrow as pa
 
 from pipelines.adoption import adoptable_rows, uncommitted_runs, wanted_facts
 from pipelines.config import ResolvedConfig
-from pipelines.diff import BUCKETS, STATE_COLUMNS, Diff, DiffRule, bucket_lists, diff, diff_partition
+from pipelines.diff import (
+    BUCKETS,
+    STATE_COLUMNS,
+    Diff,
+    DiffRule,
+    attach_stored_alignment,
+    bucket_lists,
+    diff,
+    diff_partition,
+)
 from pipelines.items import mtime_us
 from pipelines.listing import Listing, count_todo, done_keys, items_table, scratch_dir
 from pipelines.table import ConcurrentRunError, OutputTable
@@ -171,7 +182,8 @@ class InvertPlanner:
         plan = diff(listing, table, dt, scratch_dir(table.uri, resolved.run_id), DiffRule("invert"))
         adopted, skip, todo = adopt(table, dt, plan, resolved, retry_failed=True)
         limit = resolved.config.limit
-        return Plan(source=plan.todo, todo=min(todo, limit) if limit is not None else todo, listed=listing.total,
+        source = attach_stored_alignment(resolved, plan.todo, table) if todo else plan.todo
+        return Plan(source=source, todo=min(todo, limit) if limit is not None else todo, listed=listing.total,
                     skipped=plan.counts["unchanged"], adopted=adopted, skip=skip)
 
     def failure(self, step: str, exc: Exception, resolved: ResolvedConfig, todo: int) -> Exception | None:
@@ -231,7 +243,8 @@ class NightlyPlanner:
         else:
             adopted, skip, todo = WrittenRun(run_id), None, plan.to_process
         remove = pa.array([image_id_for(u) for u in plan.deleted.to_pylist()], pa.string())
-        return Plan(source=plan.todo, todo=todo, listed=plan.counts["unchanged"] + plan.to_process,
+        source = attach_stored_alignment(resolved, plan.todo, table) if todo else plan.todo
+        return Plan(source=source, todo=todo, listed=plan.counts["unchanged"] + plan.to_process,
                     skipped=plan.counts["unchanged"], adopted=adopted, skip=skip, remove_ids=remove,
                     expected=plan.todo, extra={"plan": self.diff.counts()})
 

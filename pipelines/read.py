@@ -29,6 +29,7 @@ from pipelines.items import (
     not_regular,
     split_uri,
 )
+from pipelines.reuse import REUSE_COLUMNS
 from psp_core.uris import filesystem_for, is_local_fs
 from schemas import status as st
 
@@ -179,8 +180,9 @@ def read_batch(
     `status` ('ok', 'read_error' -- retried --, or a permanent 'not_a_file', 'container_error',
     'decode_error'), `error` ('' or the reason, naming the input), and the listing facts the
     output row records, `source_size` (-1: none), `source_etag` ('': none), `source_mtime` (epoch
-    s, NaN: none), when the batch has them. Missing values are '' rather than None so every block
-    has the same Arrow types.
+    s, NaN: none), when the batch has them, and the alignment stored for the row's input
+    (`pipelines.reuse.REUSE_COLUMNS`) when the plan attached one. Missing values are '' rather than
+    None so every block has the same Arrow types.
     """
     start = time.perf_counter()
     uris = [str(u) for u in batch["uri"]]
@@ -244,6 +246,9 @@ def read_batch(
         out["source_size"] = np.asarray(batch["size"], dtype=np.int64)
         out["source_etag"] = np.asarray(batch["etag"], dtype=object)
         out["source_mtime"] = np.asarray(batch["mtime"], dtype=np.float64)
+    for name in REUSE_COLUMNS:  # a stored alignment travels to the align stage (pipelines.reuse)
+        if name in batch:
+            out[name] = np.asarray(batch[name], dtype=object)
     if stage_clock is not None:
         stage_clock.record("read", len(uris), time.perf_counter() - start)
     return out

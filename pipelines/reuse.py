@@ -6,31 +6,32 @@ A rerun over inputs the output table already holds (a new checkpoint with
 68 landmarks (`psp_core.align.alignment_quad` -> `extract_aligned`), and the table stores those
 landmarks exactly (dlib's integer points as float32). So:
 
-1. the driver (`load_stored_alignment`, called by `pipelines.dataflow.process_items`) reads, from the
-   output table and each `--alignment-from` table, the rows of exactly the inputs this run
-   processes (by source_id; Arrow columns, no Python object per input), keeps those made by a run
-   with the same alignment options (`alignment_signature`, recorded in each run's summary), and
-   puts one compact `StoredAlignment` (sorted by source_sha256, ≈ 650 bytes per face) in the Ray
-   object store;
-2. each align actor (`pipelines.align.AlignFaces`) looks a decoded input up by the source_sha256
-   the read stage computed from its bytes: a hit rebuilds the same crop from the stored landmarks
-   (no detection), with the stored face_score / face_box / face_index / face_count; a `no_face`
-   input stays `no_face`. A miss (new or changed bytes, another alignment setting, an incomplete
-   set of face rows) aligns as usual. The align stage reports the reused inputs as the stage
-   `align_reused` in the run summary.
+1. after the plan, `pipelines.diff.attach_stored_alignment` (called by the planners) joins
+   the plan's rows with the reusable rows of the output table and of each `--alignment-from` table
+   (hash-partitioned by source_uri in Ray tasks, as the plan itself: the driver holds run ids, file
+   and shard names, nothing per input), keeps per input the whole alignment of the first table
+   whose run used the same alignment options (`alignment_signature`, recorded in each run's
+   summary), and writes the plan's rows again with two more columns (`REUSE_FIELDS`): the sha256
+   of the bytes that alignment was made from and its face rows (≈ 560 bytes per face);
+2. the read stage hands them on, and each align actor (`pipelines.align.AlignFaces`) compares the
+   stored sha256 with the one the read stage computed from the bytes: the same bytes rebuild the
+   same crop from the stored landmarks (no detection), with the stored face_score / face_box /
+   face_index / face_count; a `no_face` input stays `no_face`. Other bytes (a changed input), no
+   stored alignment, another alignment setting or an incomplete set of face rows align as usual.
+   The align stage reports the reused inputs as the stage `align_reused` in the run summary.
 """
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-#: What the lookup reads of the stored rows (never images or W+).
+#: What the join reads of the stored rows, with source_uri (never images or W+).
 STORED_COLUMNS = ("source_id", "source_sha256", "status", "face_index", "face_count", "face_score",
                   "face_box", "landmarks", "run_id")
 #: Stored statuses that carry a usable alignment: a face (landmarks) or the fact that there is none.
@@ -56,80 +57,44 @@ def reuse_enabled(config: Any, align: str) -> bool:
     return align == "dlib" and getattr(config, "reuse_alignment", None) is not False
 
 
-@dataclass
-class StoredAlignment:
-    """Stored alignments keyed by source_sha256: rows sorted by (sha, face_index); an input's rows
-    are `sha[lo:hi]` (one image-level `no_face` row, or its `face_count` face rows)."""
-
-    sha: np.ndarray  # S64, sorted
-    no_face: np.ndarray  # bool [n]
-    face_count: np.ndarray  # int32 [n]
-    score: np.ndarray  # float32 [n] (NaN: none)
-    box: np.ndarray  # float32 [n,4] (NaN: none)
-    landmarks: np.ndarray  # float32 [n,68,2]
-
-    def __len__(self) -> int:
-        return len(self.sha)
-
-    @property
-    def inputs(self) -> int:
-        """Distinct input byte strings held."""
-        return len(np.unique(self.sha))
-
-    def find(self, source_sha256: str | None) -> tuple[int, int]:
-        """(lo, hi) of the rows stored for these bytes (lo == hi: none)."""
-        if not source_sha256:
-            return 0, 0
-        key = np.bytes_(str(source_sha256).encode())
-        return int(np.searchsorted(self.sha, key, "left")), int(np.searchsorted(self.sha, key, "right"))
-
-    def results(self, source_sha256: str | None, rgb: np.ndarray, aligner: Any, name: str) -> list | None:
-        """AlignResults for a decoded input (HxWx3 uint8) from its stored alignment, the crop made by
-        `aligner.align_landmarks` exactly as a fresh alignment makes it; None when nothing is stored."""
-        from psp_core.align import AlignResult
-
-        lo, hi = self.find(source_sha256)
-        if lo == hi:
-            return None
-        size = (rgb.shape[1], rgb.shape[0])
-        if self.no_face[lo]:
-            msg = (f"{name}: no face found by the HOG detector (alignment of the same bytes reused from an "
-                   "earlier run; --no-reuse-alignment detects again)")
-            return [AlignResult(status="no_face", error=msg, n_faces=0, source_size=size)]
-        out = []
-        for j in range(lo, hi):
-            r = aligner.align_landmarks(rgb, self.landmarks[j])
-            r.score = None if np.isnan(self.score[j]) else float(self.score[j])
-            r.box = None if np.isnan(self.box[j]).any() else self.box[j].astype(np.int32)
-            r.n_faces = int(self.face_count[j])
-            out.append(r)
-        return out
-
-    @classmethod
-    def from_rows(cls, rows: pa.Table) -> StoredAlignment:
-        """From stored rows already reduced to complete inputs (see `_complete`)."""
-        rows = rows.sort_by([("source_sha256", "ascending"), ("face_index", "ascending")])
-        n = rows.num_rows
-        no_face = np.asarray(pc.equal(rows["status"], "no_face").to_numpy(zero_copy_only=False), bool)
-        return cls(
-            sha=np.asarray(rows["source_sha256"].to_numpy(zero_copy_only=False), dtype="S64"),
-            no_face=no_face,
-            face_count=np.asarray(pc.fill_null(rows["face_count"], 0).to_numpy(), np.int32),
-            score=np.asarray(pc.fill_null(rows["face_score"], np.nan).to_numpy(), np.float32),
-            box=_fixed(rows["face_box"], n, (4,)),
-            landmarks=_fixed(rows["landmarks"], n, (68, 2)),
-        )
+#: What a plan's shards carry per input when reuse is on (`attach_stored_alignment`): the sha256 of
+#: the bytes an earlier run aligned ('' when nothing usable is stored) and its face rows packed as
+#: float32 [faces, FACE_VALUES] (score, box, 68 landmarks; no rows: the input had no face).
+REUSE_FIELDS = (pa.field("stored_sha256", pa.string(), nullable=False),
+                pa.field("stored_faces", pa.binary(), nullable=False))
+REUSE_COLUMNS = tuple(f.name for f in REUSE_FIELDS)
+FACE_VALUES = 1 + 4 + 68 * 2
 
 
-def _fixed(column: pa.ChunkedArray, n: int, shape: tuple[int, ...]) -> np.ndarray:
-    """A list<float32> column as float32 [n, *shape] (NaN where null)."""
-    size = int(np.prod(shape))
-    out = np.full((n, size), np.nan, np.float32)
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    valid = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), bool)
-    if valid.any():
-        out[valid] = np.asarray(arr.filter(pa.array(valid)).flatten().to_numpy(), np.float32).reshape(-1, size)
-    return out.reshape(n, *shape)
+def pack_faces(score: np.ndarray, box: np.ndarray, landmarks: np.ndarray) -> bytes:
+    """One input's stored face rows (score [k] NaN = none, box [k,4] NaN = none, landmarks [k,68,2])
+    as the bytes of `stored_faces` (k = 0: a stored no_face)."""
+    k = len(score)
+    values = np.empty((k, FACE_VALUES), np.float32)
+    values[:, 0] = score
+    values[:, 1:5] = np.reshape(box, (k, 4))
+    values[:, 5:] = np.reshape(landmarks, (k, 68 * 2))
+    return values.tobytes()
+
+
+def stored_results(faces: bytes, rgb: np.ndarray, aligner: Any, name: str) -> list:
+    """AlignResults for a decoded input (HxWx3 uint8) from its stored alignment (`stored_faces`
+    bytes), each crop made by `aligner.align_landmarks` exactly as a fresh alignment makes it."""
+    from psp_core.align import AlignResult
+
+    values = np.frombuffer(faces, np.float32).reshape(-1, FACE_VALUES)
+    if not len(values):
+        msg = (f"{name}: no face found by the HOG detector (alignment of the same bytes reused from an "
+               "earlier run; --no-reuse-alignment detects again)")
+        return [AlignResult(status="no_face", error=msg, n_faces=0, source_size=(rgb.shape[1], rgb.shape[0]))]
+    out = []
+    for v in values:
+        r = aligner.align_landmarks(rgb, v[5:].reshape(68, 2))
+        r.score = None if np.isnan(v[0]) else float(v[0])
+        r.box = None if np.isnan(v[1:5]).any() else v[1:5].astype(np.int32)
+        r.n_faces = len(values)
+        out.append(r)
+    return out
 
 
 def matching_runs(table: Any, dt, signature: str, run_ids: Sequence[str] = ()) -> set[str]:
@@ -161,81 +126,105 @@ def matching_runs(table: Any, dt, signature: str, run_ids: Sequence[str] = ()) -
     return out
 
 
-def _slim(rows: pa.Table, *names: str) -> pa.Table:
-    """`rows`' columns `names` plus `_i` (row number): what the joins below work on (Arrow's hash
-    join takes no list columns such as landmarks)."""
-    return pa.table({**{n: rows[n] for n in names}, "_i": pa.array(np.arange(rows.num_rows, dtype=np.int64))})
-
-
-def _complete(rows: pa.Table) -> pa.Table:
-    """Rows of the inputs whose stored alignment is whole: one `no_face` row, or all `face_count`
-    face rows (face_index 0..count-1, each with landmarks) of one source; one source per sha
-    (the same bytes align the same whatever their URI)."""
+def complete_inputs(rows: pa.Table) -> pa.Table:
+    """The stored rows (`STORED_COLUMNS`) of the inputs whose stored alignment is whole: one
+    `no_face` row, or all `face_count` face rows (face_index 0..count-1, each with landmarks), all
+    of the same bytes (one source_sha256)."""
     face = pc.and_(pc.is_valid(rows["landmarks"]), pc.is_valid(rows["face_index"]))
     usable = pc.or_(pc.equal(rows["status"], "no_face"), face)
     rows = rows.filter(pc.and_(pc.fill_null(usable, False), pc.is_valid(rows["source_sha256"])))
     if rows.num_rows == 0:
         return rows
-    slim = _slim(rows, "source_sha256", "source_id", "status", "face_index", "face_count")
-    first = slim.group_by("source_sha256", use_threads=False).aggregate([("source_id", "min")])
-    slim = slim.join(first, keys="source_sha256", use_threads=False)
-    slim = slim.filter(pc.equal(slim["source_id"], slim["source_id_min"]))
-    slim = slim.append_column("_nf", pc.cast(pc.equal(slim["status"], "no_face"), pa.int32()))
-    stats = slim.group_by("source_sha256", use_threads=False).aggregate(
-        [("_i", "count"), ("face_index", "count_distinct"), ("face_index", "max"), ("face_count", "min"),
-         ("face_count", "max"), ("_nf", "sum")])
+    slim = pa.table({"source_uri": rows["source_uri"], "sha": rows["source_sha256"], "face_index": rows["face_index"],
+                     "face_count": rows["face_count"],
+                     "_nf": pc.cast(pc.equal(rows["status"], "no_face"), pa.int32()),
+                     "_i": pa.array(np.arange(rows.num_rows, dtype=np.int64))})
+    stats = slim.group_by("source_uri", use_threads=False).aggregate(
+        [("_i", "count"), ("sha", "count_distinct"), ("face_index", "count_distinct"), ("face_index", "max"),
+         ("face_count", "min"), ("face_count", "max"), ("_nf", "sum")])
     n, nf = stats["_i_count"], stats["_nf_sum"]
     one_no_face = pc.and_(pc.equal(n, 1), pc.equal(nf, 1))
     all_faces = pc.and_(
         pc.and_(pc.equal(nf, 0), pc.equal(stats["face_index_count_distinct"], n)),
         pc.and_(pc.equal(stats["face_index_max"], pc.subtract(n, 1)),
                 pc.and_(pc.equal(stats["face_count_min"], n), pc.equal(stats["face_count_max"], n))))
-    keep = stats.filter(pc.fill_null(pc.or_kleene(one_no_face, all_faces), False)).select(["source_sha256"])
-    slim = slim.select(["source_sha256", "_i"]).join(keep, keys="source_sha256", join_type="inner",
-                                                      use_threads=False)
+    whole = pc.and_(pc.equal(stats["sha_count_distinct"], 1), pc.or_kleene(one_no_face, all_faces))
+    keep = stats.filter(pc.fill_null(whole, False)).select(["source_uri"])
+    slim = slim.select(["source_uri", "_i"]).join(keep, keys="source_uri", join_type="inner", use_threads=False)
     return rows.take(np.sort(slim["_i"].to_numpy()))
 
 
-def load_stored_alignment(resolved: Any, items: Sequence[Any], table: Any) -> StoredAlignment | None:
-    """The stored alignments for `items` (SourceItems) from the run's output table and its
-    `--alignment-from` tables (earlier tables first win), made with this run's alignment options;
-    None when reuse is off or nothing is stored. ConfigError when an --alignment-from table is
-    missing."""
-    from pipelines.options import ConfigError
-    from pipelines.table import OutputTable
-    from schemas.ids import image_id_for
+def packed(rows: pa.Table) -> pa.Table:
+    """Whole stored alignments (`complete_inputs` rows) as one row per input: source_uri and the
+    `REUSE_FIELDS` (stored_sha256, stored_faces)."""
+    schema = pa.schema([pa.field("source_uri", pa.string()), *REUSE_FIELDS])
+    if rows.num_rows == 0:
+        return schema.empty_table()
+    rows = rows.sort_by([("source_uri", "ascending"), ("face_index", "ascending")])
+    n = rows.num_rows
+    uris = np.asarray(rows["source_uri"].to_numpy(zero_copy_only=False), dtype=object)
+    sha = np.asarray(rows["source_sha256"].to_numpy(zero_copy_only=False), dtype=object)
+    no_face = np.asarray(pc.equal(rows["status"], "no_face").to_numpy(zero_copy_only=False), bool)
+    score = np.asarray(pc.fill_null(rows["face_score"], np.nan).to_numpy(), np.float32)
+    box, landmarks = _fixed(rows["face_box"], n, 4), _fixed(rows["landmarks"], n, 68 * 2)
+    starts = np.flatnonzero(np.r_[True, uris[1:] != uris[:-1]])
+    ends = np.r_[starts[1:], n]
+    faces = [b"" if no_face[a] else pack_faces(score[a:b], box[a:b], landmarks[a:b]) for a, b in zip(starts, ends)]
+    return pa.table([pa.array(uris[starts], pa.string()), pa.array(sha[starts], pa.string()),
+                     pa.array(faces, pa.binary())], schema=schema)
 
-    config = resolved.config
-    if not reuse_enabled(config, resolved.align) or not items:
-        return None
-    signature = alignment_signature(config, resolved.align)
-    ids = pa.array(sorted({image_id_for(it.source_uri) for it in items}), pa.string())
-    tables = [table] + [OutputTable(uri, config.storage_options) for uri in (config.alignment_from or [])]
-    found = []
-    for priority, source in enumerate(tables):
-        dt = source.load()
-        if dt is None:
-            if priority == 0:
-                continue
-            raise ConfigError(f"--alignment-from {source.uri!r}: no output table there; name a psp OUTPUT "
-                              "(or drop the flag)")
-        rows = source.state(dt, STORED_COLUMNS, ids=ids, with_file=False)
-        runs = matching_runs(source, dt, signature, pc.unique(rows["run_id"]).to_pylist())
-        if not runs:
+
+def _fixed(column: pa.ChunkedArray, n: int, size: int) -> np.ndarray:
+    """A list<float32> column as float32 [n, size] (NaN where null)."""
+    out = np.full((n, size), np.nan, np.float32)
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    valid = np.asarray(arr.is_valid().to_numpy(zero_copy_only=False), bool)
+    if valid.any():
+        out[valid] = np.asarray(arr.filter(pa.array(valid)).flatten().to_numpy(), np.float32).reshape(-1, size)
+    return out
+
+
+def choose_stored(stored: Sequence[pa.Table], runs: Sequence[set[str]]) -> pa.Table:
+    """One partition's stored alignments: `stored[p]` the rows (`STORED_COLUMNS`) of table p
+    (the run's OUTPUT first, then each --alignment-from table), `runs[p]` the runs of table p made
+    with this run's alignment options. Per input, the first table with a whole alignment wins;
+    returned `packed`."""
+    chosen, seen = [], None
+    for rows, ok in zip(stored, runs):
+        if not rows.num_rows or not ok:
             continue
-        rows = rows.filter(pc.and_(pc.is_in(rows["run_id"], value_set=pa.array(sorted(runs), pa.string())),
-                                   pc.is_in(rows["status"], value_set=pa.array(REUSABLE_STATUSES))))
-        rows = _complete(rows)
+        rows = rows.filter(pc.is_in(rows["run_id"], value_set=pa.array(sorted(ok), pa.string())))
+        rows = packed(complete_inputs(rows))
+        if seen is not None and rows.num_rows:
+            rows = rows.filter(pc.invert(pc.is_in(rows["source_uri"], value_set=seen)))
         if rows.num_rows:
-            found.append(rows.append_column("_priority", pa.array(np.full(rows.num_rows, priority, np.int32))))
-    if not found:
-        return None
-    rows = pa.concat_tables(found)
-    slim = _slim(rows, "source_sha256", "_priority")
-    best = slim.group_by("source_sha256", use_threads=False).aggregate([("_priority", "min")])
-    slim = slim.join(best, keys="source_sha256", use_threads=False)
-    slim = slim.filter(pc.equal(slim["_priority"], slim["_priority_min"]))
-    return StoredAlignment.from_rows(rows.take(np.sort(slim["_i"].to_numpy())))
+            chosen.append(rows)
+            seen = pa.concat_arrays([c["source_uri"].combine_chunks() for c in chosen])
+    return pa.concat_tables(chosen) if chosen else packed(stored_rows_schema().empty_table())
 
 
-__all__ = ["StoredAlignment", "alignment_signature", "load_stored_alignment", "matching_runs", "reuse_enabled"]
+def stored_rows_schema() -> pa.Schema:
+    """The stored rows' columns the join reads: source_uri and `STORED_COLUMNS`."""
+    from schemas.outputs import output_schema
+
+    schema = output_schema(1)
+    return pa.schema([schema.field(c) for c in ("source_uri", *STORED_COLUMNS)])
+
+
+def with_stored(todo: pa.Table, stored: pa.Table) -> pa.Table:
+    """`todo` (plan rows, any columns with source_uri) with the `REUSE_FIELDS` of `stored`
+    (`packed` rows; '' / b'' where none), in todo's order."""
+    idx = pa.array(np.arange(todo.num_rows, dtype=np.int64))
+    joined = pa.table({"source_uri": todo["source_uri"], "_i": idx}).join(
+        stored, keys="source_uri", join_type="left outer", use_threads=False)
+    joined = joined.take(pc.sort_indices(joined["_i"]))
+    out = todo
+    for f in REUSE_FIELDS:
+        empty = "" if f.type == pa.string() else b""
+        out = out.append_column(f, pc.fill_null(joined[f.name], pa.scalar(empty, f.type)))
+    return out
+
+
+__all__ = ["FACE_VALUES", "REUSE_COLUMNS", "REUSE_FIELDS", "alignment_signature", "choose_stored", "complete_inputs",
+           "matching_runs", "pack_faces", "packed", "reuse_enabled", "stored_results", "stored_rows_schema",
+           "with_stored"]

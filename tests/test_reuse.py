@@ -27,7 +27,7 @@ def _rows(out, version=None) -> dict:
     import schemas
 
     cols = ["source_uri", "status", "aligned_image", "landmarks", "face_box", "face_score", "checkpoint_sha256",
-            "w_plus"]
+            "w_plus", "source_sha256"]
     table = schemas.read_outputs(str(out), columns=cols, as_of=version)
     return {r["source_uri"].rsplit("/", 1)[-1]: {**r, "w_plus": None if r["w_plus"] is None else np.asarray(r["w_plus"])}
             for r in table.to_pylist()}
@@ -68,43 +68,58 @@ def test_a_rerun_with_another_checkpoint_reuses_the_stored_alignment(ray_cluster
         assert a["checkpoint_sha256"] != b["checkpoint_sha256"]
     assert not np.allclose(first[NAMES[0]]["w_plus"], again[NAMES[0]]["w_plus"])
 
-    # another OUTPUT (another checkpoint's table) finds them with --alignment-from; its align stage
-    # then makes the same crops without detecting (the stage as a plain callable: no third run)
+    # another OUTPUT (another checkpoint's table) finds them with --alignment-from: the plan's rows
+    # get them attached (a join in Ray tasks), and its align stage makes the same crops without
+    # detecting (the stage as a plain callable: no third run); bytes changed since are aligned afresh
     from pipelines.align import AlignFaces
     from pipelines.config import resolve_config
+    from pipelines.diff import attach_stored_alignment
+    from pipelines.listing import Listing, items_table, write_shard
     from pipelines.read import read_batch
-    from pipelines.reuse import load_stored_alignment
+    from pipelines.reuse import REUSE_COLUMNS
     from pipelines.run import open_output
     from pipelines.sources import list_inputs
 
     resolved = resolve_config(_config(inp, other, ckpt2, alignment_from=[str(out)]))
     items = list_inputs(str(inp))
-    stored = load_stored_alignment(resolved, items, open_output(resolved)[0])
-    assert stored.inputs == 3
-    batch = read_batch({k: np.asarray([it.to_row()[k] for it in items], dtype=object) for k in items[0].to_row()})
-    stage = AlignFaces(stored_alignment=stored, task="ffhq_encode")
-    stage.aligner.detector = None  # detection would fail: every input must come from the stored alignment
+    plan = str(tmp_path / "plan" / "todo-00000.parquet")
+    write_shard(items_table(items), plan, {})
+    todo = Listing([plan], [len(items)], root=str(tmp_path / "plan"))
+    attached = attach_stored_alignment(resolved, todo, open_output(resolved)[0], use_ray=True)
+    assert attached.extra == REUSE_COLUMNS and attached.total == len(items)
+    rows = attached.read_table()
+    assert sorted(rows["stored_sha256"].to_pylist()) == sorted(first[n]["source_sha256"] for n in first)
+    changed = inp / NAMES[1]
+    Image.open(changed).save(changed, quality=60)  # other bytes: its stored alignment no longer applies
+    batch = read_batch({k: np.asarray(rows[k].to_pylist(), dtype=object) for k in rows.column_names})
+    stage = AlignFaces(task="ffhq_encode")
+    stage.aligner.detector = None  # detection fails: only the stored alignments can align
     aligned = stage(batch)
-    assert stage._reused == 3
+    assert stage._reused == 2 and not set(REUSE_COLUMNS) & set(aligned)
     for i, uri in enumerate(aligned["source_uri"]):
         name = str(uri).rsplit("/", 1)[-1]
+        if name == NAMES[1]:
+            assert aligned["status"][i] == "align_error"
+            continue
         assert aligned["status"][i] == first[name]["status"]
         if first[name]["aligned_image"] is not None:
             assert np.array_equal(aligned["aligned"][i], np.asarray(Image.open(io.BytesIO(first[name]["aligned_image"]))))
+    attached.discard()
 
 
 def test_reuse_is_off_with_the_flag_or_without_detection(tmp_path, tiny_checkpoint):
     """--no-reuse-alignment and --align none never look up stored alignments; another alignment
     setting has another signature, so its rows are never reused."""
     from pipelines.config import resolve_config
-    from pipelines.items import SourceItem
-    from pipelines.reuse import alignment_signature, load_stored_alignment, reuse_enabled
+    from pipelines.diff import attach_stored_alignment
+    from pipelines.listing import Listing
+    from pipelines.reuse import alignment_signature, reuse_enabled
 
     cfg = _config(tmp_path, tmp_path / "out", tiny_checkpoint, reuse_alignment=False)
     assert not reuse_enabled(cfg, "dlib") and not reuse_enabled(_config(tmp_path, "o", "c"), "none")
     assert reuse_enabled(_config(tmp_path, "o", "c"), "dlib")  # on by default (the switch absent: None)
-    resolved = resolve_config(cfg)
-    assert load_stored_alignment(resolved, [SourceItem(uri="file:///x.jpg")], table=None) is None
+    todo = Listing(["never-read.parquet"], [1])
+    assert attach_stored_alignment(resolve_config(cfg), todo, table=None) is todo
     base = alignment_signature(_config(tmp_path, "o", "c"), "dlib")
     for change in ({"faces": "all"}, {"min_face": 32}, {"align_detect_size": 640}):
         assert alignment_signature(_config(tmp_path, "o", "c", **change), "dlib") != base
@@ -141,3 +156,41 @@ def test_runs_the_commit_log_forgot_are_matched_by_their_summary_file(tmp_path):
     table = OutputTable(str(path))
     assert matching_runs(table, dt, "sig A") == {"new-same"}
     assert matching_runs(table, dt, "sig A", ["old-same", "old-other", "crashed", "new-same"]) == {"old-same", "new-same"}
+
+
+def test_each_input_gets_the_whole_alignment_of_the_first_table_that_has_one():
+    """The plan's join (`choose_stored` per partition): per input, the first table (OUTPUT, then each
+    --alignment-from) whose matching run stored all its face rows (or its no_face row) wins; an
+    incomplete set, another run's rows or two byte strings for one input are never used."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipelines.reuse import FACE_VALUES, STORED_COLUMNS, choose_stored, with_stored
+    from schemas.outputs import output_schema
+
+    schema = pa.schema([output_schema(1).field(c) for c in ("source_uri", *STORED_COLUMNS)])
+
+    def rows(*specs):
+        out = []
+        for uri, sha, status, index, count, run, mark in specs:
+            face = status != "no_face"
+            out.append({"source_uri": uri, "source_id": uri, "source_sha256": sha, "status": status,
+                        "face_index": index if face else None, "face_count": count if face else None,
+                        "face_score": 1.0 + mark if face else None, "face_box": [mark] * 4 if face else None,
+                        "landmarks": [float(mark)] * 136 if face else None, "run_id": run})
+        return pa.Table.from_pylist(out, schema=schema)
+
+    mine = rows(("a", "sa", "ok", 0, 2, "r0", 1), ("a", "sa", "ok", 1, 2, "r0", 2),  # whole: 2 faces
+                ("b", "sb", "ok", 1, 2, "r0", 3),  # face 0 of 2 missing
+                ("c", "sc", "no_face", None, None, "other", 0),  # another alignment setting's run
+                ("e", "se", "ok", 0, 2, "r0", 4), ("e", "sx", "ok", 1, 2, "r0", 5))  # two byte strings
+    theirs = rows(("a", "sa", "ok", 0, 1, "r1", 9), ("b", "sb", "ok", 0, 1, "r1", 6),
+                  ("c", "sc", "no_face", None, None, "r1", 0))
+    stored = choose_stored([mine, theirs], [{"r0"}, {"r1"}])
+    todo = pa.table({"source_uri": ["d", "c", "b", "a", "e"], "bucket": pa.array([0] * 5, pa.int8())})
+    got = with_stored(todo, stored)
+    assert got["source_uri"].to_pylist() == ["d", "c", "b", "a", "e"]  # the plan's order
+    assert got["stored_sha256"].to_pylist() == ["", "sc", "sb", "sa", ""]
+    faces = [np.frombuffer(f, np.float32).reshape(-1, FACE_VALUES) for f in got["stored_faces"].to_pylist()]
+    assert [len(f) for f in faces] == [0, 0, 1, 2, 0]  # c: a stored no_face; b: table 1's; a: table 0's
+    assert faces[2][0, 0] == 7.0 and faces[3][:, 5].tolist() == [1.0, 2.0]  # by face_index

@@ -257,13 +257,19 @@ def _reduce(p: int, rule: DiffRule, out: str, storage_options, n_listed: int, *p
     listed = listed.take(pc.sort_indices(listed[ORDER]))
     state = pa.concat_tables(state) if state else _empty_state()
     todo, deleted, counts = diff_partition(listed, state, rule)
+    return write_todo(todo, out, storage_options), deleted, counts
+
+
+def write_todo(todo: pa.Table, out: str, storage_options) -> list[tuple[str, int]]:
+    """Plan rows as shards `out`-NNNNN.parquet of at most `TODO_SHARD_ROWS` rows (one read task
+    each); [(path, rows)]."""
     shards = []
     for k, start in enumerate(range(0, todo.num_rows, TODO_SHARD_ROWS)):
         path = f"{out}-{k:05d}.parquet"
         part = todo.slice(start, TODO_SHARD_ROWS)
         write_shard(part, path, storage_options)
         shards.append((path, part.num_rows))
-    return shards, deleted, counts
+    return shards
 
 
 def _empty_state() -> pa.Table:
@@ -405,14 +411,7 @@ def _reduce_reuse(out: str, storage_options, n_todo: int, runs: Sequence[set[str
         if rows.num_rows:
             per_table[t].append(rows)
     stored = [pa.concat_tables(p) if p else stored_rows_schema().empty_table() for p in per_table]
-    todo = with_stored(todo, choose_stored(stored, runs))
-    shards = []
-    for k, start in enumerate(range(0, todo.num_rows, TODO_SHARD_ROWS)):
-        path = f"{out}-{k:05d}.parquet"
-        part = todo.slice(start, TODO_SHARD_ROWS)
-        write_shard(part, path, storage_options)
-        shards.append((path, part.num_rows))
-    return shards
+    return write_todo(with_stored(todo, choose_stored(stored, runs)), out, storage_options)
 
 
 def stored_tables(resolved: Any, table: Any) -> list[tuple[Any, Any]]:

@@ -185,6 +185,7 @@ def committed_rows_as_of(output_uri, version):
 
 
 @pytest.mark.slow
+@pytest.mark.tier2
 def test_nightly_processes_only_new_and_changed_inputs_and_reprocesses_on_model_change(
     ray_cluster, tiny_checkpoint, tmp_path
 ):

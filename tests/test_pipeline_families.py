@@ -22,6 +22,7 @@ pytestmark = pytest.mark.slow
 NAMES = ("face_full.png", "face_crop_wide.jpg", "bad_text.jpg")
 
 
+@pytest.mark.tier2
 def test_e4e_and_restyle_runs_from_s3_record_family_iterations_and_equal_direct_encode(
     ray_cluster, s3_server, tmp_path
 ):

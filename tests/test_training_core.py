@@ -140,6 +140,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.tier2
 def test_resume_continues_exactly(tmp_path, start_ckpt, one_thread):
     """2 steps == 1 step, state_dict saved and loaded (weights_only) into a new trainer, 1 step:
     Ranger's moments, the step count and the generator-noise RNG all carry over (bit for bit, on

@@ -435,7 +435,8 @@ def stored_tables(resolved: Any, table: Any) -> list[tuple[Any, Any]]:
     return found
 
 
-def attach_stored_alignment(resolved: Any, todo: Listing, table: Any, *, use_ray: bool | None = None) -> Listing:
+def attach_stored_alignment(resolved: Any, todo: Listing, table: Any, *, use_ray: bool | None = None,
+                            partition_rows: int = PARTITION_ROWS) -> Listing:
     """The plan's rows (`todo`, a `pipelines.listing.Listing` of plan shards) with the alignment
     stored for each input (`pipelines.reuse.REUSE_FIELDS`), as a new Listing in the same folder
     (discarded with it); `todo` itself when reuse is off or nothing usable is stored.
@@ -445,7 +446,8 @@ def attach_stored_alignment(resolved: Any, todo: Listing, table: Any, *, use_ray
     matches the run ids those rows come from against each table's run summaries (the alignment
     options, `alignment_signature`), and one reduce task per partition keeps each input's whole
     alignment from the first table that has one and writes its rows' shards. The driver holds run
-    ids, file names and shard names: nothing per input. use_ray: None decides by size."""
+    ids, file names and shard names: nothing per input. use_ray: None decides by size;
+    partition_rows: plan and stored rows per partition (`diff`'s)."""
     from pipelines.reuse import REUSE_COLUMNS, alignment_signature, reuse_enabled
     from pipelines.scan import TableFiles
     from schemas.table import table_dataset
@@ -462,7 +464,7 @@ def attach_stored_alignment(resolved: Any, todo: Listing, table: Any, *, use_ray
     stored_rows = sum(table_row_count(dt) for _, dt in sources)
     if use_ray is None:
         use_ray = todo.total + stored_rows > LOCAL_MAX_ROWS
-    partitions = plan_partitions(todo.total, stored_rows) if use_ray else 1
+    partitions = plan_partitions(todo.total, stored_rows, partition_rows) if use_ray else 1
     paths = [p for p, n in zip(todo.paths, todo.rows) if n]
     todo_groups = [(paths[i:i + MAP_SHARDS], i) for i in range(0, len(paths), MAP_SHARDS)]
     groups = []  # (table index, TableFiles, paths)

@@ -69,8 +69,9 @@ def test_a_rerun_with_another_checkpoint_reuses_the_stored_alignment(ray_cluster
     assert not np.allclose(first[NAMES[0]]["w_plus"], again[NAMES[0]]["w_plus"])
 
     # another OUTPUT (another checkpoint's table) finds them with --alignment-from: the plan's rows
-    # get them attached (a join in Ray tasks), and its align stage makes the same crops without
-    # detecting (the stage as a plain callable: no third run); bytes changed since are aligned afresh
+    # get them attached (a join in Ray tasks, here over several partitions), and its align stage
+    # makes the same crops without detecting (the stage as a plain callable: no third run); bytes
+    # changed since are aligned afresh
     from pipelines.align import AlignFaces
     from pipelines.config import resolve_config
     from pipelines.diff import attach_stored_alignment
@@ -85,7 +86,8 @@ def test_a_rerun_with_another_checkpoint_reuses_the_stored_alignment(ray_cluster
     plan = str(tmp_path / "plan" / "todo-00000.parquet")
     write_shard(items_table(items), plan, {})
     todo = Listing([plan], [len(items)], root=str(tmp_path / "plan"))
-    attached = attach_stored_alignment(resolved, todo, open_output(resolved)[0], use_ray=True)
+    # 3 inputs + 3 stored rows at 2 rows a partition: 3 partitions (the shards name theirs)
+    attached = attach_stored_alignment(resolved, todo, open_output(resolved)[0], use_ray=True, partition_rows=2)
     assert attached.extra == REUSE_COLUMNS and attached.total == len(items)
     rows = attached.read_table()
     assert sorted(rows["stored_sha256"].to_pylist()) == sorted(first[n]["source_sha256"] for n in first)

@@ -210,9 +210,9 @@ def split(table: pa.Table, partitions: int, key: str = "source_uri") -> list[pa.
     return [table.take(pa.array(order[bounds[p]:bounds[p + 1]])) for p in range(partitions)]
 
 
-def _read_shards(paths: Sequence[str], first: int, storage_options) -> pa.Table:
-    """Listing shards (SHARD_SCHEMA) with their listing order (`ORDER`); `first`: the index of
-    the first shard."""
+def _read_shards(paths: Sequence[str], first: int, storage_options, shard_schema: pa.Schema = SHARD_SCHEMA) -> pa.Table:
+    """Listing shards (`shard_schema`'s columns: SHARD_SCHEMA, or a plan's TODO_SCHEMA) with their
+    listing order (`ORDER`); `first`: the index of the first shard."""
     import pyarrow.parquet as pq
 
     from psp_core.uris import filesystem_for
@@ -221,10 +221,10 @@ def _read_shards(paths: Sequence[str], first: int, storage_options) -> pa.Table:
     for k, path in enumerate(paths):
         fs, p = filesystem_for(path, storage_options)
         with fs.open(p, "rb") as f:
-            t = pq.read_table(f, columns=SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+            t = pq.read_table(f, columns=shard_schema.names).cast(shard_schema)
         order = (np.int64(first + k) << 32) + np.arange(t.num_rows, dtype=np.int64)
         parts.append(t.append_column(ORDER, pa.array(order)))
-    schema = SHARD_SCHEMA.append(pa.field(ORDER, pa.int64()))
+    schema = shard_schema.append(pa.field(ORDER, pa.int64()))
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
@@ -236,8 +236,8 @@ def _read_state(files, paths: Sequence[str]) -> pa.Table:
     return fold_files(files, paths, STATE_COLUMNS, Rows).table(schema)
 
 
-def _map_listing(paths, first, storage_options, partitions):
-    parts = split(_read_shards(paths, first, storage_options), partitions)
+def _map_listing(paths, first, storage_options, partitions, shard_schema: pa.Schema = SHARD_SCHEMA):
+    parts = split(_read_shards(paths, first, storage_options, shard_schema), partitions)
     return parts if partitions > 1 else parts[0]
 
 
@@ -283,6 +283,15 @@ def _empty_state() -> pa.Table:
 # The run's plan
 
 
+def table_files_of(table, dt):
+    """`pipelines.scan.TableFiles` of an OutputTable's loaded version `dt` (its data files)."""
+    from pipelines.scan import TableFiles
+    from schemas.table import table_dataset
+
+    ds = table_dataset(dt, table.uri, table.storage_options)
+    return TableFiles(table.uri, table.storage_options or None, dt.version(), ds.schema, tuple(ds.files))
+
+
 def plan_partitions(listed_rows: int, table_rows: int, partition_rows: int = PARTITION_ROWS) -> int:
     return max(1, math.ceil((listed_rows + table_rows) / max(1, partition_rows)))
 
@@ -302,15 +311,12 @@ def diff(listing: Listing, table, dt, scratch: str, rule: DiffRule, *, use_ray: 
     """Plan a run: `listing` against `table`'s version `dt` (an `OutputTable` and its `DeltaTable`,
     or None for no table yet) by `rule`; the rows to process are written as shards under
     `scratch` (a new `Listing`, removed by its `discard`). use_ray: None decides by size."""
-    from pipelines.scan import TableFiles
-    from schemas.table import table_dataset
 
     so = dict(listing.storage_options)
     root = f"{scratch.rstrip('/')}/{uuid.uuid4().hex}"
     files = None
     if dt is not None:
-        ds = table_dataset(dt, table.uri, table.storage_options)
-        files = TableFiles(table.uri, table.storage_options or None, dt.version(), ds.schema, tuple(ds.files))
+        files = table_files_of(table, dt)
     table_rows = table_row_count(dt)
     paths = [p for p, n in zip(listing.paths, listing.rows) if n]
     if use_ray is None:
@@ -360,25 +366,6 @@ def diff(listing: Listing, table, dt, scratch: str, rule: DiffRule, *, use_ray: 
 
 # ------------------------------------------------------------------------------------------------
 # The plan's rows with the alignments earlier runs stored for them (pipelines.reuse)
-
-
-def _map_todo(paths: Sequence[str], first: int, storage_options, partitions: int):
-    """Plan shards (TODO_SCHEMA) with their order, split by source_uri."""
-    import pyarrow.parquet as pq
-
-    from psp_core.uris import filesystem_for
-
-    parts = []
-    for k, path in enumerate(paths):
-        fs, p = filesystem_for(path, storage_options)
-        with fs.open(p, "rb") as f:
-            t = pq.read_table(f)
-        t = t.drop_columns([c for c in t.column_names if c not in TODO_SCHEMA.names])
-        order = (np.int64(first + k) << 32) + np.arange(t.num_rows, dtype=np.int64)
-        parts.append(t.append_column(ORDER, pa.array(order)))
-    table = pa.concat_tables(parts)
-    out = split(table, partitions)
-    return out if partitions > 1 else out[0]
 
 
 def _map_stored(files, paths: Sequence[str], partitions: int):
@@ -449,8 +436,6 @@ def attach_stored_alignment(resolved: Any, todo: Listing, table: Any, *, use_ray
     ids, file names and shard names: nothing per input. use_ray: None decides by size;
     partition_rows: plan and stored rows per partition (`diff`'s)."""
     from pipelines.reuse import REUSE_COLUMNS, alignment_signature, reuse_enabled
-    from pipelines.scan import TableFiles
-    from schemas.table import table_dataset
 
     if not reuse_enabled(resolved.config, resolved.align) or not todo.total:
         return todo
@@ -469,14 +454,13 @@ def attach_stored_alignment(resolved: Any, todo: Listing, table: Any, *, use_ray
     todo_groups = [(paths[i:i + MAP_SHARDS], i) for i in range(0, len(paths), MAP_SHARDS)]
     groups = []  # (table index, TableFiles, paths)
     for t, (source, dt) in enumerate(sources):
-        ds = table_dataset(dt, source.uri, source.storage_options)
-        files = TableFiles(source.uri, source.storage_options or None, dt.version(), ds.schema, tuple(ds.files))
+        files = table_files_of(source, dt)
         groups += [(t, files, files.paths[i:i + MAP_FILES]) for i in range(0, len(files.paths), MAP_FILES)]
     root = todo.root
     outs = [f"{root}/reuse-{p:05d}" for p in range(partitions)]
     tables = [t for t, _, _ in groups]
     if not use_ray:
-        todo_parts = [[_map_todo(g, first, so, 1)] for g, first in todo_groups]
+        todo_parts = [[_map_listing(g, first, so, 1, TODO_SCHEMA)] for g, first in todo_groups]
         stored_parts = [_map_stored(files, g, 1) for _, files, g in groups]
         runs = _matching(sources, signature, tables, [s[0] for s in stored_parts])
         if not any(runs):
@@ -489,10 +473,11 @@ def attach_stored_alignment(resolved: Any, todo: Listing, table: Any, *, use_ray
         from pipelines.dataflow import ensure_ray
 
         ensure_ray()
-        map_todo = ray.remote(num_cpus=0.5, max_retries=3)(_map_todo)
+        map_todo = ray.remote(num_cpus=0.5, max_retries=3)(_map_listing)
         map_stored = ray.remote(num_cpus=0.5, max_retries=3)(_map_stored)
         reduce = ray.remote(num_cpus=1, max_retries=3)(_reduce_reuse)
-        trefs = [map_todo.options(num_returns=partitions).remote(g, first, so, partitions) for g, first in todo_groups]
+        trefs = [map_todo.options(num_returns=partitions).remote(g, first, so, partitions, TODO_SCHEMA)
+                 for g, first in todo_groups]
         srefs = [map_stored.options(num_returns=partitions + 1).remote(files, g, partitions) for _, files, g in groups]
         if partitions == 1:
             trefs = [[r] for r in trefs]

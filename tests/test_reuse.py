@@ -72,6 +72,8 @@ def test_a_rerun_with_another_checkpoint_reuses_the_stored_alignment(ray_cluster
     # get them attached (a join in Ray tasks, here over several partitions), and its align stage
     # makes the same crops without detecting (the stage as a plain callable: no third run); bytes
     # changed since are aligned afresh
+    import pyarrow as pa
+
     from pipelines.align import AlignFaces
     from pipelines.config import resolve_config
     from pipelines.diff import attach_stored_alignment
@@ -84,7 +86,8 @@ def test_a_rerun_with_another_checkpoint_reuses_the_stored_alignment(ray_cluster
     resolved = resolve_config(_config(inp, other, ckpt2, alignment_from=[str(out)]))
     items = list_inputs(str(inp))
     plan = str(tmp_path / "plan" / "todo-00000.parquet")
-    write_shard(items_table(items), plan, {})
+    listed = items_table(items)  # the plan's rows: the listing's with their bucket (0: new)
+    write_shard(listed.append_column("bucket", pa.array([0] * listed.num_rows, pa.int8())), plan, {})
     todo = Listing([plan], [len(items)], root=str(tmp_path / "plan"))
     # 3 inputs + 3 stored rows at 2 rows a partition: 3 partitions (the shards name theirs)
     attached = attach_stored_alignment(resolved, todo, open_output(resolved)[0], use_ray=True, partition_rows=2)

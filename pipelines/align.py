@@ -266,8 +266,9 @@ class AlignFaces:
             if status[i] != "ok":
                 continue
             try:
-                prepared[i] = self.task.prepare(images[i], self.resize_factor)
+                self.task.prepare(images[i], self.resize_factor, out=prepared[i])
             except Exception as e:
+                prepared[i] = 0
                 status[i] = "invert_error"
                 error[i] = f"{uris[i]}: input transform failed ({type(e).__name__}: {e})"
         return prepared

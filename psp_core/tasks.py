@@ -105,18 +105,28 @@ def _byte_table(normalized: bool, device: torch.device) -> torch.Tensor:
 
 def _bytes_to_unit_cpu(pixels: np.ndarray, normalized: bool) -> torch.Tensor:
     """`_byte_table`'s values for uint8 [B,H,W,3] (-> float32 [B,3,H,W]) or [B,H,W] (-> [B,1,H,W]),
-    computed on the CPU with the same float32 operations (k/255, then (v - 0.5)/0.5), which IEEE
-    rounds exactly the same in numpy; one image at a time, so the float copy stays in cache (a
-    third of the time of a table lookup over the batch)."""
+    computed on the CPU in float32, which IEEE rounds the same in numpy: k/255, and for the
+    normalized values k/127.5 - 1, which equals torchvision's (k/255 - 0.5)/0.5 for every byte k
+    (two passes over the floats instead of three; tests/test_tasks.py checks every byte value).
+    One image at a time, so the float copy stays in cache (a third of the time of a table lookup
+    over the batch)."""
     channels_last = pixels.ndim == 4
     out = np.empty((pixels.shape[0], pixels.shape[3] if channels_last else 1, *pixels.shape[1:3]), np.float32)
+    divisor = np.float32(127.5 if normalized else 255)
     for src, dst in zip(pixels, out):
         np.copyto(dst, src.transpose(2, 0, 1) if channels_last else src[None], casting="unsafe")
-        np.divide(dst, np.float32(255), out=dst)
+        np.divide(dst, divisor, out=dst)
         if normalized:
-            np.subtract(dst, np.float32(0.5), out=dst)
-            np.divide(dst, np.float32(0.5), out=dst)
+            np.subtract(dst, np.float32(1), out=dst)
     return torch.from_numpy(out)
+
+
+def _copy_into(out: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """`values` copied into `out` (same shape), which is returned."""
+    if out.shape != values.shape:
+        raise ValueError(f"prepare: out has shape {out.shape}, the result {values.shape}")
+    np.copyto(out, values)
+    return out
 
 
 def _as_pil(image: Image.Image | np.ndarray, name: str = "image") -> Image.Image:
@@ -353,23 +363,28 @@ class Task:
         h, w = self.input_size
         return (h, w, 3) if self.label_nc == 0 else (h, w)
 
-    def prepare(self, image: Image.Image | np.ndarray, factor: int | None = None) -> np.ndarray:
+    def prepare(self, image: Image.Image | np.ndarray, factor: int | None = None,
+                out: np.ndarray | None = None) -> np.ndarray:
         """The PIL part of `transform`: a PIL image (any mode, any size) -> uint8 `prepared_shape`.
 
         Photos: convert('RGB'), bilinear resize to 256 (a 256x256 RGB uint8 array passes as a copy:
         both steps are the identity on it). Super-resolution: also the degradation (bicubic down by
         `factor`, clamp, truncate to uint8, bilinear back to 256). Sketch / seg: convert('L') and
         resize; seg label values are checked here (ValueError naming the bad labels), so a bad map
-        fails on the CPU side, alone. `to_model_input` does the rest on any device.
+        fails on the CPU side, alone. `to_model_input` does the rest on any device. out: a uint8
+        array of `prepared_shape` to write the result into (and return), one copy fewer.
         """
         kind = self.kind
         if (
             kind == "photo" and isinstance(image, np.ndarray) and image.dtype == np.uint8
             and image.shape == self.prepared_shape
         ):
-            return np.array(image, copy=True)  # convert('RGB') and a same-size resize are copies
+            # convert('RGB') and a same-size resize are copies
+            return np.array(image, copy=True) if out is None else _copy_into(out, image)
         img = _as_pil(image)
-        img = img.convert("RGB") if self.label_nc == 0 else img.convert("L")
+        mode = "RGB" if self.label_nc == 0 else "L"
+        if img.mode != mode:  # a same-mode convert is a copy
+            img = img.convert(mode)
         if kind == "super_resolution":
             f = check_resize_factor(factor)
             img = _resize_256(_degrade(_resize_256(img), f))
@@ -378,7 +393,7 @@ class Task:
             img = img.resize((self.input_size[1], self.input_size[0]), Image.Resampling.BILINEAR)
         else:
             img = _resize_256(img)
-        arr = np.array(img, dtype=np.uint8, copy=True)
+        arr = np.array(img, dtype=np.uint8, copy=True) if out is None else _copy_into(out, np.asarray(img))
         if kind == "seg":
             _check_labels(arr, self.label_nc)
         return arr

@@ -352,6 +352,11 @@ def test_prepare_then_to_model_input_is_bit_identical_to_the_torchvision_ops(nam
     factor = 4 if task.needs_factor else None
     prepared = np.stack([task.prepare(Image.fromarray(im), factor) for im in images])
     assert prepared.dtype == np.uint8 and prepared.shape[1:] == task.prepared_shape
+    # written into the caller's array (the align stage's block), the same bytes
+    into = np.full_like(prepared, 7)
+    for row, im in zip(into, images):
+        assert task.prepare(Image.fromarray(im), factor, out=row) is row
+    np.testing.assert_array_equal(into, prepared)
     batch = task.to_model_input(torch.from_numpy(prepared))
     assert batch.dtype == torch.float32 and batch.shape == (3, task.input_nc, *task.input_size) and batch.is_contiguous()
     for i, im in enumerate(images):
@@ -365,6 +370,11 @@ def test_prepare_passes_an_aligned_crop_through_and_rejects_bad_labels():
     out = get_task("ffhq_encode").prepare(crop)
     assert np.array_equal(out, np.asarray(Image.fromarray(crop).convert("RGB").resize((256, 256), Image.Resampling.BILINEAR)))
     assert out is not crop
+    into = np.zeros_like(crop)
+    get_task("ffhq_encode").prepare(crop, out=into)
+    np.testing.assert_array_equal(into, crop)
+    with pytest.raises(ValueError, match="shape"):
+        get_task("ffhq_encode").prepare(crop, out=np.zeros((256, 256), np.uint8))
     labels = np.zeros((256, 256), dtype=np.uint8)
     labels[0, 0] = 25
     with pytest.raises(ValueError, match="label values \\[25\\]"):

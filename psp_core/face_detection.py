@@ -263,11 +263,17 @@ class WindowDetector:
         side = max(box[2] - box[0], box[3] - box[1]) + 1
         # photo px -> upsampled px (dlib resize_image to 2H+1 x 2W+2 maps index i to i*(2W+1)/(W-1))
         sx, sy = (2 * w + 1) / max(w - 1, 1), (2 * h) / max(h - 1, 1)
-        level = int(round(math.log(max(side * 2.0 / LEVEL_BOX, 1.0)) / math.log(RATIO)))
+        estimate = math.log(max(side * 2.0 / LEVEL_BOX, 1.0)) / math.log(RATIO)
+        level = int(round(estimate))
+        # the level the box's size points to, then its nearer neighbour, then the farther one only
+        # where those two found nothing (one window fewer on most photos, the same boxes on
+        # bench/align.py's photos and composites)
+        near = 1 if estimate >= level else -1
+        levels = (level - 2, level - 1, level) if finer else (level, level + near, level - near)
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         best: Detection | None = None
-        for lev in (level - 2, level - 1, level) if finer else (level - 1, level, level + 1):
-            if lev < 0:
+        for k, lev in enumerate(levels):
+            if lev < 0 or (k == 2 and not finer and best is not None):
                 continue
             a = RATIO**lev  # level px -> upsampled px: u = a*p + b
             b = 0.3 * (a - 1) / (RATIO - 1)

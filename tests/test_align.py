@@ -447,6 +447,24 @@ def test_speed_mode_refines_one_clear_face_on_the_original_grid(aligner, astrona
         assert np.linalg.norm(lm - want.landmarks, axis=1).mean() < 0.02 * _iod(want.landmarks)
 
 
+def test_speed_mode_refines_in_the_farther_level_when_the_nearer_two_find_nothing(aligner, astronaut):
+    """The refinement tries the level the coarse box's size points to and its nearer neighbour, and
+    the farther neighbour only where those found nothing: on a mirrored 1581 px astronaut (one of
+    bench/align_stage.py's photos) the two nearer levels find no box, and the photo stays on the
+    window path (not the exact scan) with landmarks within 2 % of the inter-ocular distance."""
+    from PIL import ImageOps
+
+    from psp_core.face_detection import WindowDetector
+
+    arr = np.asarray(ImageOps.mirror(astronaut.resize((1581, 1581), Image.Resampling.BICUBIC)))
+    window = WindowDetector(aligner.detector, PyramidDetector(aligner.detector, 64), 512)
+    found = window.run(arr)
+    assert window.last_path == "window" and len(found) == 1
+    want = aligner.replace(min_face=64)(arr)
+    lm = aligner.landmarks(arr, found[0].box)
+    assert np.linalg.norm(lm - want.landmarks, axis=1).mean() < 0.02 * _iod(want.landmarks)
+
+
 def test_fast_pad_blend_stays_within_a_few_gray_levels(astronaut):
     """The speed mode's pad blend (reduced-scale blur): the padded image within 4 gray levels of the
     original's blend, the interior untouched."""

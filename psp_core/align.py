@@ -214,6 +214,45 @@ def _strips(h: int, w: int, rows: tuple[int, int], cols: tuple[int, int]):
     return [(r, c) for r, c in out if r.stop > r.start and c.stop > c.start]
 
 
+def _first_pass(padded: np.ndarray, sigma: float, radius: int, rows: tuple[int, int],
+                cols: tuple[int, int]) -> np.ndarray:
+    """The first pass (axis 0) of the original's gaussian_filter(a, [sigma, sigma, 0]) on the
+    padded uint8 image, as float32 [h, w, 3], computed only where `pad_blend`'s second pass reads
+    it: every row of the columns within `radius` of the side bands (outside `cols`), the band rows
+    (outside `rows`) of the others; elsewhere the array is left unset.
+
+    The lines run along the rows of the transposed image (the same lines, the same arithmetic;
+    scipy reads strided columns ~1.5x slower). A column's band rows are filtered on the run of rows
+    they read (from the column's own end, where "reflect" applies as on the whole column, to
+    `radius` past the band), so each output sees the same neighbours in the same order:
+    bit-identical to filtering the whole image."""
+    import scipy.ndimage
+
+    h, w, _ = padded.shape
+    (top, bottom), (left, right) = rows, cols
+    out = np.empty((h, w, 3), dtype=np.float32)
+
+    def run(cs: slice, r0: int, r1: int, keep: slice) -> None:
+        """out[keep, cs] from padded[r0:r1, cs] (keep within r0:r1)."""
+        if cs.stop <= cs.start:
+            return
+        lines = np.ascontiguousarray(padded[r0:r1, cs].transpose(1, 0, 2), dtype=np.float32)
+        done = scipy.ndimage.gaussian_filter1d(lines, sigma, axis=1)
+        out[keep, cs] = done[:, keep.start - r0 : keep.stop - r0].transpose(1, 0, 2)
+
+    inner = slice(min(left + radius, w), max(right - radius, 0))  # columns the side bands never read
+    if inner.stop - inner.start <= 0 or bottom - top <= 2 * radius:
+        run(slice(0, w), 0, h, slice(0, h))
+        return out
+    run(slice(0, inner.start), 0, h, slice(0, h))
+    run(slice(inner.stop, w), 0, h, slice(0, h))
+    if top > 0:
+        run(inner, 0, top + radius, slice(0, top))
+    if bottom < h:
+        run(inner, bottom - radius, h, slice(bottom, h))
+    return out
+
+
 def pad_blend(img: np.ndarray, pad, qsize: float) -> np.ndarray:
     """The original's pad branch on an HxWx3 uint8 crop: reflect pad, blur towards the edge, fade
     to the median. Returns the padded uint8 image.
@@ -221,8 +260,8 @@ def pad_blend(img: np.ndarray, pad, qsize: float) -> np.ndarray:
     Bit-identical to the whole-image version (`psp_core.align_reference`), computing only what has
     a non-zero weight: the band of rows at the top and bottom and of columns at the left and right
     where the blur's weight clip(mask*3+1) is non-zero (`_active`), the interior keeping its pixels
-    (its weights are exactly 0). The Gaussian's first pass (axis 0) runs over the image as the
-    original's does; its second pass (axis 1) only on the bands' rows and, in the rows between,
+    (its weights are exactly 0). The Gaussian's first pass (axis 0) runs only where the second
+    reads it (`_first_pass`); its second pass (axis 1) only on the bands' rows and, in the rows between,
     on the side bands plus the kernel's radius (each output pixel sees the same neighbours and the
     same arithmetic: scipy filters each line on its own). The median of the whole blended image is
     found from the interior's histogram and the bands' values (`_median_of_parts`).
@@ -236,34 +275,7 @@ def pad_blend(img: np.ndarray, pad, qsize: float) -> np.ndarray:
     radius = int(4.0 * sigma + 0.5)  # scipy's kernel radius for truncate=4.0
     top, bottom = _active(h, pad[1], pad[3])
     left, right = _active(w, pad[0], pad[2])
-    # the original's gaussian_filter(a, [sigma, sigma, 0]) is two passes, float32 between: the
-    # first along axis 0, run here along the rows of the transposed image (the same lines, the same
-    # arithmetic; scipy reads strided columns ~1.5x slower), and only where the second pass reads
-    # it: every row of the columns the side bands' second pass sees (within `radius` of them), the
-    # band rows of the others. A column's band rows are filtered on the run of rows they read (from
-    # the column's own end, where "reflect" applies as on the whole column, to `radius` past the
-    # band), so each output sees the same neighbours in the same order: bit-identical.
-    rows_blurred = np.empty((h, w, 3), dtype=np.float32)
-
-    def first_pass(cs: slice, r0: int, r1: int, keep: slice) -> None:
-        """rows_blurred[keep, cs], filtering padded[r0:r1, cs] along axis 0 (keep within r0:r1,
-        every row it reads inside r0:r1 or reflected at the column's own ends)."""
-        if cs.stop <= cs.start:
-            return
-        lines = np.ascontiguousarray(padded[r0:r1, cs].transpose(1, 0, 2), dtype=np.float32)
-        out = scipy.ndimage.gaussian_filter1d(lines, sigma, axis=1)
-        rows_blurred[keep, cs] = out[:, keep.start - r0 : keep.stop - r0].transpose(1, 0, 2)
-
-    inner = slice(min(left + radius, w), max(right - radius, 0))  # columns the side bands never read
-    if inner.stop - inner.start <= 0 or bottom - top <= 2 * radius:
-        first_pass(slice(0, w), 0, h, slice(0, h))
-    else:
-        first_pass(slice(0, inner.start), 0, h, slice(0, h))
-        first_pass(slice(inner.stop, w), 0, h, slice(0, h))
-        if top > 0:
-            first_pass(inner, 0, top + radius, slice(0, top))
-        if bottom < h:
-            first_pass(inner, bottom - radius, h, slice(bottom, h))
+    rows_blurred = _first_pass(padded, sigma, radius, (top, bottom), (left, right))
 
     def blur_of(rs: slice, cs: slice) -> np.ndarray:
         """The blur on padded[rs, cs]: the second pass on the columns cs +- radius (inside the

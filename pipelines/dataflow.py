@@ -30,23 +30,15 @@ from pipelines.writer import WrittenRun, estimated_row_bytes, write_run
 
 STAGES = ("read", "decode", "align", "invert", "outputs")
 FINAL_STAGE = "outputs"  # the stage that reports each row's final status
-# Rows per block with face detection (--align dlib): reads of 32 inputs (a read task holds their
-# bytes: 32 camera photos), alignment calls of 16 and model / outputs calls of ALIGNED_MODEL_ROWS.
-# Ray's cost per block and operator is paid whatever the block's work: on rows that cost ~1 ms to
-# align (`bench/cpu_per_face.py --overhead --n 2000 --extra --align dlib`) blocks of 16 / 4 / 32
-# rows cost 3.8-7.5 ms of CPU per row in all (three runs), 64 / 16 / 128 rows 2.3-3.8 (three),
-# 32 / 16 / 128 rows 2.7-5.0 (two).
-ALIGN_BATCH = 16
-READ_BATCH = 32
-ALIGNED_MODEL_ROWS = 128
+ALIGN_BATCH = 4
+READ_BATCH = 16
 # Rows per block without face detection (--align none): every stage then costs well under a
 # millisecond per row, and Ray's cost per block (a task or actor call per operator, the
 # executor's bookkeeping: about 0.1 s of CPU per block over the six operators) must be spread
 # over many rows. Fewer where a block would pass BLOCK_BYTES (`block_rows`).
 UNALIGNED_BATCH = 512
-# Rows per call of the model and outputs stages, at least, whatever the byte cap: their work per
-# row is small next to Ray's cost per call (the model's forward passes stay --batch-size images
-# within a call).
+# Rows per call of the model and outputs stages, at least: their work per row is small next to
+# Ray's cost per call (the model's forward passes stay --batch-size images within a call).
 MODEL_BLOCK_ROWS = 32
 # What one block of the align or model stage's output should hold at most, about: Ray's own
 # target block size (in-flight blocks are what the head's object store holds).
@@ -224,7 +216,7 @@ def stage_options(resolved: ResolvedConfig, device: str, rows: int | None = None
     side = resolved.checkpoint.output_size if str(c.image_size) == "full" else 256
     model_bytes = ((1 + mix) * (resolved.checkpoint.n_styles * 512 * 4 + (side * side * 3 if c.images != "none" else 0))
                    + (CROP_BYTES if keep_aligned else 0))
-    model_rows = min(max(align_rows, min(ALIGNED_MODEL_ROWS, cap)), block_rows(model_bytes, UNALIGNED_BATCH))
+    model_rows = min(max(align_rows, min(MODEL_BLOCK_ROWS, cap)), block_rows(model_bytes, UNALIGNED_BATCH))
     return StageOptions(
         checkpoint=c.checkpoint,
         read=ReadOptions(storage_options=c.storage_options, timeout_s=c.read_timeout),
@@ -243,9 +235,8 @@ def stage_options(resolved: ResolvedConfig, device: str, rows: int | None = None
             metrics=c.metrics, save_aligned=c.save_aligned, code_version=code_version()),
         limit=c.limit, read_rows=read_rows, align_rows=align_rows,
         # the model's forward passes stay `forward` images; its calls (and the outputs stage's) take
-        # an align block's rows, or ALIGNED_MODEL_ROWS with detection, so Ray's cost per call is
-        # not paid per 8 rows, and at most what keeps its output blocks within BLOCK_BYTES (never
-        # under MODEL_BLOCK_ROWS; a multiple of `forward`)
+        # at least MODEL_BLOCK_ROWS rows, so Ray's cost per call is not paid per 8 rows, and at
+        # most what keeps its output blocks within BLOCK_BYTES (a multiple of `forward`)
         model_rows=forward * max(1, math.ceil(model_rows / forward)),
         align_actors=c.align_actors,
     )

@@ -281,10 +281,9 @@ def test_bf16_on_cpu_runs_and_stays_close_to_fp32(tiny_checkpoint, aligned, mode
 
 
 def test_model_blocks_are_large_where_rows_are_cheap_and_passes_stay_the_batch_size(tiny_checkpoint, tmp_path):
-    """The model and outputs stages take blocks of 128 rows with detection (reads of 32, alignment
-    calls of 16) and 512 without (Ray's cost per call is spread over them), fewer where a block
-    would pass Ray's 128 MiB target, while the model's forward passes, what bounds its memory, stay
-    --batch-size."""
+    """The model and outputs stages take blocks of at least 32 rows, 512 without detection (Ray's
+    cost per call is spread over them), while the model's forward passes, what bounds its memory,
+    stay --batch-size."""
     from pipelines.config import InvertConfig, resolve_config
     from pipelines.dataflow import stage_options
 
@@ -302,9 +301,9 @@ def test_model_blocks_are_large_where_rows_are_cheap_and_passes_stay_the_batch_s
     assert s.align_rows == 128 * 2**20 // (2 * 256 * 256 * 3) == 341
     assert s.model_rows == 328 and 128 * 2**20 // (8 * 2048 + 2 * 256 * 256 * 3) == 327
     s = stages("cuda", align="dlib")
-    assert (s.read_rows, s.align_rows, s.model_rows, s.model.forward_rows) == (32, 16, 128, 32)
+    assert (s.align_rows, s.model_rows, s.model.forward_rows) == (4, 32, 32)
     s = stages("cpu", align="dlib")
-    assert (s.read_rows, s.align_rows, s.model_rows, s.model.forward_rows) == (32, 16, 128, 8)
+    assert (s.align_rows, s.model_rows, s.model.forward_rows) == (4, 32, 8)
     # a small run: at least 8 blocks, so its stages overlap and its first files land early
     s = stage_options(resolve_config(InvertConfig(input=str(tmp_path), output=str(tmp_path / "o"), align="none",
                                                   checkpoint=tiny_checkpoint, batch_size=2)), "cpu", rows=24)

@@ -8,6 +8,7 @@ the row's bytes and sha256, or its status and a readable error that names the in
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import queue
@@ -30,7 +31,7 @@ from pipelines.items import (
     split_uri,
 )
 from pipelines.reuse import REUSE_COLUMNS
-from psp_core.uris import filesystem_for, is_local_fs
+from psp_core.uris import filesystem_for, is_local, is_local_fs
 from schemas import status as st
 
 #: Default time limit of one read (one file, or one container's members in a batch), seconds.
@@ -110,38 +111,39 @@ class ReadTimeout(TimeoutError):
     """A read that did not finish within its time limit."""
 
 
+#: Threads one batch's reads start on (more start only while those stall): a local read takes
+#: ~10 µs, so a thread per read cost 15× the read; an object read is one request, so many at once.
+LOCAL_LANES = 4  # network file systems mounted locally answer in milliseconds
+REMOTE_LANES = 64
+#: After this long without a finished read, a batch with reads still waiting starts one more
+#: thread: a stalled read holds only its own.
+STALL_S = 0.5
+
+
 class _ReadThreads:
-    """Daemon threads that run read calls, kept for the life of the process (a read task's or
-    actor's worker): starting a thread per read cost more than a small read. A call starts at
-    once (an idle thread takes it, or a new one is started), as with a thread per call; a thread
-    whose call never returns (a stalled read) is simply never idle again."""
+    """Daemon threads, kept for the life of the process (a read task's or actor's worker), that
+    run functions: starting a thread per read cost more than a small read. A function starts at
+    once (an idle thread takes it, or a new one is started); a thread whose function never returns
+    (a stalled read) is simply never idle again."""
 
     def __init__(self):
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.idle = 0
 
-    def submit(self, call) -> tuple[list, threading.Event]:
-        box: list[Any] = [None]
-        done = threading.Event()
+    def submit(self, fn) -> None:
         with self.lock:
             if self.idle:
                 self.idle -= 1
             else:
                 threading.Thread(target=self._work, daemon=True, name="psp-read").start()
-        self.jobs.put((call, box, done))
-        return box, done
+        self.jobs.put(fn)
 
     def _work(self) -> None:
         while True:
-            call, box, done = self.jobs.get()
-            try:
-                box[0] = call()
-            except BaseException as e:  # noqa: BLE001 - handed back as the row's result
-                box[0] = e
-            finally:
-                del call
-                done.set()
+            fn = self.jobs.get()
+            fn()
+            del fn
             with self.lock:
                 self.idle += 1
 
@@ -149,21 +151,62 @@ class _ReadThreads:
 _read_threads = _ReadThreads()
 
 
-def _with_time_limits(calls: list, timeout_s: float | None) -> list:
-    """Run the zero-argument `calls` concurrently on daemon threads; each result is its return
-    value or the exception it raised, or ReadTimeout when it ran over `timeout_s` (its thread is
-    abandoned: a stalled read cannot hold the stage)."""
+class _Reads:
+    """One batch's reads: a queue of calls that each lane (a thread) takes in order; a call's
+    result is its return value or the exception it raised."""
+
+    def __init__(self, calls: list):
+        self.todo = collections.deque(enumerate(calls))
+        self.results: list[Any] = [None] * len(calls)
+        self.done = [threading.Event() for _ in calls]
+        self.lock = threading.Lock()
+        self.progress = time.monotonic()
+
+    def lane(self) -> None:
+        while True:
+            with self.lock:
+                if not self.todo:
+                    return
+                i, call = self.todo.popleft()
+            try:
+                self.results[i] = call()
+            except BaseException as e:  # noqa: BLE001 - handed back as the row's result
+                self.results[i] = e
+            finally:
+                del call
+                self.progress = time.monotonic()
+                self.done[i].set()
+
+
+def _with_time_limits(calls: list, timeout_s: float | None, lanes: int = REMOTE_LANES) -> list:
+    """Run the zero-argument `calls` on up to `lanes` daemon threads, one more whenever the batch
+    made no progress for STALL_S while calls wait (so a stalled read delays no other); each
+    result is its return value or the exception it raised, or ReadTimeout when it did not finish
+    within `timeout_s` of the start (its thread is abandoned: a stalled read cannot hold the
+    stage)."""
     if not calls:
         return []
     deadline = None if timeout_s is None else time.monotonic() + float(timeout_s)
-    jobs = [_read_threads.submit(call) for call in calls]
+    reads = _Reads(calls)
+    for _ in range(min(max(1, lanes), len(calls))):
+        _read_threads.submit(reads.lane)
     out = []
-    for box, done in jobs:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if done.wait(left):
-            out.append(box[0])
+    for i, done in enumerate(reads.done):
+        while not done.is_set():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            if done.wait(STALL_S if left is None else min(STALL_S, left)):
+                break
+            if reads.todo and time.monotonic() - reads.progress >= STALL_S:
+                reads.progress = time.monotonic()
+                _read_threads.submit(reads.lane)
+        if done.is_set():
+            out.append(reads.results[i])
         else:
             out.append(ReadTimeout(f"timed out after {timeout_s:g} s (the read time limit); retried by a rerun"))
+    with reads.lock:
+        reads.todo.clear()  # reads not started by the deadline are not started after it
     return out
 
 
@@ -213,7 +256,8 @@ def read_batch(
         targets.append(list(zip(idx, members)))
 
     results: list[Any] = [None] * len(uris)
-    for got, answers in zip(_with_time_limits(calls, timeout_s), targets):
+    lanes = LOCAL_LANES if all(is_local(u) for u in uris) else REMOTE_LANES
+    for got, answers in zip(_with_time_limits(calls, timeout_s, lanes), targets):
         for i, member in answers:
             results[i] = got.get(member) if member is not None and isinstance(got, dict) else got
 

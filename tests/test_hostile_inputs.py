@@ -344,6 +344,23 @@ def test_a_stalled_object_times_out_as_a_retryable_read_error(stalling_http, tmp
     assert "stalled.jpg" in got["error"][0] and "timed out after 0.5 s" in got["error"][0]
 
 
+def test_a_stalled_read_holds_only_its_own_thread_when_the_lanes_are_full():
+    """A batch's reads share a few threads (lanes); one that stalls must not make the reads queued
+    behind it time out: another thread starts when the batch stops making progress."""
+    from pipelines.read import STALL_S, ReadTimeout, _with_time_limits
+
+    release = threading.Event()
+    calls = [lambda: release.wait(30) and b"late", *[lambda k=k: bytes([k]) for k in range(5)]]
+    t0 = time.monotonic()
+    try:
+        got = _with_time_limits(calls, timeout_s=3 * STALL_S + 2, lanes=1)
+    finally:
+        release.set()
+    assert isinstance(got[0], ReadTimeout) and "timed out" in str(got[0])
+    assert got[1:] == [bytes([k]) for k in range(5)]
+    assert time.monotonic() - t0 < 3 * STALL_S + 5
+
+
 def test_a_slow_decode_stops_at_its_time_limit():
     rng = np.random.default_rng(0)
     blob = _png(Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)))

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -54,18 +53,11 @@ print(f"{time.perf_counter() - t0:.2f}")
 
 def run_case(mode: str, seconds: int) -> tuple[float, float]:
     """(CPU seconds of every process of the case, seconds of the case itself)."""
-    from bench.cpu_per_face import CpuCgroup, child_env
+    from bench.cpu_per_face import child_env, run_counted
 
-    group = CpuCgroup(f"psp_ray_bg_{os.getpid()}_{mode}")
-    try:
-        proc = subprocess.run([sys.executable, "-c", CHILD, mode, str(seconds)], env=child_env(), cwd=str(ROOT),
-                              capture_output=True, text=True, preexec_fn=group.enter)
-        if proc.returncode:
-            sys.exit(f"{mode} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        return group.close(), float(proc.stdout.strip().splitlines()[-1])
-    finally:
-        if group.path.exists():
-            group.close(wait_s=0)
+    cpu, _, stdout = run_counted([sys.executable, "-c", CHILD, mode, str(seconds)], child_env(),
+                                 f"psp_ray_bg_{os.getpid()}_{mode}")
+    return cpu, float(stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,13 @@ BLOCK_BYTES = 128 * 2**20
 # A small run is cut into at least this many blocks, so its stages overlap (and its first files
 # are written, adoptable after a crash, while the rest is in flight).
 MIN_BLOCKS = 8
+# How long Ray keeps an idle worker process. Ray's default (1 s) applies whenever a node has
+# fewer whole CPUs free than idle workers, which is always the case while the actor pools hold
+# fractions of its CPUs: then each fractional-CPU read or write task that finds no warm worker
+# starts a fresh Python process (its imports cost 1-2 s of CPU), every few seconds of a run --
+# 48-53 workers for 60,000 inputs on 2 cores where 17 suffice, a third of the run's CPU. A local
+# cluster (`ensure_ray`) keeps them a minute; infra/Dockerfile sets the same for Ray clusters.
+RAY_WORKER_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
 
 
 @dataclass
@@ -326,7 +333,7 @@ def ensure_ray() -> None:
     """Connect to the cluster in RAY_ADDRESS (e.g. `auto`, `ray://head:10001`; set for Ray Jobs), or
     start a private local one -- never silently join another local cluster. The local cluster
     runs with token auth disabled unless RAY_AUTH_MODE says otherwise (Ray 2.59+ requires a
-    token by default)."""
+    token by default), and keeps idle workers as `RAY_WORKER_ENV` says (unless set)."""
     import ray
 
     if ray.is_initialized():
@@ -334,6 +341,8 @@ def ensure_ray() -> None:
     address = os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        for name, value in RAY_WORKER_ENV.items():  # the local raylet inherits them
+            os.environ.setdefault(name, value)
     # Worker log records are redacted too (a Ray Job's own runtime_env carries the same hook).
     runtime_env = {"worker_process_setup_hook": WORKER_SETUP_HOOK} if address == "local" else None
     ray.init(address=address, log_to_driver=False, include_dashboard=False if address == "local" else None,

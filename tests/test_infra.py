@@ -77,6 +77,16 @@ def test_dockerfile_has_cpu_and_cuda_images_on_the_pinned_ray_and_torch():
     assert "*.pt" in ignore and ".venv" in ignore  # weights and venvs never enter the context
 
 
+def test_both_images_keep_idle_ray_workers_as_a_local_run_does():
+    from pipelines.dataflow import RAY_WORKER_ENV
+
+    text = (INFRA / "Dockerfile").read_text()
+    cpu, cuda = text.split("AS cpu")[1].split("AS cuda")
+    for stage in (cpu, cuda):
+        for name, value in RAY_WORKER_ENV.items():
+            assert re.search(rf"^\s*(ENV\s+)?{name}={value}\b", stage, re.M), f"{name}={value} not set in {stage[:40]}"
+
+
 @pytest.mark.parametrize("kind,spec", _cluster_specs(), ids=lambda v: v if isinstance(v, str) else "")
 def test_clusters_pin_ray_enable_token_auth_and_split_cpu_align_from_gpu_model_workers(kind, spec):
     assert spec["rayVersion"] == RAY

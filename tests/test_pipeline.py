@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,8 @@ from jobs.demo import make_sample_tar, sample_files
 from pipelines.config import InvertConfig
 from pipelines.run import run_invert
 from schemas import image_id_for, read_latents, read_outputs, read_runs
+
+ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
 
@@ -242,3 +248,50 @@ def test_a_user_listing_drives_a_run(s3_run, s3_server, ray_cluster, tiny_checkp
         assert (rows[uri]["source_size"], rows[uri]["source_etag"]) == (len(blob), etag.strip('"'))
     # the run's listing shards are gone once it has committed
     assert not [k for k in client.list_objects_v2(Bucket=bucket, Prefix="listed-out/_listing").get("Contents", [])]
+
+
+WORKER_REUSE = r"""
+import os, sys, time
+import ray
+from pipelines.dataflow import ensure_ray
+
+ensure_ray()  # a private local cluster, as `psp invert` starts it
+cpus = ray.cluster_resources()["CPU"]
+
+
+@ray.remote
+class Holder:  # what a run's actor pools do: hold all but a fraction of the node's CPUs
+    def ready(self):
+        return True
+
+
+holder = Holder.options(num_cpus=cpus - 0.5).remote()
+ray.get(holder.ready.remote())
+
+
+@ray.remote(num_cpus=0.25)  # a read or write task
+def pid():
+    return os.getpid()
+
+
+pids = []
+for _ in range(4):
+    pids.append(ray.get(pid.remote()))
+    time.sleep(2.5)  # longer than Ray's default idle time (1 s) and its reaping interval
+print(len(set(pids)))
+"""
+
+
+def test_a_local_cluster_keeps_its_task_workers_between_a_runs_tasks():
+    """With the node's CPUs held by actors, Ray's default ends a worker 1 s after its task and the
+    next fractional-CPU task pays a fresh Python process (1-2 s of CPU): a run's read and write
+    tasks did that every few seconds. The local cluster keeps them (fresh process: the setting is
+    the cluster's, made by `ensure_ray`; this session's own cluster is not asked)."""
+    from pipelines.dataflow import RAY_WORKER_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in RAY_WORKER_ENV and k != "RAY_ADDRESS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", WORKER_REUSE], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "1"  # one worker ran all four tasks

@@ -384,7 +384,7 @@ def test_prepare_passes_an_aligned_crop_through_and_rejects_bad_labels():
 
 
 def test_images_to_uint8_equals_tensor2im_byte_for_byte():
-    from psp_core.tasks import images_to_uint8
+    from psp_core.tasks import _uint8_batched, images_to_uint8
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(3, 3, 16, 16, generator=gen) * 1.2
@@ -392,9 +392,12 @@ def test_images_to_uint8_equals_tensor2im_byte_for_byte():
     levels = torch.arange(256, dtype=torch.float32) / 127.5 - 1
     x[0, 0] = levels.reshape(16, 16)
     x[1, 1, 0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, -1.0])
-    out = images_to_uint8(x)
+    out = images_to_uint8(x)  # on the CPU: one image at a time, in place
     assert out.dtype == torch.uint8 and out.shape == (3, 16, 16, 3) and out.is_contiguous()
     for i in range(3):
         np.testing.assert_array_equal(out[i].numpy(), tensor2im(x[i]))
     half = x.to(torch.bfloat16)
     np.testing.assert_array_equal(images_to_uint8(half)[2].numpy(), tensor2im(half[2]))
+    # the batched form other devices take gives the same bytes (here on the CPU)
+    assert torch.equal(_uint8_batched(x), out)
+    assert torch.equal(_uint8_batched(x.double()), images_to_uint8(x.double()))

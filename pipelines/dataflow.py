@@ -55,6 +55,13 @@ MIN_BLOCKS = 8
 RAY_WORKER_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
 
 
+def keep_idle_workers() -> None:
+    """Set `RAY_WORKER_ENV` in this process's environment (what a user set wins), before a local
+    cluster is started from it: its raylet inherits the values."""
+    for name, value in RAY_WORKER_ENV.items():
+        os.environ.setdefault(name, value)
+
+
 @dataclass
 class StageTiming:
     """One stage: rows through it, summed time inside the stage callables (`busy_s`, over all
@@ -341,8 +348,7 @@ def ensure_ray() -> None:
     address = os.environ.get("RAY_ADDRESS") or "local"
     if address == "local":
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        for name, value in RAY_WORKER_ENV.items():  # the local raylet inherits them
-            os.environ.setdefault(name, value)
+        keep_idle_workers()
     # Worker log records are redacted too (a Ray Job's own runtime_env carries the same hook).
     runtime_env = {"worker_process_setup_hook": WORKER_SETUP_HOOK} if address == "local" else None
     ray.init(address=address, log_to_driver=False, include_dashboard=False if address == "local" else None,

@@ -302,22 +302,14 @@ def _uint8_batched(x: torch.Tensor) -> torch.Tensor:
 
 
 def _uint8_per_image(x: torch.Tensor) -> torch.Tensor:
-    """`images_to_uint8` one image at a time, in place in a buffer that stays in cache, in numpy
-    (one thread: torch's threads would wait on each other at every small operation on a busy
-    host): the same elementwise float operations in the same order, so the same bytes; ≈ 0.6
-    instead of 2.2 ms of CPU per 256² image (the batched form makes six full-size temporaries)."""
-    b, c, h, w = x.shape
+    """`images_to_uint8` as `tensor2im` of each image (numpy, one thread: torch's threads would wait
+    on each other at every small operation on a busy host), so each image's temporaries stay in
+    cache: ≈ 0.5 instead of 2.2 ms of CPU per 256² image (the batched form makes six full-size
+    temporaries of the batch)."""
     src = x.detach().numpy()
-    out = np.empty((b, h, w, c), np.uint8)
-    buf = np.empty((c, h, w), src.dtype)
-    one, two, top, scale = (src.dtype.type(v) for v in (1, 2, 1, 255))
-    for i in range(b):
-        np.add(src[i], one, out=buf)
-        np.divide(buf, two, out=buf)
-        np.nan_to_num(buf, copy=False, nan=0.0)  # infinities -> the largest finite values, as torch's
-        np.clip(buf, src.dtype.type(0), top, out=buf)
-        np.multiply(buf, scale, out=buf)
-        np.copyto(out[i], buf.transpose(1, 2, 0), casting="unsafe")  # truncating, as .to(torch.uint8)
+    out = np.empty((src.shape[0], *src.shape[2:], src.shape[1]), np.uint8)
+    for i, image in enumerate(src):
+        out[i] = tensor2im(image)
     return torch.from_numpy(out)
 
 

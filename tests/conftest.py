@@ -65,10 +65,9 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    from pipelines.dataflow import RAY_WORKER_ENV
+    from pipelines.dataflow import keep_idle_workers
 
-    for name, value in RAY_WORKER_ENV.items():  # as a run's own local cluster: workers kept, not respawned
-        os.environ.setdefault(name, value)
+    keep_idle_workers()  # as a run's own local cluster: workers kept, not respawned
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 4, "include_dashboard": False},

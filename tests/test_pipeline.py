@@ -251,7 +251,7 @@ def test_a_user_listing_drives_a_run(s3_run, s3_server, ray_cluster, tiny_checkp
 
 
 WORKER_REUSE = r"""
-import os, sys, time
+import os, time
 import ray
 from pipelines.dataflow import ensure_ray
 

@@ -392,7 +392,7 @@ def test_images_to_uint8_equals_tensor2im_byte_for_byte():
     levels = torch.arange(256, dtype=torch.float32) / 127.5 - 1
     x[0, 0] = levels.reshape(16, 16)
     x[1, 1, 0, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, -1.0])
-    out = images_to_uint8(x)  # on the CPU: one image at a time, in place
+    out = images_to_uint8(x)  # on the CPU: tensor2im of each image
     assert out.dtype == torch.uint8 and out.shape == (3, 16, 16, 3) and out.is_contiguous()
     for i in range(3):
         np.testing.assert_array_equal(out[i].numpy(), tensor2im(x[i]))

@@ -7,15 +7,19 @@ the part of a run's CPU that grows with its wall time, not with its rows.
 Each case runs in a fresh process with its own local Ray (as `psp invert` starts it:
 `pipelines.dataflow.ensure_ray`), all its processes in one cgroup (bench/cpu_per_face.py's):
 
-- idle: the cluster up, nothing running, for SECONDS;
-- pipeline: a Ray Data pipeline of one actor pool whose actor sleeps 1 s per block, SECONDS
-  blocks (Ray Data's executor loop, stats and autoscaling actors, the raylet and GCS busy with a
-  pipeline that computes nothing).
+- idle: the cluster up, nothing running;
+- pipeline: a Ray Data pipeline of one actor pool whose actor sleeps 1 s per block (Ray Data's
+  executor loop, stats and autoscaling actors, the raylet and GCS busy with a pipeline that
+  computes nothing).
 
-Printed: CPU seconds and wall seconds of each case, and the pipeline's CPU per wall second beyond
-the idle cluster's (start-up and shutdown cancel: both cases pay them). bench/cpu_per_face.py's
-marginal CPU per face includes this rate times the wall time a face adds to a run, which is large
-on a 2-core machine (tens of ms per face) and small on a GPU node moving a thousand faces a second.
+Each case runs for SECONDS and for 3 x SECONDS: the rate is (cpu(3S) - cpu(S)) / (wall(3S) -
+wall(S)), so everything a run pays once -- the cluster's start-up and shutdown, and the pipeline's
+own start-up (its actors' processes and imports, a few CPU-s) -- cancels, as it cancels in
+bench/cpu_per_face.py's N vs 3N. Printed: each case's CPU and wall seconds, the idle cluster's and
+the running pipeline's rate (every process: the cores a run pays per second of its wall time), and
+what the pipeline adds to the idle cluster. bench/cpu_per_face.py's marginal CPU per face includes
+the pipeline's rate times the wall time a face adds to a run: large on a 2-core machine (one align
+actor, ≈ 30 faces/s) and small on a GPU node moving a thousand faces a second.
 """
 from __future__ import annotations
 
@@ -62,18 +66,20 @@ def run_case(mode: str, seconds: int) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=int, default=40, help="how long each case runs (default 40)")
+    ap.add_argument("--seconds", type=int, default=30, help="the short case's length S (the long one: 3S)")
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args(argv)
     print(f"load: {os.getloadavg()[0]:.1f}")
-    rates = []
+    rates: dict[str, list[float]] = {"idle": [], "pipeline": []}
     for _ in range(args.repeats):
-        idle_cpu, idle_s = run_case("idle", args.seconds)
-        pipe_cpu, pipe_s = run_case("pipeline", args.seconds)
-        rates.append((pipe_cpu - idle_cpu) / pipe_s)  # the same start-up and shutdown cancel
-        print(f"  idle cluster {idle_s:.0f} s: {idle_cpu:.1f} CPU-s in all; pipeline {pipe_s:.0f} s: {pipe_cpu:.1f} CPU-s "
-              f"-> {rates[-1]:.3f} CPU-s per wall second of a pipeline beyond the idle cluster", flush=True)
-    print(f"median: {statistics.median(rates):.3f} cores while a pipeline runs (beyond the idle cluster)")
+        for mode in rates:
+            (cpu1, s1), (cpu3, s3) = run_case(mode, args.seconds), run_case(mode, 3 * args.seconds)
+            rates[mode].append((cpu3 - cpu1) / (s3 - s1))  # start-up and shutdown cancel
+            print(f"  {mode:<8} {s1:.0f} s: {cpu1:.1f} CPU-s, {s3:.0f} s: {cpu3:.1f} CPU-s -> "
+                  f"{rates[mode][-1]:.3f} cores", flush=True)
+    idle, pipe = statistics.median(rates["idle"]), statistics.median(rates["pipeline"])
+    print(f"median: idle cluster {idle:.3f} cores, a running pipeline {pipe:.3f} cores in all "
+          f"({pipe - idle:.3f} beyond the idle cluster)")
     return 0
 
 

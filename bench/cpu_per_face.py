@@ -14,8 +14,12 @@ median and spread (min..max) are printed; a wide gap between N and 3N keeps the 
 cost (several CPU-s here) small per face. Cap the actor pools (`--extra --align-actors 1
 --output-actors 1`): otherwise the 3N run may start more actors than the N run, and their start-up
 (imports, dlib models: several CPU-s each) counts as per-face cost. Also printed: the per-stage table `psp invert` prints
-(busy ms per row of read / decode / align / invert / outputs, from the 3N run) and the cores that
-keep one GPU busy at 1,300 faces/s (= ms per face x 1.3).
+(busy ms per row of read / decode / align / invert / outputs, from the 3N run: wall time inside
+each stage's call), the marginal CPU per row of each kind of process (`ProcessSampler`: `/proc` read
+every 0.5 s for every process in the cgroup -- the driver, each Ray worker by the name Ray gives it,
+the raylet, GCS and Ray's other daemons; `missed` is what the samples did not see: processes shorter
+than a sample and each one's last half second), and the cores that keep one GPU busy at 1,300
+faces/s (= ms per face x 1.3).
 
 The model: `psp_core.zero_time.write_zero_time_checkpoint` writes a checkpoint (pSp opts, output
 1024, no weights) that every process loads as `ZeroTimeModel`: no model time, W+ constant, images
@@ -106,16 +110,85 @@ class CpuCgroup:
         return cpu
 
 
-def run_counted(cmd: list[str], env: dict, name: str) -> tuple[float, float, str]:
-    """Run `cmd` in its own cgroup; (CPU seconds of all its processes, wall seconds, stdout)."""
+def process_kind(cmdline: str) -> str:
+    """What a process of a run is, from its /proc cmdline: `driver` (the `psp` command), a Ray
+    worker's name as Ray sets it, less the method it runs (`MapWorker(MapBatches(AlignFaces))`,
+    `StageClockActor`, `MapBatches(read_batch)`, `IDLE`, ...), `worker start-up` (a worker Ray has
+    not named yet), or the program (`raylet`, `gcs_server`, `log_monitor.py`, ...)."""
+    args = cmdline.split("\0")
+    if "-m" in args and "jobs" in args:
+        return "driver"
+    if args[0].startswith("ray::"):
+        name = args[0].split(" ")[0][len("ray::"):]
+        head, dot, _ = name.rpartition(").")
+        return head + ")" if dot else name.split(".")[0]
+    script = next((a for a in args[1:] if a.endswith(".py")), None)
+    if script and Path(script).name in ("setup_worker.py", "default_worker.py"):
+        return "worker start-up"
+    return Path(script or args[0]).name or "ended"
+
+
+class ProcessSampler:
+    """CPU seconds per process kind (`process_kind`) of a cgroup's processes, read from /proc every
+    `every` s: the CPU a process used since the last sample goes to the kind it has now (a worker
+    that is `IDLE` now: to the task it last ran). Processes shorter than a sample, and each
+    process's last interval, are not seen (`run_counted` reports them as `missed`)."""
+
+    def __init__(self, group: CpuCgroup, every: float = 0.5):
+        import threading
+
+        self.group, self.every = group, every
+        self.ticks: dict[int, int] = {}
+        self.kinds: dict[int, str] = {}
+        self.by_kind: dict[str, float] = {}
+        self.hz = os.sysconf("SC_CLK_TCK")
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        for pid in self.group.pids():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                kind = process_kind(Path(f"/proc/{pid}/cmdline").read_text())
+            except OSError:  # ended meanwhile
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()
+            ticks = int(fields[11]) + int(fields[12])  # utime + stime
+            if kind != "IDLE" or pid not in self.kinds:
+                self.kinds[pid] = kind
+            used = (ticks - self.ticks.get(pid, 0)) / self.hz
+            self.ticks[pid] = ticks
+            self.by_kind[self.kinds[pid]] = self.by_kind.get(self.kinds[pid], 0.0) + used
+
+    def _run(self) -> None:
+        while not self.done.wait(self.every):
+            self._sample()
+
+    def __enter__(self) -> "ProcessSampler":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def run_counted(cmd: list[str], env: dict, name: str, per_kind: dict | None = None) -> tuple[float, float, str]:
+    """Run `cmd` in its own cgroup; (CPU seconds of all its processes, wall seconds, stdout).
+    `per_kind` is filled with CPU seconds per process kind (`ProcessSampler`), `missed` the rest."""
     group = CpuCgroup(name)
     try:
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, preexec_fn=group.enter, cwd=str(ROOT))
+        with ProcessSampler(group) as sampler:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, preexec_fn=group.enter,
+                                  cwd=str(ROOT))
         wall = time.perf_counter() - t0
         if proc.returncode:
             sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-        return group.close(), wall, proc.stdout
+        cpu = group.close()
+        if per_kind is not None:
+            per_kind.update(sampler.by_kind, missed=cpu - sum(sampler.by_kind.values()))
+        return cpu, wall, proc.stdout
     finally:
         if group.path.exists():
             group.close(wait_s=0)
@@ -216,11 +289,12 @@ def measure(name: str, extra: list[str], inputs: dict[int, Path], tmp: Path, che
     per_row, stages, walls = [], {}, {}
     slug = re.sub(r"\W", "_", name)
     for r in range(repeats):
-        cpu = {}
+        cpu, kinds = {}, {n: {}, n3: {}}
         for size in (n, n3):
             out = tmp / f"out-{slug}-{r}-{size}"
             cpu[size], walls[size], stdout = run_counted(
-                invert_cmd(inputs[size], out, checkpoint, extra), child_env(), f"psp_cpf_{os.getpid()}_{size}")
+                invert_cmd(inputs[size], out, checkpoint, extra), child_env(), f"psp_cpf_{os.getpid()}_{size}",
+                per_kind=kinds[size])
             if size == n3:
                 stages = stage_table(stdout)
             shutil.rmtree(out, ignore_errors=True)
@@ -228,6 +302,10 @@ def measure(name: str, extra: list[str], inputs: dict[int, Path], tmp: Path, che
         print(f"  {name}: N={n} {cpu[n]:.1f} CPU-s ({walls[n]:.0f} s wall), 3N={n3} {cpu[n3]:.1f} CPU-s "
               f"({walls[n3]:.0f} s wall) -> {per_row[-1]:.1f} ms CPU per row; stages (3N run, busy ms/row): "
               + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()), flush=True)
+        marginal = {k: 1e3 * (kinds[n3].get(k, 0.0) - kinds[n].get(k, 0.0)) / (n3 - n) for k in {*kinds[n], *kinds[n3]}}
+        print("    per process kind, ms CPU per row (3N - N, from /proc): "
+              + ", ".join(f"{k} {v:.1f}" for v, k in sorted(((v, k) for k, v in marginal.items()), reverse=True)
+                          if abs(v) >= 0.05), flush=True)
     return {"ms": statistics.median(per_row), "lo": min(per_row), "hi": max(per_row), "stages": stages,
             "rows_per_s": n3 / walls[n3]}
 

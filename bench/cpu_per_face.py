@@ -45,7 +45,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,12 +137,10 @@ class ProcessSampler:
     process's last interval, are not seen (`run_counted` reports them as `missed`)."""
 
     def __init__(self, group: CpuCgroup, every: float = 0.5):
-        import threading
-
         self.group, self.every = group, every
         self.ticks: dict[int, int] = {}
         self.kinds: dict[int, str] = {}
-        self.by_kind: dict[str, float] = {}
+        self.by_kind: Counter = Counter()
         self.hz = os.sysconf("SC_CLK_TCK")
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -156,9 +156,8 @@ class ProcessSampler:
             ticks = int(fields[11]) + int(fields[12])  # utime + stime
             if kind != "IDLE" or pid not in self.kinds:
                 self.kinds[pid] = kind
-            used = (ticks - self.ticks.get(pid, 0)) / self.hz
+            self.by_kind[self.kinds[pid]] += (ticks - self.ticks.get(pid, 0)) / self.hz
             self.ticks[pid] = ticks
-            self.by_kind[self.kinds[pid]] = self.by_kind.get(self.kinds[pid], 0.0) + used
 
     def _run(self) -> None:
         while not self.done.wait(self.every):
